@@ -1,0 +1,1 @@
+"""Evaluation on real data: datasets, tasks, baselines and reports."""

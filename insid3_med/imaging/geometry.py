@@ -1,0 +1,95 @@
+"""Geometry carried with every volume from reader to writer.
+
+Conventions (the same as SimpleITK, ITK, DICOM and 3D Slicer):
+
+- ``Volume.array`` is indexed ``(k, j, i)`` = (slice, row, column), exactly what ``SimpleITK.GetArrayFromImage``
+  and Slicer's ``arrayFromVolume`` return.
+- ``Geometry.spacing`` and ``Geometry.origin`` are in (i, j, k) order, in millimetres; the physical frame is LPS.
+- ``Geometry.direction`` is the 3x3 matrix whose column ``c`` is the LPS direction of voxel axis ``c`` (i, j, k).
+
+NIfTI/nibabel and MONAI use RAS: :meth:`Geometry.ijk_to_ras` gives the affine they expect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Voxel grid placement: spacing (mm, i-j-k order), origin (mm, LPS) and direction cosines (LPS)."""
+
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: tuple[tuple[float, float, float], ...] = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+    def direction_matrix(self) -> np.ndarray:
+        """(3, 3) float64; column c is the LPS direction of voxel axis c (i, j, k)."""
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    def ijk_to_lps(self) -> np.ndarray:
+        """(4, 4) affine mapping homogeneous (i, j, k, 1) voxel indices to LPS millimetres."""
+        affine = np.eye(4)
+        affine[:3, :3] = self.direction_matrix() * np.asarray(self.spacing, dtype=np.float64)[None, :]
+        affine[:3, 3] = np.asarray(self.origin, dtype=np.float64)
+        return affine
+
+    def ijk_to_ras(self) -> np.ndarray:
+        """(4, 4) affine mapping (i, j, k, 1) to RAS millimetres, as NIfTI, nibabel and MONAI use."""
+        return LPS_TO_RAS @ self.ijk_to_lps()
+
+    @classmethod
+    def from_ijk_to_lps(cls, affine: np.ndarray) -> Geometry:
+        """Inverse of :meth:`ijk_to_lps` for an affine without shear."""
+        affine = np.asarray(affine, dtype=np.float64)
+        linear = affine[:3, :3]
+        spacing = np.linalg.norm(linear, axis=0)
+        if np.any(spacing <= 0):
+            raise ValueError(f"degenerate affine (zero spacing): {affine.tolist()}")
+        direction = linear / spacing[None, :]
+        return cls(
+            spacing=tuple(float(s) for s in spacing),
+            origin=tuple(float(o) for o in affine[:3, 3]),
+            direction=tuple(tuple(float(v) for v in row) for row in direction),
+        )
+
+    @classmethod
+    def from_ijk_to_ras(cls, affine: np.ndarray) -> Geometry:
+        """Inverse of :meth:`ijk_to_ras` (for example a nibabel affine)."""
+        return cls.from_ijk_to_lps(LPS_TO_RAS @ np.asarray(affine, dtype=np.float64))
+
+    def allclose(self, other: Geometry, atol: float = 1e-4) -> bool:
+        """True when both grids place every voxel at the same point (to ``atol`` mm / cosine units)."""
+        return bool(np.allclose(self.ijk_to_lps(), other.ijk_to_lps(), atol=atol))
+
+
+@dataclass
+class Volume:
+    """A 3D image (or a 2D image as one slice) with its geometry and what is known of its origin.
+
+    ``array``: (K, J, I) for grey values; (K, J, I, 3) for RGB. ``modality``: DICOM modality code when known
+    ("CT", "MR", "CR", "DX", "XC" for photographs, "OT" otherwise). ``metadata``: reader-specific facts (for example
+    the DICOM window, photometric interpretation, SeriesInstanceUID, and the source DICOM file paths in slice order
+    that a DICOM SEG writer needs).
+    """
+
+    array: np.ndarray
+    geometry: Geometry = field(default_factory=Geometry)
+    modality: str | None = None
+    source: Path | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(K, J, I) spatial shape."""
+        return tuple(int(s) for s in self.array.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def is_rgb(self) -> bool:
+        return self.array.ndim == 4 and self.array.shape[-1] == 3
