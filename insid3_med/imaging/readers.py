@@ -1,0 +1,387 @@
+"""Read volumes, 2D images and label maps from disk into :class:`Volume` (array (K, J, I), geometry in LPS).
+
+Formats: NIfTI (.nii, .nii.gz; also FreeSurfer .mgz/.mgh) through nibabel; NRRD (.nrrd, .nhdr) and MetaImage
+(.mha, .mhd) through SimpleITK; DICOM folders and files through pydicom (see :mod:`insid3_med.imaging.dicom`);
+PNG, JPEG, BMP and TIFF through Pillow. Every failure is an :class:`ImageReadError` (a ``ValueError``) naming
+the file and the problem; a missing path is an :class:`ImageNotFoundError` (also a ``FileNotFoundError``).
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from insid3_med.imaging.dicom import (
+    has_dicom_preamble,
+    list_dicom_series,
+    read_dicom_files,
+    read_dicom_image,
+    read_dicom_series,
+)
+from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError
+from insid3_med.imaging.geometry import Geometry, Volume
+
+__all__ = [
+    "ImageNotFoundError",
+    "ImageReadError",
+    "describe",
+    "read_image_2d",
+    "read_label_volume",
+    "read_volume",
+]
+
+NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
+SIMPLEITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in (".nii.gz", ".seg.nrrd"):
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix.lower()
+
+
+def _is_dicom_file(path: Path) -> bool:
+    return _suffix(path) in DICOM_SUFFIXES or has_dicom_preamble(path)
+
+
+def _as_float32(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float32) if array.dtype == np.float64 else array
+
+
+def _read_nibabel(path: Path) -> Volume:
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    try:
+        image = nib.load(path)
+        shape = tuple(int(s) for s in image.shape)
+        if len(shape) > 3 and any(s != 1 for s in shape[3:]):
+            raise ImageReadError(
+                path, f"{len(shape)}D image of shape {shape}; only 3D volumes can be read"
+            )
+        data = np.asanyarray(image.dataobj)
+    except ImageReadError:
+        raise
+    except (ImageFileError, EOFError, zlib.error, OSError, ValueError, TypeError) as error:
+        raise ImageReadError(
+            path, f"cannot be read as {_suffix(path)} ({type(error).__name__}: {error})"
+        ) from error
+    if data.dtype.names:
+        raise ImageReadError(path, f"structured voxel type {data.dtype} (RGB NIfTI) is not supported")
+    data = data.reshape(shape[:3] + (1,) * (3 - min(len(shape), 3)))
+    metadata: dict[str, Any] = {"format": "mgh" if _suffix(path) in (".mgz", ".mgh") else "nifti"}
+    header = image.header
+    if metadata["format"] == "nifti":
+        metadata["nifti_qform_code"] = int(header["qform_code"])
+        metadata["nifti_sform_code"] = int(header["sform_code"])
+        intent = header.get_intent()[0]
+        if intent and intent != "none":
+            metadata["nifti_intent"] = str(intent)
+    return Volume(
+        array=np.ascontiguousarray(_as_float32(data).transpose(2, 1, 0)),
+        geometry=Geometry.from_ijk_to_ras(image.affine),
+        modality=None,
+        source=path,
+        metadata=metadata,
+    )
+
+
+def _read_simpleitk(path: Path) -> Volume:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        size = tuple(int(s) for s in reader.GetSize())
+        if len(size) > 3 and any(s != 1 for s in size[3:]):
+            raise ImageReadError(path, f"{len(size)}D image of size {size}; only 3D volumes can be read")
+        image = reader.Execute()
+    except RuntimeError as error:
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ImageReadError(path, f"cannot be read ({message})") from error
+    if image.GetDimension() > 3:
+        image = sitk.Extract(image, list(size[:3]) + [0] * (len(size) - 3), [0] * len(size))
+    components = image.GetNumberOfComponentsPerPixel()
+    if components not in (1, 3):
+        raise ImageReadError(path, f"{components} components per voxel; grey or RGB images only")
+    dimension = image.GetDimension()
+    array = sitk.GetArrayFromImage(image)
+    spacing, origin = list(image.GetSpacing()), list(image.GetOrigin())
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dimension, dimension)
+    if dimension == 2:
+        array = array[np.newaxis]
+        spacing, origin = spacing + [1.0], origin + [0.0]
+        direction = np.block([[direction, np.zeros((2, 1))], [np.zeros((1, 2)), np.ones((1, 1))]])
+    metadata: dict[str, Any] = {
+        "format": "nrrd" if _suffix(path) in (".nrrd", ".nhdr", ".seg.nrrd") else "metaimage"
+    }
+    header = {
+        key: image.GetMetaData(key)
+        for key in image.GetMetaDataKeys()
+        if len(image.GetMetaData(key)) < 200
+    }
+    if header:
+        metadata["header"] = header
+    modality = header.get("Modality") or header.get("modality")
+    return Volume(
+        array=np.ascontiguousarray(_as_float32(array)),
+        geometry=Geometry(
+            spacing=tuple(float(s) for s in spacing),
+            origin=tuple(float(o) for o in origin),
+            direction=tuple(tuple(float(v) for v in row) for row in direction),
+        ),
+        modality=str(modality).upper() if modality else None,
+        source=path,
+        metadata=metadata,
+    )
+
+
+def _pil_array(path: Path, as_labels: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    """(H, W) or (H, W, 3) pixel array of a PNG/JPEG/BMP/TIFF file, with facts for the metadata."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            frames = int(getattr(image, "n_frames", 1))
+            if frames > 1:
+                raise ImageReadError(path, f"{frames} frames/pages; one 2D image was expected")
+            image.load()
+            if not as_labels:
+                image = ImageOps.exif_transpose(image)
+            mode = image.mode
+            if mode == "P" and as_labels:
+                array = np.asarray(image)  # palette indices are the label values
+            elif mode in ("1", "L", "I", "F") or mode.startswith("I;16"):
+                array = np.asarray(image)
+                if mode == "1":
+                    array = array.astype(np.uint8)
+                elif mode.startswith("I;16"):
+                    array = array.astype(np.uint16)
+            elif mode == "LA":
+                array = np.asarray(image.convert("L"))
+            else:
+                array = np.asarray(image.convert("RGB"))
+    except ImageReadError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise ImageReadError(
+            path, f"cannot be read as an image ({type(error).__name__}: {error})"
+        ) from error
+    metadata: dict[str, Any] = {
+        "format": _suffix(path).lstrip(".").replace("jpg", "jpeg"),
+        "pil_mode": mode,
+    }
+    if (
+        array.ndim == 3
+        and np.array_equal(array[..., 0], array[..., 1])
+        and np.array_equal(array[..., 0], array[..., 2])
+    ):
+        array = array[..., 0]
+        metadata["grey_from_rgb"] = True
+    return np.ascontiguousarray(array), metadata
+
+
+def read_image_2d(path: str | Path) -> Volume:
+    """A 2D image as a volume with K = 1: (1, H, W) grey or (1, H, W, 3) RGB.
+
+    PNG, JPEG, BMP and TIFF through Pillow (RGB files whose three channels are equal become grey; EXIF
+    rotation is applied; spacing 1 mm; modality "XC" for colour, "OT" for grey), single-frame DICOM through
+    pydicom (modality units, VOI LUT/window and photometric interpretation in metadata, MONOCHROME1 flagged,
+    not inverted). Any other format is read as a volume and must have exactly one slice.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageNotFoundError(path, "no such file")
+    if path.is_dir():
+        raise ImageReadError(path, "a folder, not a 2D image file")
+    suffix = _suffix(path)
+    if suffix in IMAGE_2D_SUFFIXES:
+        array, metadata = _pil_array(path, as_labels=False)
+        return Volume(
+            array=array[np.newaxis],
+            geometry=Geometry(),
+            modality="XC" if array.ndim == 3 else "OT",
+            source=path,
+            metadata=metadata,
+        )
+    if _is_dicom_file(path):
+        return read_dicom_image(path)
+    volume = read_volume(path)
+    if volume.shape[0] != 1:
+        raise ImageReadError(path, f"{volume.shape[0]} slices; a 2D image (one slice) was expected")
+    return volume
+
+
+def read_volume(
+    path: str | Path, series_uid: str | None = None, series_number: int | None = None
+) -> Volume:
+    """A 3D volume (K, J, I) with its geometry, from a file or a DICOM series folder.
+
+    ``series_uid`` / ``series_number`` pick one series of a DICOM folder that holds several (otherwise the
+    error lists them). 2D image files come back with K = 1 (see :func:`read_image_2d`). 4D inputs, missing,
+    corrupt or unsupported files raise :class:`ImageReadError`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageNotFoundError(path, "no such file or folder")
+    if path.is_dir():
+        return read_dicom_series(path, series_uid=series_uid, series_number=series_number)
+    if series_uid is not None or series_number is not None:
+        raise ImageReadError(path, "series_uid / series_number only apply to a DICOM folder")
+    suffix = _suffix(path)
+    if suffix in NIBABEL_SUFFIXES:
+        return _read_nibabel(path)
+    if suffix in SIMPLEITK_SUFFIXES or suffix == ".seg.nrrd":
+        return _read_simpleitk(path)
+    if suffix in IMAGE_2D_SUFFIXES:
+        return read_image_2d(path)
+    if _is_dicom_file(path):
+        return read_dicom_files([path], source=path)
+    try:
+        return _read_simpleitk(path)
+    except ImageReadError as error:
+        raise ImageReadError(
+            path,
+            "unsupported format (expected NIfTI, NRRD, MHA/MHD, DICOM, PNG, JPEG, BMP or TIFF): "
+            + error.problem,
+        ) from error
+
+
+def _read_seg_nrrd(path: Path) -> tuple[np.ndarray, Geometry]:
+    import slicerio
+
+    try:
+        segmentation = slicerio.read_segmentation(str(path))
+    except Exception as error:  # slicerio/pynrrd raise assorted types on bad headers
+        raise ImageReadError(path, f"cannot be read as a Slicer segmentation ({error})") from error
+    voxels = np.asarray(segmentation["voxels"])
+    if voxels.ndim != 3:
+        raise ImageReadError(path, "segments overlap (several layers); a label map needs one layer")
+    return voxels.transpose(2, 1, 0), Geometry.from_ijk_to_lps(np.asarray(segmentation["ijkToLPS"]))
+
+
+def _describe_geometry(geometry: Geometry) -> dict[str, Any]:
+    return {
+        "spacing": [float(v) for v in geometry.spacing],
+        "origin": [float(v) for v in geometry.origin],
+        "direction": [[float(v) for v in row] for row in geometry.direction],
+    }
+
+
+def read_label_volume(path: str | Path, like: Volume, atol: float = 1e-3) -> np.ndarray:
+    """A label map on the grid of ``like``: integer array (K, J, I), uint8/uint16 when the labels fit.
+
+    Reads any volume format, Slicer ``.seg.nrrd`` (one layer) and PNG/TIFF masks (palette indices are labels).
+    Raises :class:`ImageReadError` when the map is RGB, holds non-integer or negative values, or when its
+    shape or geometry (spacing, origin, direction to ``atol`` mm) differs from ``like``'s.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageNotFoundError(path, "no such file or folder")
+    suffix = _suffix(path)
+    if suffix == ".seg.nrrd":
+        array, geometry = _read_seg_nrrd(path)
+    elif suffix in IMAGE_2D_SUFFIXES:
+        array, _ = _pil_array(path, as_labels=True)
+        if array.ndim == 3:
+            raise ImageReadError(path, "colour (RGB) image; a label map needs one integer channel")
+        # A plain 2D mask has no geometry of its own: it lies on its image's pixels (shape checked only).
+        array, geometry = array[np.newaxis], like.geometry
+    else:
+        volume = read_volume(path)
+        if volume.is_rgb:
+            raise ImageReadError(path, "colour (RGB) volume; a label map needs one integer channel")
+        array, geometry = volume.array, volume.geometry
+    if array.shape[:3] != like.shape:
+        raise ImageReadError(
+            path,
+            f"label map shape (K, J, I) = {tuple(array.shape)} differs from the image's {like.shape}",
+        )
+    if not like.geometry.allclose(geometry, atol=atol):
+        raise ImageReadError(
+            path,
+            f"label map geometry {_describe_geometry(geometry)} differs from the image's "
+            f"{_describe_geometry(like.geometry)} (to {atol} mm); resample it onto the image grid first",
+        )
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise ImageReadError(
+                path, "non-integer values: a label map holds integer labels (not probabilities)"
+            )
+    elif array.dtype.kind not in "iub":
+        raise ImageReadError(path, f"voxel type {array.dtype} cannot hold labels")
+    low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+    if low < 0:
+        raise ImageReadError(path, f"negative label {low}")
+    dtype = np.uint8 if high <= 255 else np.uint16 if high <= 65535 else np.int32
+    return np.ascontiguousarray(array.astype(dtype))
+
+
+def _describe_volume(volume: Volume) -> dict[str, Any]:
+    from insid3_med.imaging.intensity import choose_preset
+
+    array = volume.array
+    finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
+    info: dict[str, Any] = {
+        "format": volume.metadata.get("format"),
+        "shape": [int(s) for s in array.shape],
+        "dtype": str(array.dtype),
+        "rgb": volume.is_rgb,
+        "modality": volume.modality,
+        **_describe_geometry(volume.geometry),
+        "intensity_min": float(finite.min()) if finite.size else None,
+        "intensity_max": float(finite.max()) if finite.size else None,
+        "preset": choose_preset(volume),
+    }
+    for key in (
+        "photometric_interpretation",
+        "window_center",
+        "window_width",
+        "voi_lut_function",
+        "series_instance_uid",
+        "study_instance_uid",
+        "series_number",
+        "series_description",
+        "nifti_qform_code",
+        "nifti_sform_code",
+    ):
+        if volume.metadata.get(key) is not None:
+            info[key] = volume.metadata[key]
+    if "voi_lut" in volume.metadata:
+        info["voi_lut_entries"] = int(len(volume.metadata["voi_lut"]["data"]))
+    if "source_files" in volume.metadata:
+        info["n_files"] = len(volume.metadata["source_files"])
+    return info
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What a file or folder holds, as a JSON-ready dict (for the ``info`` command).
+
+    For a DICOM folder: ``series`` (one entry per series); when it holds exactly one series, also that
+    volume's description. For a file: format, shape, dtype, modality, geometry (spacing, origin, direction in
+    LPS), intensity range and the intensity preset :func:`choose_preset` would pick.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageNotFoundError(path, "no such file or folder")
+    info: dict[str, Any] = {"path": str(path)}
+    if path.is_dir():
+        series = list_dicom_series(path)
+        info["kind"] = "dicom_folder"
+        info["series"] = [s.to_dict() for s in series]
+        if len(series) == 1:
+            info.update(_describe_volume(read_dicom_files(series[0].files, source=path)))
+        elif not series:
+            raise ImageReadError(path, "no DICOM image series found in this folder")
+        return info
+    info["kind"] = "file"
+    info.update(_describe_volume(read_volume(path)))
+    return info

@@ -1,0 +1,236 @@
+"""DICOM reading: series listing and choice, slice order from positions, rescale to HU, radiographs."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from conftest import HIPPOCAMPUS_IMAGE, oblique_ct_geometry, write_dicom_series
+
+from insid3_med.imaging.dicom import list_dicom_series
+from insid3_med.imaging.errors import ImageReadError
+from insid3_med.imaging.geometry import Geometry
+from insid3_med.imaging.intensity import choose_preset, normalise
+from insid3_med.imaging.readers import describe, read_image_2d, read_volume
+
+
+def test_list_dicom_series_finds_one_series_and_skips_other_files(ct_series, tmp_path):
+    folder = tmp_path / "series"
+    shutil.copytree(ct_series.folder, folder)
+    (folder / "README.txt").write_text("not an image")
+    (folder / "notes").write_bytes(b"\x00\x01 no dicom here")
+    series = list_dicom_series(folder)
+    assert len(series) == 1
+    info = series[0]
+    assert info.series_instance_uid == ct_series.series_uid
+    assert info.series_number == 3 and info.modality == "CT"
+    assert info.n_files == ct_series.expected.shape[0]
+    assert (info.rows, info.columns) == ct_series.expected.shape[1:]
+
+
+def test_ct_series_reads_back_in_hu_on_its_oblique_grid(ct_series):
+    volume = read_volume(ct_series.folder)
+    assert volume.shape == ct_series.expected.shape
+    assert volume.array.dtype == np.int16  # 0.5 * stored - 1024 is integral here: HU fits int16
+    np.testing.assert_array_equal(volume.array, ct_series.expected.array)
+    assert volume.geometry.allclose(ct_series.expected.geometry, atol=1e-4)
+    assert volume.modality == "CT"
+    meta = volume.metadata
+    assert meta["format"] == "dicom"
+    assert meta["series_instance_uid"] == ct_series.series_uid
+    assert meta["study_instance_uid"] == ct_series.study_uid
+    assert meta["photometric_interpretation"] == "MONOCHROME2"
+    assert (meta["window_center"], meta["window_width"]) == (40.0, 400.0)
+    assert (meta["rescale_slope"], meta["rescale_intercept"]) == (0.5, -1024.0)
+    assert meta["source_files"] == [str(p.resolve()) for p in ct_series.files]
+
+
+def test_slice_order_comes_from_positions_not_file_names(ct_series):
+    by_name = sorted(str(p.resolve()) for p in ct_series.files)
+    volume = read_volume(ct_series.folder)
+    assert volume.metadata["source_files"] != by_name  # the fixture really shuffles names
+    instance_numbers = [
+        int(pydicom.dcmread(f, stop_before_pixels=True).InstanceNumber)
+        for f in volume.metadata["source_files"]
+    ]
+    assert instance_numbers != sorted(instance_numbers)  # ... and instance numbers
+    normal = np.cross(
+        *np.asarray(pydicom.dcmread(ct_series.files[0]).ImageOrientationPatient, float).reshape(2, 3)
+    )
+    distances = [
+        float(np.dot(pydicom.dcmread(f).ImagePositionPatient, normal))
+        for f in volume.metadata["source_files"]
+    ]
+    assert np.all(np.diff(distances) > 0)
+
+
+def test_ct_series_matches_simpleitk_series_reader(ct_series):
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(ct_series.folder)))
+    reference = reader.Execute()
+    volume = read_volume(ct_series.folder)
+    np.testing.assert_allclose(volume.array, sitk.GetArrayFromImage(reference))
+    np.testing.assert_allclose(volume.geometry.spacing, reference.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(volume.geometry.origin, reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(
+        volume.geometry.direction_matrix().ravel(), reference.GetDirection(), atol=1e-5
+    )
+
+
+def test_folder_with_two_series_needs_a_choice(two_series_folder):
+    folder, series = two_series_folder
+    listed = list_dicom_series(folder)
+    assert [s.series_number for s in listed] == [3, 7]
+    with pytest.raises(ImageReadError) as caught:
+        read_volume(folder)
+    message = str(caught.value)
+    assert str(folder) in message and "2 DICOM series" in message
+    for s in series.values():
+        assert s.series_uid in message
+    assert "series number 3" in message and "series number 7" in message
+
+
+def test_pick_series_by_number_or_uid(two_series_folder):
+    folder, series = two_series_folder
+    mr = read_volume(folder, series_number=7)
+    assert mr.modality == "MR" and mr.shape == series[7].expected.shape
+    np.testing.assert_array_equal(mr.array, series[7].expected.array)
+    assert mr.geometry.allclose(series[7].expected.geometry)
+    ct = read_volume(folder, series_uid=series[3].series_uid)
+    np.testing.assert_array_equal(ct.array, series[3].expected.array)
+    with pytest.raises(ImageReadError, match="no series with series number 5"):
+        read_volume(folder, series_number=5)
+    with pytest.raises(ImageReadError, match="no series with SeriesInstanceUID 1.2.3"):
+        read_volume(folder, series_uid="1.2.3")
+
+
+def test_describe_dicom_folders(two_series_folder, ct_series):
+    folder, _ = two_series_folder
+    info = describe(folder)
+    assert info["kind"] == "dicom_folder" and len(info["series"]) == 2
+    assert {s["series_number"] for s in info["series"]} == {3, 7}
+    single = describe(ct_series.folder)
+    assert single["shape"] == list(ct_series.expected.shape)
+    assert single["modality"] == "CT" and single["preset"] == "dicom"
+    assert single["window_center"] == 40.0
+    assert single["intensity_min"] == float(ct_series.expected.array.min())
+
+
+def test_slices_stacked_against_the_normal_come_back_right_handed(tmp_path, data_file):
+    """Slices written along -normal: the reader sorts along +normal, so k is reversed and the origin moves."""
+    import nibabel as nib
+
+    values = np.asarray(nib.load(data_file(HIPPOCAMPUS_IMAGE)).dataobj).transpose(2, 1, 0)[:8].round()
+    left_handed = Geometry(
+        spacing=(1.0, 1.0, 3.0),
+        origin=(0.0, 0.0, 50.0),
+        direction=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),
+    )
+    series = write_dicom_series(tmp_path / "lh", values, left_handed)
+    volume = read_volume(series.folder)
+    np.testing.assert_array_equal(volume.array, values[::-1])
+    expected = Geometry(
+        spacing=(1.0, 1.0, 3.0),
+        origin=(0.0, 0.0, 50.0 - 7 * 3.0),
+        direction=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),
+    )
+    assert volume.geometry.allclose(expected)
+    # The same physical point holds the same value in both grids.
+    point = left_handed.ijk_to_lps() @ np.array([5, 7, 2, 1.0])
+    i, j, k, _ = np.rint(np.linalg.inv(volume.geometry.ijk_to_lps()) @ point).astype(int)
+    assert volume.array[k, j, i] == values[2, 7, 5]
+
+
+def test_truncated_pixel_data_names_the_file(ct_series, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(ct_series.folder, folder)
+    victim = sorted(folder.iterdir())[3]
+    content = victim.read_bytes()
+    victim.write_bytes(content[: len(content) - 500])
+    with pytest.raises(ImageReadError) as caught:
+        read_volume(folder)
+    assert victim.name in str(caught.value)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_garbage_after_dicom_marker_names_the_file(ct_series, tmp_path):
+    folder = tmp_path / "garbage"
+    shutil.copytree(ct_series.folder, folder)
+    bad = folder / "corrupt.dcm"
+    bad.write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff" + bytes(range(256)) * 4)
+    with pytest.raises(ImageReadError, match="corrupt.dcm"):
+        read_volume(folder)
+    with pytest.raises(ImageReadError, match="corrupt.dcm"):
+        read_volume(bad)
+
+
+def test_two_slices_at_one_position_are_refused_as_4d(ct_series, tmp_path):
+    folder = tmp_path / "echoes"
+    shutil.copytree(ct_series.folder, folder)
+    duplicate = pydicom.dcmread(ct_series.files[5])
+    duplicate.SOPInstanceUID = pydicom.uid.generate_uid()
+    duplicate.file_meta.MediaStorageSOPInstanceUID = duplicate.SOPInstanceUID
+    duplicate.save_as(folder / "second_echo", enforce_file_format=True)
+    with pytest.raises(ImageReadError, match="share a position"):
+        read_volume(folder)
+
+
+def test_empty_folder_and_missing_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageReadError, match="no DICOM image series"):
+        read_volume(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError):
+        read_volume(tmp_path / "nowhere")
+
+
+def test_monochrome1_radiograph_is_flagged_and_inverted_by_the_preset(monochrome1_radiograph):
+    path, png = monochrome1_radiograph
+    image = read_image_2d(path)
+    assert image.shape == (1,) + png.shape and image.modality == "DX"
+    np.testing.assert_array_equal(image.array[0], 4095 - 16 * png.astype(np.int32))  # stored, not inverted
+    assert image.metadata["photometric_interpretation"] == "MONOCHROME1"
+    assert (image.metadata["window_center"], image.metadata["window_width"]) == (2048.0, 4096.0)
+    assert image.geometry.spacing[:2] == (0.15, 0.15)  # from ImagerPixelSpacing
+    assert choose_preset(image) == "radiograph"
+    shown = normalise(image)
+    assert shown.shape == (1,) + png.shape + (3,)
+    np.testing.assert_allclose(shown[0, ..., 0], png / 255.0, atol=0.005)  # bright bone stays bright
+
+
+def test_read_image_2d_refuses_a_series_folder(ct_series):
+    with pytest.raises(ImageReadError, match="folder"):
+        read_image_2d(ct_series.folder)
+
+
+def test_enhanced_multiframe_ct_reads_like_its_series(ct_series, tmp_path):
+    import highdicom as hd
+
+    legacy = [pydicom.dcmread(f) for f in ct_series.files]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy, series_instance_uid=hd.UID(), series_number=30, sop_instance_uid=hd.UID(), instance_number=1
+    )
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path)
+    volume = read_volume(path)
+    reference = read_volume(ct_series.folder)
+    assert volume.shape == reference.shape
+    np.testing.assert_allclose(volume.array, reference.array)
+    assert volume.geometry.allclose(reference.geometry, atol=1e-3)
+    assert volume.metadata["multiframe"] is True
+
+
+def test_oblique_fixture_geometry_is_really_oblique():
+    direction = oblique_ct_geometry().direction_matrix()
+    assert not np.allclose(direction, np.eye(3), atol=0.05)
+    np.testing.assert_allclose(direction.T @ direction, np.eye(3), atol=1e-12)
+    assert np.linalg.det(direction) > 0
+
+
+def test_series_listing_is_recursive(ct_series, tmp_path):
+    nested = tmp_path / "export" / "patient" / "study"
+    shutil.copytree(ct_series.folder, nested / "series")
+    assert [s.n_files for s in list_dicom_series(tmp_path / "export")] == [len(ct_series.files)]
+    assert list_dicom_series(tmp_path / "export", recursive=False) == []
