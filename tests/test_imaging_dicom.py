@@ -234,3 +234,30 @@ def test_series_listing_is_recursive(ct_series, tmp_path):
     shutil.copytree(ct_series.folder, nested / "series")
     assert [s.n_files for s in list_dicom_series(tmp_path / "export")] == [len(ct_series.files)]
     assert list_dicom_series(tmp_path / "export", recursive=False) == []
+
+
+def test_voi_lut_sequence_of_a_radiograph_matches_pydicom(tmp_path, data_file):
+    from conftest import CXR_IMAGE, DX_IMAGE_STORAGE, _base_dataset
+    from PIL import Image
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_voi_lut
+
+    png = np.asarray(Image.open(data_file(CXR_IMAGE)).convert("L"))[:200, :300]
+    ds = _base_dataset(DX_IMAGE_STORAGE, "DX", pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 1)
+    ds.InstanceNumber, ds.Rows, ds.Columns = 1, *png.shape
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 0
+    ds.PixelData = (png.astype(np.uint16) * 16).tobytes()
+    item = Dataset()
+    item.LUTDescriptor = [3000, 500, 12]  # 3000 entries from stored value 500, 12-bit output
+    item.add_new(
+        "LUTData", "US", np.round(4095 * np.sqrt(np.linspace(0, 1, 3000))).astype(np.uint16).tolist()
+    )
+    ds.VOILUTSequence = [item]
+    path = tmp_path / "lut.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    image = read_image_2d(path)
+    assert image.metadata["voi_lut"]["first_mapped"] == 500 and len(image.metadata["voi_lut"]["data"]) == 3000
+    assert choose_preset(image) == "radiograph"
+    expected = apply_voi_lut(pydicom.dcmread(path).pixel_array, pydicom.dcmread(path)) / 4095.0
+    np.testing.assert_allclose(normalise(image)[0, ..., 0], expected, atol=1e-6)

@@ -277,3 +277,24 @@ def test_volume_without_geometry_metadata_writes_with_identity(tmp_path):
     written = nib.load(path)
     np.testing.assert_allclose(written.affine, LPS_TO_RAS)
     assert int(written.header["qform_code"]) == 1 and np.asarray(written.dataobj)[2, 1, 1] == 7
+
+
+def test_dicom_seg_on_an_enhanced_multiframe_ct(ct_series, ct_with_labels, tmp_path):
+    import highdicom as hd
+
+    _, labels = ct_with_labels
+    legacy = [pydicom.dcmread(f) for f in ct_series.files]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy, series_instance_uid=hd.UID(), series_number=30, sop_instance_uid=hd.UID(), instance_number=1
+    )
+    enhanced.save_as(tmp_path / "enhanced.dcm")
+    volume = read_volume(tmp_path / "enhanced.dcm")
+    seg = hd.seg.segread(write_dicom_seg(labels, volume, tmp_path / "seg.dcm"))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == enhanced.SeriesInstanceUID
+    seg_volume = seg.get_volume(combine_segments=True)
+    to_ijk = np.linalg.inv(volume.geometry.ijk_to_lps())
+    inside = np.argwhere(seg_volume.array > 0)
+    assert len(inside) == int((labels > 0).sum())
+    for s, r, c in inside[:: max(1, len(inside) // 20)]:
+        i, j, k, _ = np.rint(to_ijk @ (seg_volume.affine @ [s, r, c, 1])).astype(int)
+        assert seg_volume.array[s, r, c] == labels[k, j, i]
