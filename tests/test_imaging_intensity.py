@@ -162,3 +162,10 @@ def test_unknown_preset_is_a_clear_error():
         "radiograph",
         "rgb",
     }
+
+
+def test_nan_voxels_become_black_not_nan():
+    volume = Volume(array=np.array([[[np.nan, 0.0, 1.0, 2.0]]], dtype=np.float32), modality="MR")
+    out = normalise(volume, "mr", percentiles=(0.0, 100.0))
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[0, 0, :, 0], [0.0, 0.0, 0.5, 1.0], atol=1e-6)

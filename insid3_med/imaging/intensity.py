@@ -84,6 +84,8 @@ class IntensityMapping:
             unit = np.clip((values.astype(np.float32) - np.float32(self.low)) * scale, 0.0, 1.0)
         else:
             unit = (values > self.low).astype(np.float32)
+        if values.dtype.kind == "f":
+            unit = np.nan_to_num(unit, nan=0.0, copy=False)  # NaN voxels (outside a field of view) -> black
         return 1.0 - unit if self.invert else unit
 
     def __call__(self, array: np.ndarray) -> np.ndarray:

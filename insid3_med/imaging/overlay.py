@@ -110,9 +110,9 @@ def write_overlay_montage(
     draw = ImageDraw.Draw(canvas)
     for n, k in enumerate(chosen):
         grey = Image.fromarray(np.round(mapping.slice(volume, k) * 255).astype(np.uint8))
-        rgb = np.asarray(grey.resize((tile_w, tile_h), Image.BILINEAR), dtype=np.float32) / 255.0
+        rgb = np.asarray(grey.resize((tile_w, tile_h), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
         label_tile = np.asarray(
-            Image.fromarray(labels[k].astype(np.int32)).resize((tile_w, tile_h), Image.NEAREST)
+            Image.fromarray(labels[k].astype(np.int32)).resize((tile_w, tile_h), Image.Resampling.NEAREST)
         )
         tile = np.round(_draw_labels(rgb, label_tile, alpha) * 255).astype(np.uint8)
         x = gap + (n % columns) * (tile_w + gap)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from insid3_med.imaging.dicom import (
+    SeriesInfo,
     has_dicom_preamble,
     list_dicom_series,
     read_dicom_files,
@@ -27,7 +28,9 @@ from insid3_med.imaging.geometry import Geometry, Volume
 __all__ = [
     "ImageNotFoundError",
     "ImageReadError",
+    "SeriesInfo",
     "describe",
+    "list_dicom_series",
     "read_image_2d",
     "read_label_volume",
     "read_volume",
