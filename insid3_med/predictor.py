@@ -47,7 +47,12 @@ class EncodedImage:
     grid: tuple[int, int]
     model_size: tuple[int, int]
     original_size: tuple[int, int]
+    content_box: tuple[int, int, int, int] = (0, 0, 0, 0)
     clusters: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.content_box == (0, 0, 0, 0):
+            self.content_box = (0, 0, *self.model_size)
 
 
 def image_to_tensor(image: ImageLike) -> torch.Tensor:
@@ -102,9 +107,15 @@ class OneShotSegmenter:
 
     image_size: the square side s every image is resized to (a multiple of the backbone's patch size; other values
     are rounded to the nearest multiple). params: the method's parameters (:class:`EngineParams`).
+    fit: "stretch" resizes every image to s x s regardless of its aspect (the published method); "letterbox" scales
+    its longer side to s, keeps the aspect, and pads the rest with black.
     """
 
-    def __init__(self, backbone: Backbone, image_size: int = 448, params: EngineParams | None = None) -> None:
+    def __init__(self, backbone: Backbone, image_size: int = 448, params: EngineParams | None = None,
+                 fit: str = "stretch") -> None:
+        if fit not in ("stretch", "letterbox"):
+            raise ValueError(f"fit must be 'stretch' or 'letterbox', not {fit!r}")
+        self.fit = fit
         patch = backbone.patch_size
         side = max(patch, int(round(image_size / patch)) * patch)
         self.backbone = backbone
@@ -128,11 +139,29 @@ class OneShotSegmenter:
         return BASIS_CACHE.get(self.backbone, self.model_size, self.params.probe, self.basis_rank).to(
             self.backbone.device)
 
+    def content_box(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """Where an (H, W) image lands in the (s, s) model input: (top, left, height, width) in model pixels."""
+        if self.fit == "stretch":
+            return (0, 0, *self.model_size)
+        scale = self.image_size / max(size)
+        height = max(1, min(self.image_size, round(size[0] * scale)))
+        width = max(1, min(self.image_size, round(size[1] * scale)))
+        return ((self.image_size - height) // 2, (self.image_size - width) // 2, height, width)
+
+    def place(self, image: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """(B, ch, H, W) float -> (B, ch, s, s): resized into the content box, zero elsewhere."""
+        top, left, height, width = self.content_box(tuple(image.shape[-2:]))
+        kwargs = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
+        resized = F.interpolate(image, size=(height, width), mode=mode, **kwargs)
+        if (height, width) == self.model_size:
+            return resized
+        canvas = torch.zeros(*image.shape[:2], *self.model_size, dtype=image.dtype, device=image.device)
+        canvas[..., top : top + height, left : left + width] = resized
+        return canvas
+
     def prepare(self, image: ImageLike) -> torch.Tensor:
         """An image -> (3, s, s) ImageNet-normalised tensor at the model size."""
-        tensor = image_to_tensor(image)[None]
-        resized = F.interpolate(tensor, size=self.model_size, mode="bilinear", align_corners=False, antialias=True)
-        return normalise_for_backbone(resized)[0]
+        return normalise_for_backbone(self.place(image_to_tensor(image)[None]))[0]
 
     def encode(self, images: ImageLike | list[ImageLike], batch_size: int = 8) -> EncodedImage | list[EncodedImage]:
         """Encode one image or a list (batched through the backbone). Returns EncodedImage(s)."""
@@ -147,7 +176,7 @@ class OneShotSegmenter:
         for feature_map, size in zip(feature_maps, sizes, strict=True):
             plain = flatten_features(feature_map)
             encoded.append(EncodedImage(plain, debias(plain, basis), tuple(feature_map.shape[1:]), self.model_size,
-                                        size))
+                                        size, self.content_box(size)))
         return encoded[0] if single else encoded
 
     def _encoded(self, image: ImageLike | EncodedImage) -> EncodedImage:
@@ -174,7 +203,10 @@ class OneShotSegmenter:
         if not values:
             raise EmptyReferenceError("the reference mask is empty: label the structure in the reference first")
         for value in values:
-            patch_mask = mask_to_patch_grid(labels == value, encoded.grid).flatten().to(encoded.debiased.device)
+            structure = labels == value
+            if self.fit == "letterbox":
+                structure = self.place(structure.float()[None, None], mode="nearest")[0, 0] > 0.5
+            patch_mask = mask_to_patch_grid(structure, encoded.grid).flatten().to(encoded.debiased.device)
             self._references.setdefault(value, []).append(ReferenceShot(encoded.debiased, patch_mask))
         self._shots.append((encoded, labels.numpy()))
 
@@ -199,7 +231,17 @@ class OneShotSegmenter:
     def segment(self, target: ImageLike | EncodedImage) -> np.ndarray:
         """The target's (H, W) int64 label map at its original size."""
         patches, encoded = self.segment_patch_masks(target)
-        masks = upsample_masks(patches, encoded.grid, encoded.model_size, encoded.original_size)
+        return self.patch_masks_to_labels(patches, encoded)
+
+    def patch_masks_to_labels(self, patches: torch.Tensor, encoded: EncodedImage) -> np.ndarray:
+        """(L, h * w) bool patch masks -> the (H, W) int64 label map at the image's original size (step 9)."""
+        top, left, height, width = encoded.content_box
+        if (height, width) == tuple(encoded.model_size):
+            masks = upsample_masks(patches, encoded.grid, encoded.model_size, encoded.original_size)
+        else:
+            model = upsample_masks(patches, encoded.grid, encoded.model_size, encoded.model_size)
+            cropped = model[:, top : top + height, left : left + width].float()[:, None]
+            masks = F.interpolate(cropped, size=encoded.original_size, mode="bilinear", align_corners=False)[:, 0] > 0.5
         return labels_from_masks(masks, self.label_values).cpu().numpy()
 
 

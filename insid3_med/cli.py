@@ -1,0 +1,249 @@
+"""The ``insid3-med`` command line: a thin face over :mod:`insid3_med.jobs` and the evaluation harness.
+
+Exit codes: 0 success; 2 bad input (the message names the file and the problem); 3 backbone weights missing or
+unreadable (the message says how to get DINOv3 weights); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_WEIGHTS = 3
+
+
+class CommandError(Exception):
+    """A user-facing error with its exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parse_slices(text: str) -> tuple[int, int]:
+    """"A:B" -> (A, B), a half-open range of slice indices (either side may be empty)."""
+    try:
+        start, stop = text.split(":")
+        return (int(start) if start else 0, int(stop) if stop else sys.maxsize)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--slices expects A:B (for example 10:40), not {text!r}") from error
+
+
+def add_model_options(parser: argparse.ArgumentParser, image_size: int = 448) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--weights", help="DINOv3 .pth file, Hugging Face model folder or hub id "
+                       "(default: $INSID3_MED_WEIGHTS, then the Hugging Face cache)")
+    group.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    group.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    group.add_argument("--image-size", type=int, default=image_size, help=f"model input side (default {image_size})")
+    group.add_argument("--feature-block", type=int, help="backbone block whose features are used (default: per "
+                       "backbone)")
+    group.add_argument("--fit", choices=("stretch", "letterbox"), default="stretch",
+                       help="resize to a square ignoring the aspect (published) or keep it and pad")
+    group.add_argument("--tau", type=float, default=0.6, help="clustering granularity (default 0.6)")
+    group.add_argument("--merge-threshold", type=float, default=0.2, help="cluster merge threshold (default 0.2)")
+    group.add_argument("--basis-rank", type=int, help="positional directions removed (default: per backbone)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    parser.add_argument("--progress", choices=("bar", "lines", "none"), default="bar",
+                        help="progress as a bar on stderr, as 'PROGRESS done total' lines on stdout, or none")
+
+
+def model_options(args: argparse.Namespace):  # noqa: ANN201 - imported lazily to keep --help fast
+    from insid3_med.engine import EngineParams
+    from insid3_med.jobs import ModelOptions
+
+    return ModelOptions(weights=args.weights, device=args.device, precision=args.precision,
+                        image_size=args.image_size, feature_block=args.feature_block, fit=args.fit,
+                        params=EngineParams(tau=args.tau, merge_threshold=args.merge_threshold,
+                                            basis_rank=args.basis_rank))
+
+
+def progress_reporter(mode: str, description: str) -> Callable[[int, int], None] | None:
+    """A (done, total) callback printing a tqdm bar, machine-readable lines, or nothing."""
+    if mode == "none":
+        return None
+    if mode == "lines":
+        def report_line(done: int, total: int) -> None:
+            print(f"PROGRESS {done} {total}", flush=True)
+        return report_line
+    from tqdm import tqdm
+
+    state: dict[str, tqdm] = {}
+
+    def report_bar(done: int, total: int) -> None:
+        bar = state.get("bar")
+        if bar is None or bar.total != total or done < bar.n:
+            if bar is not None:
+                bar.close()
+            bar = state["bar"] = tqdm(total=total, desc=description, unit="slice", file=sys.stderr)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+    return report_bar
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def command_segment(args: argparse.Namespace) -> int:
+    from insid3_med.jobs import segment_images
+
+    written = segment_images(args.reference_image, args.reference_mask, args.targets, args.output, model_options(args),
+                             force=args.force, progress=progress_reporter(args.progress, "segment"))
+    for path in written:
+        print(path)
+    return 0
+
+
+def volume_outputs(args: argparse.Namespace):  # noqa: ANN201
+    from insid3_med.jobs import VolumeOutputs
+
+    return VolumeOutputs(labels=args.output, seg_nrrd=args.seg_nrrd, dicom_seg=args.dicom_seg, overlay=args.overlay,
+                         summary=args.summary)
+
+
+def command_propagate(args: argparse.Namespace) -> int:
+    from insid3_med.jobs import propagate_file
+
+    summary = propagate_file(args.volume, args.labels, volume_outputs(args), model_options(args), axis=args.axis,
+                             slice_range=args.slices, preset=args.preset, force=args.force,
+                             series_uid=args.series_uid, progress=progress_reporter(args.progress, "propagate"))
+    print(f"wrote {args.output} ({summary['timings_s']['propagate']:.1f} s)")
+    return 0
+
+
+def command_transfer(args: argparse.Namespace) -> int:
+    from insid3_med.jobs import transfer_files
+
+    summaries = transfer_files(args.reference_volume, args.reference_labels, args.targets, args.output,
+                               model_options(args), axis=args.axis, preset=args.preset, force=args.force,
+                               seg_nrrd=args.seg_nrrd, dicom_seg=args.dicom_seg, overlay=args.overlay,
+                               summary=args.summary, progress=progress_reporter(args.progress, "transfer"))
+    for record in summaries:
+        print(f"{record['target']}: done in {record['timings_s']['transfer']:.1f} s")
+    return 0
+
+
+def command_info(args: argparse.Namespace) -> int:
+    from insid3_med.imaging.readers import describe
+
+    print(json.dumps(describe(args.path), indent=2, default=str))
+    return 0
+
+
+def command_evaluate(args: argparse.Namespace) -> int:
+    from insid3_med.evaluation.run import run_evaluation
+
+    summary = run_evaluation(args.task, args.data_dir, args.output, method=args.method, episodes=args.episodes,
+                             seed=args.seed, model=model_options(args), limit_cases=args.limit_cases,
+                             resume=not args.restart, progress=args.progress != "none")
+    print(json.dumps(summary.get("headline", summary), indent=2, default=str)[:4000])
+    return 0
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from insid3_med.demo import run_demo
+
+    run_demo(args.output, model_options(args), force=args.force, progress=progress_reporter(args.progress, "demo"))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="insid3-med", description="One-shot segmentation of medical images and "
+                                     "volumes with frozen DINOv3 features (INSID3).")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    segment = commands.add_parser("segment", help="2D: segment targets from one labelled reference image")
+    segment.add_argument("reference_image", type=Path)
+    segment.add_argument("reference_mask", type=Path)
+    segment.add_argument("targets", type=Path, nargs="+")
+    segment.add_argument("-o", "--output", type=Path, required=True, help="output folder (must exist)")
+    add_model_options(segment)
+    segment.set_defaults(handler=command_segment)
+
+    def add_volume_options(sub: argparse.ArgumentParser, flags_only: bool) -> None:
+        if flags_only:
+            sub.add_argument("--seg-nrrd", action="store_true", help="also write <stem>_seg.seg.nrrd (3D Slicer)")
+            sub.add_argument("--dicom-seg", action="store_true", help="also write <stem>_seg.dcm (DICOM SEG)")
+            sub.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
+            sub.add_argument("--summary", action="store_true", help="also write <stem>_summary.json")
+        else:
+            sub.add_argument("--seg-nrrd", type=Path, help="also write a 3D Slicer .seg.nrrd")
+            sub.add_argument("--dicom-seg", type=Path, help="also write a DICOM SEG (DICOM input only)")
+            sub.add_argument("--overlay", type=Path, help="also write a PNG overlay montage")
+            sub.add_argument("--summary", type=Path, help="also write a JSON summary")
+        sub.add_argument("--axis", default="k", help="slice axis: k/j/i (array), axial/coronal/sagittal (default k)")
+        sub.add_argument("--preset", help="intensity preset (default: from the modality): soft_tissue, abdomen, "
+                         "lung, bone, brain, dicom, mr, radiograph, rgb")
+        add_model_options(sub)
+
+    propagate = commands.add_parser("propagate", help="propagate labelled slices through a volume")
+    propagate.add_argument("volume", type=Path, help="NIfTI, NRRD, MHA file or DICOM series folder")
+    propagate.add_argument("labels", type=Path, help="label volume on the same grid with one or more labelled slices")
+    propagate.add_argument("-o", "--output", type=Path, required=True, help="output label map (.nii.gz)")
+    propagate.add_argument("--slices", type=parse_slices, help="only slices A:B (half-open)")
+    propagate.add_argument("--series-uid", help="SeriesInstanceUID when the DICOM folder holds several series")
+    add_volume_options(propagate, flags_only=False)
+    propagate.set_defaults(handler=command_propagate)
+
+    transfer = commands.add_parser("transfer", help="segment other studies from a labelled reference study")
+    transfer.add_argument("reference_volume", type=Path)
+    transfer.add_argument("reference_labels", type=Path)
+    transfer.add_argument("targets", type=Path, nargs="+")
+    transfer.add_argument("-o", "--output", type=Path, required=True, help="output folder (must exist)")
+    add_volume_options(transfer, flags_only=True)
+    transfer.set_defaults(handler=command_transfer)
+
+    info = commands.add_parser("info", help="what a file or folder holds (series, geometry, intensities)")
+    info.add_argument("path", type=Path)
+    info.set_defaults(handler=command_info)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate on a labelled data set, beside baselines")
+    evaluate.add_argument("task", choices=("images", "slices", "transfer"))
+    evaluate.add_argument("data_dir", type=Path)
+    evaluate.add_argument("-o", "--output", type=Path, required=True, help="report folder")
+    evaluate.add_argument("--method", default="ours", help="ours, copy or registration")
+    evaluate.add_argument("--episodes", type=int, help="number of episodes (images: 600; transfer: 20)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--limit-cases", type=int, help="only the first N volumes (slices task)")
+    evaluate.add_argument("--restart", action="store_true", help="ignore finished episodes of an earlier run")
+    add_model_options(evaluate)
+    evaluate.set_defaults(handler=command_evaluate)
+
+    demo = commands.add_parser("demo", help="label one slice of a bundled brain MRI, propagate it, report Dice")
+    demo.add_argument("-o", "--output", type=Path, required=True, help="output folder (created)")
+    add_model_options(demo)
+    demo.set_defaults(handler=command_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``insid3-med``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    from insid3_med.backbones import WeightsFormatError, WeightsNotFoundError
+
+    try:
+        return int(args.handler(args))
+    except (WeightsNotFoundError, WeightsFormatError) as error:
+        print(f"insid3-med: error: {error}", file=sys.stderr)
+        return EXIT_WEIGHTS
+    except CommandError as error:
+        print(f"insid3-med: error: {error}", file=sys.stderr)
+        return error.code
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as error:
+        print(f"insid3-med: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("insid3-med: interrupted; nothing partial was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

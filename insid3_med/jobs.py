@@ -1,0 +1,239 @@
+"""File-to-file jobs: read inputs, run the one-shot pipeline, write every requested output or none.
+
+These are what the command line (and through it the Slicer extension) runs; they hold no segmentation logic of their
+own: reading is :mod:`insid3_med.imaging.readers`, the work is :mod:`insid3_med.volume`, writing is
+:mod:`insid3_med.imaging.writers`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from insid3_med.backbones import Backbone, load_backbone
+from insid3_med.engine import EngineParams
+from insid3_med.imaging.errors import ImageReadError
+from insid3_med.imaging.geometry import Volume
+from insid3_med.imaging.intensity import intensity_mapping
+from insid3_med.imaging.overlay import write_overlay_montage
+from insid3_med.imaging.readers import read_image_2d, read_label_volume, read_volume
+from insid3_med.imaging.writers import write_dicom_seg, write_nifti_labels, write_seg_nrrd
+from insid3_med.outputs import OutputSet, label_statistics, output_set, write_json
+from insid3_med.predictor import OneShotSegmenter
+from insid3_med.volume import (
+    ProgressCallback,
+    labelled_slices,
+    propagate_through_slices,
+    slicing_axis,
+    transfer_to_study,
+)
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd")
+
+
+@dataclass
+class ModelOptions:
+    """How to build the segmenter: weights, device, precision, input side, feature block and engine parameters."""
+
+    weights: str | None = None
+    device: str | None = None
+    precision: str = "fp32"
+    image_size: int = 448
+    feature_block: int | None = None
+    fit: str = "stretch"
+    params: EngineParams = field(default_factory=EngineParams)
+
+    def build(self) -> OneShotSegmenter:
+        backbone = load_backbone(self.weights, device=self.device, precision=self.precision,
+                                 feature_block=self.feature_block)
+        return OneShotSegmenter(backbone, image_size=self.image_size, params=self.params, fit=self.fit)
+
+
+@dataclass
+class VolumeOutputs:
+    """Where a volume job writes: the NIfTI label map always; the others when given."""
+
+    labels: Path
+    seg_nrrd: Path | None = None
+    dicom_seg: Path | None = None
+    overlay: Path | None = None
+    summary: Path | None = None
+
+
+def model_description(segmenter: OneShotSegmenter) -> dict[str, Any]:
+    backbone: Backbone = segmenter.backbone
+    return {
+        "backbone": backbone.spec.name,
+        "weights": backbone.location,
+        "weights_sha256": backbone.weights_sha256(),
+        "feature_block": backbone.feature_block,
+        "precision": backbone.precision,
+        "device": str(backbone.device),
+        "image_size": segmenter.image_size,
+        "fit": segmenter.fit,
+        "basis_rank": segmenter.basis_rank,
+        "params": asdict(segmenter.params),
+    }
+
+
+def volume_stem(path: Path) -> str:
+    """A file's name without its image suffix (.nii.gz, .nrrd, ...), or a DICOM folder's name."""
+    name = path.name
+    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def check_outputs(outputs: VolumeOutputs, volume: Volume, outputs_set: OutputSet) -> dict[str, Path]:
+    """Claim every output path (refusing existing ones unless overwriting) before any work starts."""
+    if outputs.dicom_seg is not None and "source_files" not in volume.metadata:
+        raise ImageReadError(f"{volume.source}: --dicom-seg needs a DICOM series as input (this input is not DICOM)")
+    claimed = {"labels": outputs_set.claim(outputs.labels)}
+    for key in ("seg_nrrd", "dicom_seg", "overlay", "summary"):
+        path = getattr(outputs, key)
+        if path is not None:
+            claimed[key] = outputs_set.claim(path)
+    return claimed
+
+
+def write_volume_outputs(labels: np.ndarray, volume: Volume, claimed: dict[str, Path],
+                         highlight: Sequence[int], axis: int, summary: dict[str, Any],
+                         names: dict[int, str] | None = None) -> None:
+    """Write the label map and the optional outputs to their claimed temporary paths."""
+    write_nifti_labels(labels, volume, claimed["labels"], overwrite=True)
+    if "seg_nrrd" in claimed:
+        write_seg_nrrd(labels, volume, claimed["seg_nrrd"], segment_names=names, overwrite=True)
+    if "dicom_seg" in claimed:
+        write_dicom_seg(labels, volume, claimed["dicom_seg"], segment_names=names, overwrite=True)
+    if "overlay" in claimed:
+        shown = volume if axis == 0 else np.moveaxis(volume.array, axis, 0)
+        shown_labels = labels if axis == 0 else np.moveaxis(labels, axis, 0)
+        write_overlay_montage(shown, shown_labels, claimed["overlay"], highlight=set(highlight), overwrite=True)
+    if "summary" in claimed:
+        summary["labels"] = label_statistics(labels, volume, axis, names)
+        write_json(summary, claimed["summary"])
+
+
+def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs, model: ModelOptions, *,
+                   axis: int | str = "k", slice_range: tuple[int, int] | None = None, preset: str | None = None,
+                   force: bool = False, series_uid: str | None = None,
+                   progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """``insid3-med propagate``: labelled slices of ``labels_path`` through ``volume_path``; returns the summary."""
+    started = time.perf_counter()
+    volume = read_volume(volume_path, series_uid=series_uid)
+    labels = read_label_volume(labels_path, volume)
+    array_axis = slicing_axis(volume, axis)
+    references = labelled_slices(labels, array_axis)
+    intensity_mapping(volume, preset)  # a bad preset fails before the model loads
+    with output_set(force) as outputs_set:
+        claimed = check_outputs(outputs, volume, outputs_set)
+        segmenter = model.build()
+        loaded = time.perf_counter()
+        result = propagate_through_slices(segmenter, volume, labels, axis=array_axis, slice_range=slice_range,
+                                          preset=preset, progress=progress)
+        finished = time.perf_counter()
+        summary = {
+            "command": "propagate", "volume": str(volume_path), "labels_input": str(labels_path),
+            "axis": array_axis, "labelled_slices": references, "slice_range": slice_range,
+            "model": model_description(segmenter),
+            "timings_s": {"read_and_load": round(loaded - started, 3), "propagate": round(finished - loaded, 3)},
+        }
+        write_volume_outputs(result, volume, claimed, references, array_axis, summary)
+    return summary
+
+
+def transfer_files(reference_path: Path, reference_labels_path: Path, targets: Sequence[Path], output_dir: Path,
+                   model: ModelOptions, *, axis: int | str = "k", preset: str | None = None, force: bool = False,
+                   seg_nrrd: bool = False, dicom_seg: bool = False, overlay: bool = False, summary: bool = False,
+                   progress: ProgressCallback | None = None) -> list[dict[str, Any]]:
+    """``insid3-med transfer``: one output set per target in ``output_dir`` (``<stem>_seg.nii.gz`` and friends).
+
+    Every target is read and every output path claimed before any work; outputs are committed together at the end.
+    """
+    reference = read_volume(reference_path)
+    reference_labels = read_label_volume(reference_labels_path, reference)
+    if not labelled_slices(reference_labels, slicing_axis(reference, axis)):
+        raise ImageReadError(f"{reference_labels_path}: no labelled slice (the label map is empty)")
+    if not output_dir.is_dir():
+        raise ImageReadError(f"{output_dir}: output folder does not exist")
+    studies = [(path, read_volume(path)) for path in targets]
+    stems = [volume_stem(path) for path in targets]
+    if len(set(stems)) != len(stems):
+        raise ImageReadError(f"targets share a name, so their outputs would collide: {stems}")
+    summaries = []
+    with output_set(force) as outputs_set:
+        plans = []
+        for (path, study), stem in zip(studies, stems, strict=True):
+            outputs = VolumeOutputs(
+                labels=output_dir / f"{stem}_seg.nii.gz",
+                seg_nrrd=output_dir / f"{stem}_seg.seg.nrrd" if seg_nrrd else None,
+                dicom_seg=output_dir / f"{stem}_seg.dcm" if dicom_seg else None,
+                overlay=output_dir / f"{stem}_overlay.png" if overlay else None,
+                summary=output_dir / f"{stem}_summary.json" if summary else None,
+            )
+            plans.append((path, study, check_outputs(outputs, study, outputs_set)))
+        segmenter = model.build()
+        for path, study, claimed in plans:
+            started = time.perf_counter()
+            result = transfer_to_study(segmenter, reference, reference_labels, study, axis=axis, preset=preset,
+                                       progress=progress)
+            target_axis = slicing_axis(study, axis)
+            record = {
+                "command": "transfer", "reference": str(reference_path), "reference_labels": str(reference_labels_path),
+                "target": str(path), "axis": target_axis, "model": model_description(segmenter),
+                "timings_s": {"transfer": round(time.perf_counter() - started, 3)},
+            }
+            write_volume_outputs(result, study, claimed, [], target_axis, record)
+            summaries.append(record)
+    return summaries
+
+
+def read_mask_2d(path: Path, like: Volume) -> np.ndarray:
+    """A 2D label mask (PNG ...) as an (H, W) int64 label map; 0/255 masks become 0/1."""
+    mask = read_image_2d(path).array[0]
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    if mask.shape != like.array.shape[1:3]:
+        raise ImageReadError(f"{path}: mask size {mask.shape} differs from its image's {like.array.shape[1:3]}")
+    mask = np.rint(mask).astype(np.int64)
+    values = set(np.unique(mask).tolist())
+    if values <= {0, 255}:
+        mask = (mask > 0).astype(np.int64)
+    if not mask.any():
+        raise ImageReadError(f"{path}: the reference mask is empty")
+    return mask
+
+
+def segment_images(reference_image: Path, reference_mask: Path, targets: Sequence[Path], output_dir: Path,
+                   model: ModelOptions, *, force: bool = False,
+                   progress: ProgressCallback | None = None) -> list[Path]:
+    """``insid3-med segment``: one mask PNG per target (``<stem>_mask.png``, the target's size; 0/255 for one
+    structure, the label values for several)."""
+    reference = read_image_2d(reference_image)
+    mask = read_mask_2d(reference_mask, reference)
+    if not output_dir.is_dir():
+        raise ImageReadError(f"{output_dir}: output folder does not exist")
+    images = [read_image_2d(path) for path in targets]
+    written: list[Path] = []
+    with output_set(force) as outputs_set:
+        claimed = [outputs_set.claim(output_dir / f"{Path(p).stem}_mask.png") for p in targets]
+        segmenter = model.build()
+        segmenter.set_reference(intensity_mapping(reference)(reference.array[0]), mask)
+        binary = segmenter.label_values == [1]
+        for done, (image, temporary) in enumerate(zip(images, claimed, strict=True), start=1):
+            prediction = segmenter.segment(intensity_mapping(image)(image.array[0]))
+            out = (prediction > 0).astype(np.uint8) * 255 if binary else prediction
+            mode = "L" if out.max() < 256 else "I;16"
+            Image.fromarray(out.astype(np.uint8 if mode == "L" else np.uint16), mode=mode).save(temporary,
+                                                                                              format="PNG")
+            written.append(temporary)
+            if progress is not None:
+                progress(done, len(images))
+    return [output_dir / f"{Path(p).stem}_mask.png" for p in targets]

@@ -1,0 +1,111 @@
+"""All-or-nothing output sets and run summaries, shared by the CLI, the bundle and the Slicer job runner.
+
+An :class:`OutputSet` hands every writer a temporary path beside its final one; only when every file of a run has
+been written are they renamed into place, so a failure leaves no partial output and never replaces an existing file
+unless overwriting was asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from insid3_med.imaging.errors import OutputExistsError
+from insid3_med.imaging.geometry import Volume
+
+
+class OutputSet:
+    """Final paths -> temporary paths; :meth:`commit` renames them all, :meth:`abort` deletes them."""
+
+    def __init__(self, overwrite: bool = False) -> None:
+        self.overwrite = overwrite
+        self._pending: dict[Path, Path] = {}
+
+    def claim(self, path: str | Path) -> Path:
+        """Reserve ``path``; returns the temporary path to write instead (same folder, same suffixes)."""
+        final = Path(path).expanduser().absolute()
+        if final.exists() and not self.overwrite:
+            raise OutputExistsError(f"{final}: output exists; use --force to overwrite it")
+        if final in self._pending:
+            raise OutputExistsError(f"{final}: the same output path is used twice")
+        if not final.parent.is_dir():
+            raise OutputExistsError(f"{final.parent}: output folder does not exist")
+        temporary = final.with_name(f".insid3-partial-{uuid.uuid4().hex[:8]}-{final.name}")
+        self._pending[final] = temporary
+        return temporary
+
+    def commit(self) -> list[Path]:
+        """Rename every written temporary file into place; returns the final paths."""
+        for final, temporary in self._pending.items():
+            if not temporary.exists():
+                raise RuntimeError(f"{final}: was claimed but never written")
+        for final, temporary in self._pending.items():
+            os.replace(temporary, final)
+        done = list(self._pending)
+        self._pending.clear()
+        return done
+
+    def abort(self) -> None:
+        """Delete every temporary file written so far."""
+        for temporary in self._pending.values():
+            temporary.unlink(missing_ok=True)
+        self._pending.clear()
+
+
+@contextmanager
+def output_set(overwrite: bool = False) -> Iterator[OutputSet]:
+    """``with output_set(force) as outputs:`` claim paths, write to the returned temporaries; commit on success."""
+    outputs = OutputSet(overwrite)
+    try:
+        yield outputs
+    except BaseException:
+        outputs.abort()
+        raise
+    outputs.commit()
+
+
+def label_statistics(labels: np.ndarray, volume: Volume, axis: int,
+                     names: dict[int, str] | None = None) -> dict[str, Any]:
+    """Per label value: voxels, volume in mL and the slices (along array ``axis``) it covers."""
+    voxel_ml = float(np.prod(volume.geometry.spacing)) / 1000.0
+    other = tuple(a for a in range(3) if a != axis)
+    stats: dict[str, Any] = {}
+    for value in (int(v) for v in np.unique(labels) if v > 0):
+        present = labels == value
+        covered = np.flatnonzero(np.any(present, axis=other))
+        voxels = int(present.sum())
+        stats[str(value)] = {
+            "name": (names or {}).get(value, f"Segment_{value}"),
+            "voxels": voxels,
+            "volume_ml": round(voxels * voxel_ml, 4),
+            "slices": [int(covered.min()), int(covered.max())],
+            "slice_count": int(covered.size),
+        }
+    return stats
+
+
+def machine_description() -> dict[str, str]:
+    """Platform, processor, Python and torch versions, for reports."""
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """Write ``data`` as indented JSON to ``path`` (a temporary path from an OutputSet)."""
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
