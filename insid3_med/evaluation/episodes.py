@@ -1,0 +1,103 @@
+"""Seeded episodes of the three tasks: which reference labels which target.
+
+- ``images``: the reference protocol (see ALGORITHM.md): with numpy's global stream seeded, episode ``i`` takes
+  class ``i mod n_classes``, draws the target from the class's pool with ``np.random.choice(pool, 1,
+  replace=False)``, then draws references the same way until it has ``shots`` that differ from the target.
+- ``slices``: one episode per (case, structure, kind); kind ``largest`` labels the slice where the structure's
+  area is largest, kind ``random`` a slice drawn (seeded per case and structure) among those holding it.
+- ``transfer``: ordered pairs (reference A, target B), A != B, the first ``count`` of a seeded permutation of all
+  pairs.
+
+A subset of ``count`` cases is the first ``count`` of a seeded permutation, so a larger count extends a smaller
+one and finished episodes stay valid when an evaluation is resumed with more.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from insid3_med.evaluation.datasets import ImageDataset
+
+SLICE_KINDS = ("largest", "random")
+
+
+@dataclass(frozen=True)
+class ImageEpisode:
+    """Episode ``index`` of a 2D set: a class, the target case and the reference cases (indices into cases)."""
+
+    index: int
+    class_name: str
+    target: int
+    references: tuple[int, ...]
+
+    def episode_id(self, dataset: ImageDataset) -> str:
+        refs = "+".join(dataset.cases[r].name for r in self.references)
+        return f"{self.index:05d}:{self.class_name}:{dataset.cases[self.target].name}<-{refs}"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy's global stream and ``random`` (the reference protocol seeds all three)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def sample_image_episodes(dataset: ImageDataset, count: int, seed: int = 0, shots: int = 1) -> list[ImageEpisode]:
+    """``count`` episodes drawn from numpy's global stream after :func:`seed_everything` (``seed``)."""
+    if count < 0 or shots < 1:
+        raise ValueError(f"episodes must be >= 0 and shots >= 1, got {count} and {shots}")
+    seed_everything(seed)
+    episodes = []
+    for index in range(count):
+        image_class = dataset.classes[index % len(dataset.classes)]
+        pool = dataset.pools[image_class.name]
+        target = int(np.random.choice(pool, 1, replace=False)[0])
+        references: list[int] = []
+        while len(references) < shots:
+            reference = int(np.random.choice(pool, 1, replace=False)[0])
+            if reference != target:
+                references.append(reference)
+        episodes.append(ImageEpisode(index, image_class.name, target, tuple(references)))
+    return episodes
+
+
+def select_cases(total: int, count: int | None, seed: int = 0) -> list[int]:
+    """Indices of ``count`` of ``total`` cases (all when ``count`` is None or larger), ascending.
+
+    The subset is the first ``count`` entries of a permutation seeded by ``seed``.
+    """
+    if count is None or count >= total:
+        return list(range(total))
+    if count < 0:
+        raise ValueError(f"case count must be >= 0, got {count}")
+    order = np.random.default_rng(seed).permutation(total)
+    return sorted(int(i) for i in order[:count])
+
+
+def labelled_slice(mask: np.ndarray, axis: int, kind: str, seed: int, case_index: int,
+                   structure_index: int) -> int:
+    """The slice index along ``axis`` that an episode labels: largest area, or a seeded random present slice."""
+    other = tuple(a for a in range(mask.ndim) if a != axis)
+    areas = np.count_nonzero(mask, axis=other)
+    present = np.flatnonzero(areas)
+    if present.size == 0:
+        raise ValueError("the structure is absent from this volume")
+    if kind == "largest":
+        return int(np.argmax(areas))
+    if kind == "random":
+        rng = np.random.default_rng([seed, case_index, structure_index])
+        return int(present[rng.integers(present.size)])
+    raise ValueError(f"unknown slice kind {kind!r}; choose from {SLICE_KINDS}")
+
+
+def sample_pairs(total: int, count: int, seed: int = 0) -> list[tuple[int, int]]:
+    """``count`` ordered (reference, target) index pairs of distinct cases, from a seeded permutation."""
+    if total < 2:
+        raise ValueError("transfer needs at least 2 cases")
+    pairs = [(a, b) for a in range(total) for b in range(total) if a != b]
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    return [pairs[int(i)] for i in order[: max(0, count)]]

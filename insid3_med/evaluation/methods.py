@@ -1,0 +1,225 @@
+"""The methods an evaluation compares, behind one interface: ``copy``, ``registration`` and ``ours``.
+
+Each method answers the three tasks' questions:
+
+- ``segment_image(reference_image, reference_mask, target_image)``: (H, W) bool prediction for the target, from an
+  (H, W, 3) uint8 reference image with its (H, W) bool mask;
+- ``propagate(volume, labels, axis)``: (K, J, I) labels with one labelled slice along ``axis`` -> (K, J, I) labels;
+- ``transfer(reference, reference_labels, target, axis)``: a reference volume's labels (one slice or all of them)
+  -> the target's (K', J', I') labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from insid3_med.evaluation.baselines import (
+    RegistrationParams,
+    SliceChainRegistration,
+    copy_by_position,
+    copy_labelled_slice,
+    copy_mask_2d,
+    labelled_slice_index,
+    register_mask_2d,
+    register_volume_labels,
+)
+from insid3_med.imaging.geometry import Volume
+
+METHODS = ("copy", "registration", "ours")
+
+
+class EvaluationMethod(ABC):
+    """A method scored by the harness."""
+
+    name: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        """Everything that determines the method's output (recorded in reports and in the episode keys)."""
+        return {"method": self.name}
+
+    @abstractmethod
+    def segment_image(self, reference_image: np.ndarray, reference_mask: np.ndarray,
+                      target_image: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def propagate(self, volume: Volume, labels: np.ndarray, axis: int, cache_key: object = None) -> np.ndarray: ...
+
+    @abstractmethod
+    def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume,
+                 axis: int) -> np.ndarray: ...
+
+
+def _single_slice(labels: np.ndarray, axis: int) -> bool:
+    other = tuple(a for a in range(labels.ndim) if a != axis)
+    return int(np.count_nonzero(np.any(labels != 0, axis=other))) == 1
+
+
+class CopyMethod(EvaluationMethod):
+    """Copy baselines: the mask as it lies (2D), the labelled slice to every slice, labels by centred position."""
+
+    name = "copy"
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "transfer_alignment": "grid centres"}
+
+    def segment_image(self, reference_image: np.ndarray, reference_mask: np.ndarray,
+                      target_image: np.ndarray) -> np.ndarray:
+        return copy_mask_2d(reference_mask, target_image.shape[:2]).astype(bool)
+
+    def propagate(self, volume: Volume, labels: np.ndarray, axis: int, cache_key: object = None) -> np.ndarray:
+        return copy_labelled_slice(labels, axis)
+
+    def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int) -> np.ndarray:
+        if _single_slice(reference_labels, axis):
+            reference_labels = copy_labelled_slice(reference_labels, axis)
+        return copy_by_position(reference_labels, reference, target)
+
+
+class RegistrationMethod(EvaluationMethod):
+    """SimpleITK registration baselines: chained slice-to-slice demons; affine + demons between images."""
+
+    name = "registration"
+
+    def __init__(self, params: RegistrationParams | None = None) -> None:
+        self.params = params or RegistrationParams()
+        self.chain = SliceChainRegistration(self.params)
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "registration": self.params.as_dict(),
+                "slices": "demons slice n -> n+1, chained from the labelled slice",
+                "transfer": "affine (Mattes MI) then demons, labels nearest neighbour"}
+
+    def segment_image(self, reference_image: np.ndarray, reference_mask: np.ndarray,
+                      target_image: np.ndarray) -> np.ndarray:
+        return register_mask_2d(reference_image, reference_mask.astype(np.int16), target_image,
+                                self.params).astype(bool)
+
+    def propagate(self, volume: Volume, labels: np.ndarray, axis: int, cache_key: object = None) -> np.ndarray:
+        return self.chain.propagate(volume, labels, axis, cache_key=cache_key)
+
+    def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int) -> np.ndarray:
+        warped = register_volume_labels(reference, reference_labels, target, self.params)
+        if not _single_slice(reference_labels, axis):
+            return warped
+        # One labelled slice: it lands as a sheet in the target; chain from the target slice holding most of it.
+        other = tuple(a for a in range(warped.ndim) if a != axis)
+        areas = np.count_nonzero(warped, axis=other)
+        if not areas.any():
+            return warped
+        seed = np.zeros_like(warped)
+        index = [slice(None)] * warped.ndim
+        index[axis] = int(np.argmax(areas))
+        seed[tuple(index)] = warped[tuple(index)]
+        return self.chain.propagate(target, seed, axis, cache_key=None)
+
+
+class OursMethod(EvaluationMethod):
+    """The one-shot method (INSID3) through the library's segmenter, propagation and transfer functions."""
+
+    name = "ours"
+
+    def __init__(self, backbone_options: dict[str, Any] | None = None, image_size: int | None = None,
+                 engine_params: dict[str, Any] | None = None, preset: str | None = None) -> None:
+        from insid3_med.backbones import load_backbone
+        from insid3_med.engine import EngineParams
+        from insid3_med.predictor import OneShotSegmenter
+
+        self.backbone_options = dict(backbone_options or {})
+        self.backbone = load_backbone(**self.backbone_options)
+        params = EngineParams(**(engine_params or {}))
+        kwargs: dict[str, Any] = {"params": params}
+        if image_size is not None:
+            kwargs["image_size"] = int(image_size)
+        self.segmenter = OneShotSegmenter(self.backbone, **kwargs)
+        self.preset = preset
+
+    def describe(self) -> dict[str, Any]:
+        backbone = self.backbone
+        spec = getattr(backbone, "spec", None)
+        weights = self.backbone_options.get("weights")
+        return {
+            "method": self.name,
+            "backbone": getattr(spec, "name", type(backbone).__name__),
+            "weights": str(getattr(backbone, "location", weights)),
+            "weights_sha256": weights_sha256(backbone, weights),
+            "feature_block": getattr(backbone, "feature_block", None),
+            "precision": getattr(backbone, "precision", None),
+            "device": str(getattr(backbone, "device", "")),
+            "image_size": self.segmenter.image_size,
+            "engine_params": _as_dict(self.segmenter.params),
+            "basis_rank": getattr(self.segmenter, "basis_rank", None),
+            "preset": self.preset,
+        }
+
+    def segment_image(self, reference_image: np.ndarray, reference_mask: np.ndarray,
+                      target_image: np.ndarray) -> np.ndarray:
+        from insid3_med.engine import EmptyReferenceError
+
+        try:
+            self.segmenter.set_reference(reference_image, reference_mask.astype(np.int64))
+        except EmptyReferenceError:
+            return np.zeros(target_image.shape[:2], dtype=bool)
+        return np.asarray(self.segmenter.segment(target_image)) > 0
+
+    def propagate(self, volume: Volume, labels: np.ndarray, axis: int, cache_key: object = None) -> np.ndarray:
+        from insid3_med.volume import propagate_through_slices
+
+        labelled_slice_index(labels, axis)  # the episode labels exactly one slice
+        return np.asarray(propagate_through_slices(self.segmenter, volume, labels, axis=axis, preset=self.preset))
+
+    def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int) -> np.ndarray:
+        from insid3_med.volume import transfer_to_study
+
+        return np.asarray(transfer_to_study(self.segmenter, reference, reference_labels, target, axis=axis,
+                                            preset=self.preset))
+
+
+def weights_sha256(backbone: Any, weights: str | Path | None = None) -> str | None:
+    """sha256 of the backbone's weights file (via the backbone when it can tell), else of ``weights`` if a file.
+
+    A folder (Hugging Face format) is hashed through its ``model.safetensors`` (or ``pytorch_model.bin``).
+    """
+    method = getattr(backbone, "weights_sha256", None)
+    if callable(method):
+        digest = method()
+        if digest:
+            return str(digest)
+    if weights is None:
+        return None
+    path = Path(weights)
+    if path.is_dir():
+        path = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), path)
+    if not path.is_file():
+        return None
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _as_dict(params: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(params) and not isinstance(params, type):
+        return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                for k, v in dataclasses.asdict(params).items()}
+    return {"repr": repr(params)}
+
+
+def build_method(name: str, *, backbone_options: dict[str, Any] | None = None, image_size: int | None = None,
+                 engine_params: dict[str, Any] | None = None, registration: RegistrationParams | None = None,
+                 preset: str | None = None) -> EvaluationMethod:
+    """The method called ``name`` (one of :data:`METHODS`)."""
+    if name == "copy":
+        return CopyMethod()
+    if name == "registration":
+        return RegistrationMethod(registration)
+    if name == "ours":
+        return OursMethod(backbone_options, image_size, engine_params, preset)
+    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")

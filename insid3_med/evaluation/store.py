@@ -1,0 +1,83 @@
+"""Finished episodes on disk, so that an interrupted evaluation resumes where it stopped.
+
+One JSON object per line in ``REPORT_DIR/episodes.jsonl``: ``{"config": HASH, "id": EPISODE_ID, "result": {...}}``.
+A line is appended (and flushed to disk) as soon as an episode is scored. A line cut short by an interruption is
+ignored when the file is read back, and the episode is run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+EPISODES_FILE = "episodes.jsonl"
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Short sha256 of a configuration (keys sorted), naming the episodes it produced."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class EpisodeStore:
+    """Append-only record of finished episodes of one configuration in a report folder."""
+
+    def __init__(self, report_dir: Path, config_key: str) -> None:
+        self.path = Path(report_dir) / EPISODES_FILE
+        self.config_key = config_key
+        self._done: dict[str, dict[str, Any]] = {}
+        self.other_configs: set[str] = set()
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.is_file():
+            return
+        with self.path.open() as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by an interruption
+                if not isinstance(record, dict) or "id" not in record or "result" not in record:
+                    continue
+                if record.get("config") == self.config_key:
+                    self._done[str(record["id"])] = record["result"]
+                else:
+                    self.other_configs.add(str(record.get("config")))
+
+    def __contains__(self, episode_id: str) -> bool:
+        return episode_id in self._done
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def get(self, episode_id: str) -> dict[str, Any] | None:
+        return self._done.get(episode_id)
+
+    def add(self, episode_id: str, result: dict[str, Any]) -> None:
+        """Record a finished episode (appended and synced to disk at once)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"config": self.config_key, "id": episode_id, "result": result}, default=_json_default)
+        with self.path.open("a") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._done[episode_id] = json.loads(line)["result"]
+
+    def clear(self) -> None:
+        """Forget every record (the file is removed)."""
+        if self.path.exists():
+            self.path.unlink()
+        self._done.clear()
+        self.other_configs.clear()
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -1,0 +1,479 @@
+"""Tests of the evaluation harness: adapters, episodes, metrics, baselines, resume and reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from insid3_med.evaluation.baselines import (
+    SliceChainRegistration,
+    copy_by_position,
+    copy_labelled_slice,
+    copy_mask_2d,
+    register_volume_labels,
+    sitk_threads,
+)
+from insid3_med.evaluation.datasets import (
+    DatasetError,
+    DatasetNotFoundError,
+    ImageClass,
+    open_image_dataset,
+    open_volume_dataset,
+    slice_axis,
+)
+from insid3_med.evaluation.episodes import (
+    labelled_slice,
+    sample_image_episodes,
+    sample_pairs,
+    select_cases,
+)
+from insid3_med.evaluation.metrics import (
+    confusion_counts,
+    dice,
+    dice_by_distance,
+    false_positive_slices,
+    hd95_mm,
+    pooled_iou,
+)
+from insid3_med.evaluation.report import ReportExistsError, compare_reports
+from insid3_med.evaluation.run import run_evaluation
+from insid3_med.evaluation.tasks import SliceTask
+from insid3_med.imaging.geometry import Geometry, Volume
+
+DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
+
+
+def shared(name: str) -> Path:
+    path = DATA / name
+    if not path.is_dir():
+        pytest.skip(f"shared test data {path} is absent (a fresh machine without ../shared/data)")
+    return path
+
+
+def save_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def disk(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+
+
+def save_nifti(path: Path, array_ijk: np.ndarray, zooms: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array_ijk, np.diag([*zooms, 1.0])), path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# dataset adapters: shared data
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_shared_2d_sets_have_the_documented_classes() -> None:
+    ph2 = open_image_dataset(shared("ph2"))
+    assert len(ph2.cases) == 200 and [c.name for c in ph2.classes] == ["lesion"]
+    assert ph2.cases[0].mask_path.name == f"{ph2.cases[0].name}_lesion.png"
+    cxr = open_image_dataset(shared("cxr"))
+    assert [c.name for c in cxr.classes] == ["right lung", "left lung", "cardiomediastinum"]
+    assert [c.values for c in cxr.classes] == [(1,), (2,), (3,)]
+    assert all(len(cxr.pools[c.name]) >= 2 for c in cxr.classes)
+
+
+@pytest.mark.parametrize(
+    ("name", "structures", "rule"),
+    [
+        ("hippocampus", ["anterior hippocampus", "posterior hippocampus"], "axial"),
+        ("acdc", ["right ventricle", "myocardium", "left ventricle"], "fewest_voxels"),
+        ("brats", ["whole tumour", "tumour core"], "axial"),
+    ],
+)
+def test_shared_3d_sets_load_with_their_structures_and_slice_axis(name: str, structures: list[str],
+                                                                   rule: str) -> None:
+    dataset = open_volume_dataset(shared(name))
+    assert [s.name for s in dataset.structures] == structures
+    assert dataset.slice_axis_rule == rule
+    case = dataset.cases[0]
+    volume = dataset.load_image(case, dataset.structures[-1])
+    labels = dataset.load_labels(case, volume)
+    assert labels.shape == volume.shape and volume.modality == "MR"
+    # every set here is stored with k along the acquisition's slice axis: array axis 0
+    assert dataset.slice_axis(volume) == 0
+    assert dataset.structures[0].binary(labels).any()
+
+
+def test_brats_structures_use_flair_and_t1c() -> None:
+    dataset = open_volume_dataset(shared("brats"))
+    whole, core = dataset.structures
+    assert whole.modality == "flair" and core.modality == "t1c" and core.values == (1, 3, 4)
+    case = dataset.cases[0]
+    assert "Flair" in dataset.image_path(case, whole).name and "T1c" in dataset.image_path(case, core).name
+
+
+# ------------------------------------------------------------------------------------------------------------
+# dataset adapters: synthetic layouts
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_isic_layout_flat_grouped_and_split_file(tmp_path: Path) -> None:
+    image = np.full((8, 8, 3), 100, np.uint8)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:6, 2:6] = 255
+    for n, group in enumerate(["1", "1", "2", "2"]):
+        save_png(tmp_path / "grouped" / group / f"ISIC_000000{n}.jpg", image)
+        save_png(tmp_path / "grouped" / "masks" / f"ISIC_000000{n}_segmentation.png", mask)
+        save_png(tmp_path / "flat" / f"ISIC_000000{n}.jpg", image)
+        save_png(tmp_path / "flat" / f"ISIC_000000{n}_segmentation.png", mask)
+    grouped = open_image_dataset(tmp_path / "grouped")
+    assert grouped.layout == "isic" and [c.name for c in grouped.classes] == ["group 1", "group 2"]
+    assert [len(grouped.pools[c.name]) for c in grouped.classes] == [2, 2]
+    flat = open_image_dataset(tmp_path / "flat")
+    assert [c.name for c in flat.classes] == ["lesion"] and len(flat.cases) == 4
+    (tmp_path / "flat" / "class_split.csv").write_text("image,class\nISIC_0000000,a\nISIC_0000001,a\n"
+                                                       "ISIC_0000002,b\nISIC_0000003,b\n")
+    split = open_image_dataset(tmp_path / "flat")
+    assert [c.name for c in split.classes] == ["group a", "group b"]
+    assert split.classes[0].binary(np.array([[0, 127, 128, 255]])).tolist() == [[False, False, True, True]]
+
+
+def test_cxr_protocol_layout_names_images_after_masks(tmp_path: Path) -> None:
+    image = np.full((8, 8), 90, np.uint8)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[1:7, 1:4] = 255
+    save_png(tmp_path / "CXR_png" / "MCUCXR_0001_0.png", image)
+    save_png(tmp_path / "masks" / "MCUCXR_0001_0.png", mask)
+    save_png(tmp_path / "CXR_png" / "CHNCXR_0001_0.png", image)
+    save_png(tmp_path / "masks" / "CHNCXR_0001_0_mask.png", mask)
+    save_png(tmp_path / "CXR_png" / "CHNCXR_0002_1.png", image)  # an image without a mask is not in the pool
+    dataset = open_image_dataset(tmp_path)
+    assert dataset.layout == "cxr-lung" and [c.name for c in dataset.classes] == ["lung"]
+    assert sorted(c.image_path.name for c in dataset.cases) == ["CHNCXR_0001_0.png", "MCUCXR_0001_0.png"]
+    save_png(tmp_path / "masks" / "CHNCXR_0003_0_mask.png", mask)
+    with pytest.raises(DatasetNotFoundError, match="CHNCXR_0003_0.png"):
+        open_image_dataset(tmp_path)
+
+
+def test_plain_image_mask_folder_multilabel(tmp_path: Path) -> None:
+    for n in range(3):
+        save_png(tmp_path / "images" / f"case{n}.png", np.full((6, 6), 50, np.uint8))
+        mask = np.zeros((6, 6), np.uint8)
+        mask[:2] = 1
+        mask[4:] = 2 if n < 2 else 0
+        save_png(tmp_path / "masks" / f"case{n}_mask.png", mask)
+    dataset = open_image_dataset(tmp_path)
+    assert dataset.layout == "images-masks"
+    assert [c.name for c in dataset.classes] == ["label 1", "label 2"]
+    assert dataset.pools == {"label 1": [0, 1, 2], "label 2": [0, 1]}
+    with pytest.raises(DatasetError, match="not a supported 2D layout"):
+        open_image_dataset(tmp_path / "images")
+
+
+def test_msd_layout_with_dataset_json_and_4d_images(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for n in range(2):
+        save_nifti(tmp_path / "imagesTr" / f"prostate_{n:02d}.nii.gz", rng.random((6, 5, 4, 2)).astype(np.float32),
+                   (0.6, 0.6, 3.0))
+        labels = np.zeros((6, 5, 4), np.uint8)
+        labels[1:3, 1:3, 1:3] = 1
+        labels[3:5, 2:4, 2:3] = 2
+        save_nifti(tmp_path / "labelsTr" / f"prostate_{n:02d}.nii.gz", labels, (0.6, 0.6, 3.0))
+    (tmp_path / "imagesTr" / "._prostate_00.nii.gz").write_bytes(b"macOS resource fork")
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "PZ", "2": "TZ"},
+                                                       "modality": {"0": "T2", "1": "ADC"}}))
+    dataset = open_volume_dataset(tmp_path, channel=1)
+    assert dataset.layout == "msd" and [s.name for s in dataset.structures] == ["PZ", "TZ"]
+    assert dataset.modality == "MR" and len(dataset.cases) == 2
+    volume = dataset.load_image(dataset.cases[0])
+    assert volume.shape == (4, 5, 6)  # (K, J, I)
+    expected = np.asarray(nib.load(tmp_path / "imagesTr" / "prostate_00.nii.gz").dataobj)[..., 1]
+    np.testing.assert_allclose(volume.array, expected.transpose(2, 1, 0))
+    assert dataset.slice_axis(volume) == 0  # 3 mm between slices: the through-plane axis
+    assert np.unique(dataset.load_labels(dataset.cases[0], volume)).tolist() == [0, 1, 2]
+
+
+def test_brats_case_folders_2021_naming(tmp_path: Path) -> None:
+    for case in ("BraTS2021_00000", "BraTS2021_00002"):
+        for modality in ("flair", "t1", "t1ce", "t2"):
+            save_nifti(tmp_path / case / f"{case}_{modality}.nii.gz", np.zeros((4, 4, 3), np.float32))
+        save_nifti(tmp_path / case / f"{case}_seg.nii.gz", np.zeros((4, 4, 3), np.uint8))
+    dataset = open_volume_dataset(tmp_path)
+    assert dataset.layout == "brats" and len(dataset.cases) == 2
+    images = dataset.cases[0].images
+    assert images["t1c"].name.endswith("_t1ce.nii.gz") and images["t1"].name.endswith("_t1.nii.gz")
+    assert images["flair"].name.endswith("_flair.nii.gz") and images["t2"].name.endswith("_t2.nii.gz")
+    assert dataset.cases[0].label_path.name.endswith("_seg.nii.gz")
+
+
+def test_slice_axis_rules() -> None:
+    anisotropic = Volume(np.zeros((10, 20, 30)), Geometry(spacing=(0.7, 0.7, 5.0)))
+    assert slice_axis(anisotropic) == 0
+    thin = Volume(np.zeros((64, 64, 8)))  # I has the fewest voxels, spacing isotropic
+    assert slice_axis(thin) == 2 and slice_axis(thin, "fewest_voxels") == 2
+    # voxel axis i runs head-foot (S): axial slicing is along array axis 2
+    sagittal_stack = Volume(np.zeros((30, 30, 30)), Geometry(direction=((0, 0, 1), (0, 1, 0), (1, 0, 0))))
+    assert slice_axis(sagittal_stack, "axial") == 2 and slice_axis(sagittal_stack) == 2
+    with pytest.raises(ValueError, match="unknown slice-axis rule"):
+        slice_axis(thin, "oblique")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# episodes
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_image_episodes_follow_the_reference_protocol(tmp_path: Path) -> None:
+    for n in range(5):
+        save_png(tmp_path / "images" / f"c{n}.png", np.zeros((4, 4), np.uint8))
+        mask = np.zeros((4, 4), np.uint8)
+        mask[0, 0], mask[3, 3] = 1, 2
+        save_png(tmp_path / "masks" / f"c{n}.png", mask)
+    dataset = open_image_dataset(tmp_path)
+    first = sample_image_episodes(dataset, 20, seed=0)
+    assert first == sample_image_episodes(dataset, 20, seed=0)
+    assert first != sample_image_episodes(dataset, 20, seed=1)
+    assert [e.class_name for e in first[:4]] == ["label 1", "label 2", "label 1", "label 2"]
+    assert all(e.target not in e.references for e in first)
+    # the draws are numpy's global stream: target, then references until one differs from the target
+    np.random.seed(0)
+    target = int(np.random.choice(list(range(5)), 1, replace=False)[0])
+    reference = int(np.random.choice(list(range(5)), 1, replace=False)[0])
+    while reference == target:
+        reference = int(np.random.choice(list(range(5)), 1, replace=False)[0])
+    assert (first[0].target, first[0].references) == (target, (reference,))
+    assert sample_image_episodes(dataset, 30, seed=0)[:20] == first
+
+
+def test_case_subsets_pairs_and_labelled_slices_are_seeded() -> None:
+    assert select_cases(10, None) == list(range(10))
+    small, large = select_cases(100, 5, seed=3), select_cases(100, 20, seed=3)
+    assert set(small) <= set(large) and small == select_cases(100, 5, seed=3)
+    pairs = sample_pairs(6, 10, seed=0)
+    assert pairs == sample_pairs(6, 10, seed=0) and len(set(pairs)) == 10 and all(a != b for a, b in pairs)
+    mask = np.zeros((9, 4, 4), bool)
+    mask[2:7, :2, :2] = True
+    mask[4, :, :] = True
+    assert labelled_slice(mask, 0, "largest", 0, 0, 0) == 4
+    drawn = {labelled_slice(mask, 0, "random", seed, 0, 0) for seed in range(30)}
+    assert drawn <= set(range(2, 7)) and len(drawn) > 1
+    assert labelled_slice(mask, 0, "random", 5, 1, 1) == labelled_slice(mask, 0, "random", 5, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# metrics
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_dice_and_hd95_on_known_masks() -> None:
+    square = np.zeros((40, 40), bool)
+    square[10:20, 10:20] = True
+    other = np.zeros_like(square)
+    other[25:35, 25:35] = True
+    assert dice(square, square) == pytest.approx(1.0)
+    assert dice(square, other) == pytest.approx(0.0)
+    shifted = np.roll(square, 3, axis=1)
+    assert dice(square, shifted) == pytest.approx(2 * 70 / 200)
+    # a 3-column shift at 0.5 mm x 2 mm pixels: 6 mm
+    assert hd95_mm(square, shifted, (0.5, 2.0)) == (pytest.approx(6.0), False)
+    cube = np.zeros((12, 12, 12), bool)
+    cube[3:7, 3:7, 3:7] = True
+    assert hd95_mm(np.roll(cube, 2, axis=0), cube, (2.5, 1.0, 1.0))[0] == pytest.approx(5.0)
+    empty = np.zeros_like(cube)
+    distance, capped = hd95_mm(empty, cube, (2.0, 1.0, 1.0))
+    assert capped and distance == pytest.approx(np.sqrt(24**2 + 12**2 + 12**2))
+
+
+def test_confusion_counts_pooled_iou_and_slice_metrics() -> None:
+    truth = np.zeros((10, 10), bool)
+    truth[:5] = True
+    prediction = np.zeros_like(truth)
+    prediction[3:8] = True
+    counts = confusion_counts(prediction, truth)
+    assert counts == {"tp": 20, "fp": 30, "tn": 20, "fn": 30}
+    pooled = pooled_iou([counts, {"tp": 50, "fp": 0, "tn": 50, "fn": 0}])
+    assert pooled["iou"] == pytest.approx(70 / 130) and pooled["background_iou"] == pytest.approx(70 / 130)
+
+    volume_truth = np.zeros((10, 6, 6), bool)
+    volume_truth[2:7, 1:4, 1:4] = True
+    volume_pred = volume_truth.copy()
+    volume_pred[0:1, 1:4, 1:4] = True  # one slice beyond the extent
+    volume_pred[9, 0, 0] = True  # and another
+    volume_pred[6] = False  # distance 2 from slice 4 missed on one side (slice 2 found)
+    assert false_positive_slices(volume_pred, volume_truth, 0) == (2, 5)
+    assert dice_by_distance(volume_pred, volume_truth, 0, 4) == {1: 1.0, 2: 0.5}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# baselines
+# ------------------------------------------------------------------------------------------------------------
+
+
+def moving_disk_volume(slices: int = 9, shift: int = 2) -> tuple[Volume, np.ndarray]:
+    """A bright disk moving ``shift`` pixels right per slice, on a textured background, and its labels."""
+    rng = np.random.default_rng(0)
+    array = np.zeros((slices, 48, 48), np.float32)
+    labels = np.zeros(array.shape, np.int16)
+    for n in range(slices):
+        mask = disk((48, 48), (24, 14 + shift * n), 7)
+        array[n] = 0.2 + 0.6 * mask + 0.02 * rng.standard_normal((48, 48))
+        labels[n] = mask
+    return Volume(array, Geometry()), labels
+
+
+def test_copy_baselines() -> None:
+    labels = np.zeros((5, 6, 7), np.int16)
+    labels[2, 1:3, 2:5] = 2
+    copied = copy_labelled_slice(labels, axis=0)
+    assert copied.shape == labels.shape and all((copied[n] == labels[2]).all() for n in range(5))
+    along_i = copy_labelled_slice(np.moveaxis(labels, 0, 2), axis=2)
+    assert (np.moveaxis(along_i, 2, 0) == copied).all()
+    with pytest.raises(ValueError, match="exactly one labelled slice"):
+        copy_labelled_slice(copied, axis=0)
+    # copy by position: grid centres aligned, so a label at the reference's centre lands at the target's centre
+    reference = Volume(np.zeros((9, 9, 9), np.float32))
+    target = Volume(np.zeros((13, 11, 9), np.float32), Geometry(origin=(50.0, -20.0, 7.0)))
+    centre = np.zeros((9, 9, 9), np.int16)
+    centre[4, 4, 4] = 1
+    moved = copy_by_position(centre, reference, target)
+    assert moved.shape == (13, 11, 9) and list(zip(*np.nonzero(moved), strict=True)) == [(6, 5, 4)]
+    assert copy_mask_2d(np.eye(2, dtype=np.uint8), (4, 4)).tolist() == np.kron(np.eye(2), np.ones((2, 2))).tolist()
+
+
+def test_registration_chain_follows_a_moving_structure() -> None:
+    volume, truth = moving_disk_volume()
+    given = np.zeros_like(truth)
+    given[4] = truth[4]
+    with sitk_threads(1):
+        registered = SliceChainRegistration().propagate(volume, given, axis=0)
+    copied = copy_labelled_slice(given, 0)
+    assert (registered[4] == truth[4]).all()
+    assert dice(registered, truth) > 0.85 > dice(copied, truth) + 0.2
+    for n in (0, 8):  # 8 pixels away from the labelled slice, the label followed the disk
+        assert dice(registered[n], truth[n]) > 0.7
+
+
+def test_volume_registration_recovers_a_known_shift() -> None:
+    rng = np.random.default_rng(1)
+    grid = np.mgrid[:24, :24, :24]
+    blob = (((grid - np.array([12, 11, 12])[:, None, None, None]) ** 2).sum(0) <= 36)
+    second = (((grid - np.array([8, 16, 10])[:, None, None, None]) ** 2).sum(0) <= 9)
+    array = (0.2 + 0.5 * blob + 0.3 * second + 0.02 * rng.standard_normal(blob.shape)).astype(np.float32)
+    labels = blob.astype(np.int16)
+    reference = Volume(array, Geometry())
+    target_array = np.roll(array, (2, -1, 1), axis=(0, 1, 2))
+    target_labels = np.roll(labels, (2, -1, 1), axis=(0, 1, 2))
+    target = Volume(target_array, Geometry(origin=(3.0, 3.0, 3.0)))  # other origin: centring matters
+    with sitk_threads(1):
+        warped = register_volume_labels(reference, labels, target)
+    assert dice(warped, target_labels) > 0.85
+    assert dice(labels, target_labels) < 0.7
+
+
+# ------------------------------------------------------------------------------------------------------------
+# harness: end to end, resume, reports
+# ------------------------------------------------------------------------------------------------------------
+
+
+def make_volume_set(root: Path, cases: int = 3) -> Path:
+    """images/ + labels/ with moving-disk volumes (label 1), stored (i, j, k) as NIfTI."""
+    for n in range(cases):
+        volume, labels = moving_disk_volume(slices=7 + n, shift=1)
+        save_nifti(root / "images" / f"case{n}.nii.gz", volume.array.transpose(2, 1, 0))
+        save_nifti(root / "labels" / f"case{n}.nii.gz", labels.astype(np.uint8).transpose(2, 1, 0))
+    return root
+
+
+def test_slices_copy_end_to_end_on_two_hippocampus_volumes(tmp_path: Path) -> None:
+    data = shared("hippocampus")
+    document = run_evaluation("slices", data, tmp_path / "report", method="copy", limit_cases=2, progress=False)
+    for name in ("results.json", "results.md", "dice_by_distance.png", "dice_per_structure.png", "episodes.jsonl"):
+        assert (tmp_path / "report" / name).is_file(), name
+    saved = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(document["summary"]))
+    assert saved["config"]["method"]["method"] == "copy" and saved["machine"]["torch"]
+    summary = saved["summary"]
+    assert summary["episodes"] == 8  # 2 cases x 2 structures x (largest, random)
+    largest = summary["overall"]["largest"]
+    assert 0.1 < largest["dice"]["mean"] < 0.6 and largest["fp_slice_share"] == 1.0
+    assert largest["dice_by_distance"]["1"]["mean"] > largest["dice_by_distance"]["5"]["mean"]
+    assert "| anterior hippocampus | largest | 2 |" in (tmp_path / "report" / "results.md").read_text()
+
+
+class Interrupted(Exception):
+    """Stands for Ctrl-C (pytest treats a real KeyboardInterrupt as the end of the session)."""
+
+
+def test_resume_skips_finished_episodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_volume_set(tmp_path / "data", cases=3)
+    report = tmp_path / "report"
+    calls: list[str] = []
+    interrupt_at = [3]
+    original = SliceTask.run
+
+    def counting_run(self: SliceTask, episode, method):  # noqa: ANN001
+        calls.append(episode.episode_id)
+        if len(calls) == interrupt_at[0]:
+            raise Interrupted  # an interruption after two finished episodes
+        return original(self, episode, method)
+
+    monkeypatch.setattr(SliceTask, "run", counting_run)
+    with pytest.raises(Interrupted):
+        run_evaluation("slices", data, report, method="copy", episodes=2, progress=False)
+    interrupt_at[0] = 0
+    assert len((report / "episodes.jsonl").read_text().splitlines()) == 2 and not (report / "results.json").exists()
+    calls.clear()
+    first = run_evaluation("slices", data, report, method="copy", episodes=2, progress=False)
+    assert len(calls) == 2 and first["summary"]["episodes"] == 4
+    calls.clear()
+    again = run_evaluation("slices", data, report, method="copy", episodes=3, progress=False)
+    assert len(calls) == 2 and again["summary"]["episodes"] == 6  # only the new case's two episodes ran
+    with pytest.raises(ReportExistsError, match="another configuration"):
+        run_evaluation("slices", data, report, method="copy", episodes=3, kinds=["largest"], progress=False)
+    calls.clear()
+    replaced = run_evaluation("slices", data, report, method="copy", episodes=3, kinds=["largest"],
+                              overwrite=True, progress=False)
+    assert len(calls) == 3 and replaced["summary"]["episodes"] == 3
+
+
+def test_images_task_pools_iou_over_episodes(tmp_path: Path) -> None:
+    for n in range(4):
+        save_png(tmp_path / "data" / "images" / f"c{n}.png", np.full((20, 20, 3), 40 * n, np.uint8))
+        mask = np.zeros((20, 20), np.uint8)
+        mask[2 + n : 10 + n, 4:12] = 255
+        save_png(tmp_path / "data" / "masks" / f"c{n}.png", mask)
+    document = run_evaluation("images", tmp_path / "data", tmp_path / "report", method="copy", episodes=6,
+                              image_size=20, progress=False)
+    records = [json.loads(line)["result"] for line in (tmp_path / "report" / "episodes.jsonl").read_text().split("\n")
+               if line]
+    tp = sum(r["tp"] for r in records)
+    union = sum(r["tp"] + r["fp"] + r["fn"] for r in records)
+    summary = document["summary"]
+    assert summary["episodes"] == 6 and summary["miou"] == pytest.approx(100 * tp / union)
+    assert 0 < summary["miou"] < 100 and summary["fbiou"] > summary["miou"]
+    assert (tmp_path / "report" / "dice_histogram.png").is_file()
+    assert ImageClass("foreground").binary(np.array([255])).all()
+
+
+def test_transfer_and_comparison_table(tmp_path: Path) -> None:
+    data = make_volume_set(tmp_path / "data", cases=3)
+    copy = run_evaluation("transfer", data, tmp_path / "copy", method="copy", episodes=2, progress=False)
+    registration = run_evaluation("transfer", data, tmp_path / "registration", method="registration", episodes=2,
+                                  progress=False)
+    assert copy["summary"]["episodes"] == 2 and registration["summary"]["structures"]["label 1"]["episodes"] == 2
+    assert registration["config"]["method"]["registration"]["demons_iterations"] > 0
+    table = compare_reports([tmp_path / "copy", tmp_path / "registration" / "results.json"], tmp_path / "cmp")
+    assert "| transfer | data | label 1 | Dice (volume) |" in table and "copy | registration |" in table
+    assert (tmp_path / "cmp" / "comparison.png").is_file() and (tmp_path / "cmp" / "comparison.md").is_file()
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError, match="data folder not found"):
+        run_evaluation("slices", tmp_path / "nowhere", tmp_path / "report", method="copy")
+    with pytest.raises(ValueError, match="unknown task"):
+        run_evaluation("movies", tmp_path, tmp_path / "report", method="copy")
+    with pytest.raises(ValueError, match="unknown method"):
+        run_evaluation("slices", tmp_path, tmp_path / "report", method="magic")
