@@ -633,13 +633,15 @@ class OneShotPropagateTest(ScriptedLoadableModuleTest):
     def setUp(self):
         slicer.mrmlScene.Clear()
 
-    def runTest(self):
-        self.setUp()
-        self.test_EffectIsRegistered()
+    def requireLibrary(self):
         try:
             import insid3_med  # noqa: F401
         except ImportError:
             self.skipTest("insid3-med is not installed in Slicer's Python: use the module's 'Check and install'")
+
+    def runTest(self):
+        self.setUp()
+        self.test_EffectIsRegistered()
         self.setUp()
         self.test_NodeConversionRoundTrip()
         self.setUp()
@@ -685,6 +687,7 @@ class OneShotPropagateTest(ScriptedLoadableModuleTest):
 
     def test_NodeConversionRoundTrip(self):
         self.delayDisplay("Volume node <-> insid3_med Volume (RAS <-> LPS)")
+        self.requireLibrary()
         import numpy as np
         from OneShotPropagateLib import conversion, mrml
 
@@ -701,6 +704,7 @@ class OneShotPropagateTest(ScriptedLoadableModuleTest):
 
     def test_PropagationWithStandInTool(self):
         self.delayDisplay("Propagation through the volume (stand-in tool)")
+        self.requireLibrary()
         import numpy as np
         from OneShotPropagateLib import mrml
 
@@ -725,6 +729,7 @@ class OneShotPropagateTest(ScriptedLoadableModuleTest):
 
     def test_TransferWithStandInTool(self):
         self.delayDisplay("Propagation to another study (stand-in tool)")
+        self.requireLibrary()
         from OneShotPropagateLib import mrml
 
         if not os.path.isfile(STAND_IN_TOOL_PATH):
@@ -749,6 +754,7 @@ class OneShotPropagateTest(ScriptedLoadableModuleTest):
 
     def test_ValidationErrors(self):
         self.delayDisplay("Parameter validation")
+        self.requireLibrary()
         volumeNode, array = self._syntheticStudy()
         segmentation, _mask = self._labelledSegmentation(volumeNode, array, labelledSlice=6)
         logic = OneShotPropagateLogic()

@@ -104,13 +104,18 @@ def segment_names(segmentation_node, ids: Sequence[str]) -> list[str]:
 
 
 def segment_masks(segmentation_node, ids: Sequence[str], reference_volume_node) -> list[np.ndarray]:
-    """Binary uint8 masks (K, J, I) of the given segments on the reference volume's voxel grid."""
+    """Binary uint8 masks (K, J, I) of the given segments on the reference volume's voxel grid.
+
+    Exports each segment through a temporary label map node; that node, its display node and the colour table
+    made for it are removed again.
+    """
     scene = segmentation_node.GetScene()
     known = set(segment_ids(segmentation_node))
     masks = []
     for segment_id in ids:
         if segment_id not in known:
             raise MRMLAdapterError(f"segment {segment_id!r} is not in {segmentation_node.GetName()!r}")
+        colour_tables_before = _node_ids(scene, "vtkMRMLColorTableNode")
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", TEMPORARY_NODE_NAME)
         try:
             exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
@@ -128,7 +133,16 @@ def segment_masks(segmentation_node, ids: Sequence[str], reference_volume_node) 
             if display is not None:
                 scene.RemoveNode(display)
             scene.RemoveNode(labelmap)
+            for node_id in _node_ids(scene, "vtkMRMLColorTableNode") - colour_tables_before:
+                scene.RemoveNode(scene.GetNodeByID(node_id))
     return masks
+
+
+def _node_ids(scene, class_name: str) -> set[str]:
+    nodes = scene.GetNodesByClass(class_name)
+    ids = {nodes.GetItemAsObject(i).GetID() for i in range(nodes.GetNumberOfItems())}
+    nodes.UnRegister(None)  # GetNodesByClass hands over a new collection (as slicer.util.getNodesByClass does)
+    return ids
 
 
 def label_map_from_segments(
