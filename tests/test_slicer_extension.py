@@ -300,8 +300,9 @@ def test_find_python_slicer_prefers_the_given_folder(tmp_path):
     launcher.write_text("#!/bin/sh\n")
     launcher.chmod(0o755)
     assert commands.find_python_slicer([tmp_path]) == str(launcher)
-    fallback = commands.find_python_slicer([tmp_path / "missing"])
-    assert fallback in (sys.executable, commands.shutil.which("PythonSlicer"))
+    on_path = commands.shutil.which("PythonSlicer")
+    assert commands.find_python_slicer([tmp_path / "missing"]) == (on_path or sys.executable)
+    assert commands.find_python_slicer([tmp_path / "missing"], fallback=None) == on_path
 
 
 # --- exchange files ---------------------------------------------------------------------------------------------

@@ -244,7 +244,12 @@ endforeach()
 FAKE_CPACK = 'file(APPEND ${CMAKE_BINARY_DIR}/fake-slicer.log "cpack ${PROJECT_NAME}\\n")\n'
 
 
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+HAS_CMAKE_AND_COMPILER = shutil.which("cmake") is not None and any(
+    shutil.which(name) for name in ("c++", "g++", "clang++", "cl")
+)
+
+
+@pytest.mark.skipif(not HAS_CMAKE_AND_COMPILER, reason="cmake or a C++ compiler (needed by project()) is missing")
 def test_cmake_configures_against_a_stand_in_slicer_package(tmp_path):
     fake = tmp_path / "FakeSlicer"
     fake.mkdir()

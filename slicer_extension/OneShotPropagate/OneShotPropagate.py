@@ -173,9 +173,15 @@ def runWithProgressDialog(run, title, parent=None):
 
     timer.connect("timeout()", onTimeout)
     dialog.show()
-    timer.start()
-    loop.exec_()
-    dialog.close()
+    # Callers may show a wait cursor; the dialog's Cancel button must look clickable.
+    qt.QApplication.setOverrideCursor(qt.QCursor(qt.Qt.ArrowCursor))
+    try:
+        timer.start()
+        loop.exec_()
+    finally:
+        qt.QApplication.restoreOverrideCursor()
+        timer.stop()
+        dialog.close()
     job.raise_for_failure()
 
 
@@ -330,7 +336,14 @@ class OneShotPropagateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.weightsPathLineEdit.currentPath = chosen
 
     def onWeightsPathChanged(self, path):
-        self.logic.saveWeights(path.strip() or None)
+        path = path.strip()
+        if not path:
+            self.logic.saveWeights(None)
+            return
+        try:
+            self.logic.saveWeights(weights.check_weights_path(path))
+        except weights.WeightsPathError as error:
+            self.ui.statusLabel.text = str(error)
 
     def onPropagateButton(self):
         with slicer.util.tryWithErrorDisplay(_("Propagation could not start."), waitCursor=True):
@@ -451,7 +464,13 @@ class OneShotPropagateLogic(ScriptedLoadableModuleLogic):
 
         if self.tool:
             return list(self.tool)
-        return commands.module_command(commands.find_python_slicer([os.path.dirname(slicer.app.applicationFilePath())]))
+        binFolder = os.path.dirname(slicer.app.applicationFilePath())
+        searchFolders = [binFolder, os.path.join(os.path.dirname(binFolder), "bin")]
+        pythonSlicer = commands.find_python_slicer(searchFolders, fallback=None)
+        if pythonSlicer is None:
+            raise RuntimeError(_("PythonSlicer was not found next to Slicer ({folder}) nor on PATH.").format(
+                folder=binFolder))
+        return commands.module_command(pythonSlicer)
 
     @staticmethod
     def childEnvironment():

@@ -99,11 +99,12 @@ def transfer_output_path(output_dir: str | Path, target: str | Path) -> Path:
     return Path(output_dir) / f"{volume_stem(target)}_seg.nii.gz"
 
 
-def find_python_slicer(search_dirs: Sequence[str | Path] = ()) -> str:
+def find_python_slicer(search_dirs: Sequence[str | Path] = (), fallback: str | None = sys.executable) -> str | None:
     """Path of Slicer's ``PythonSlicer`` launcher: first in ``search_dirs`` (e.g. Slicer's bin folder), then PATH.
 
-    Falls back to the running interpreter (``sys.executable``) when no launcher is found, as is the case outside
-    Slicer. The launcher sets Slicer's library paths, so a child started through it imports what Slicer has.
+    Returns ``fallback`` when no launcher is found: by default the running interpreter, which is right outside
+    Slicer (tests, scripts); inside Slicer pass ``fallback=None`` and treat ``None`` as an error. The launcher sets
+    Slicer's library paths, so a child started through it imports what Slicer's Python has.
     """
     names = ("PythonSlicer.exe", "PythonSlicer") if os.name == "nt" else ("PythonSlicer",)
     for folder in search_dirs:
@@ -112,4 +113,4 @@ def find_python_slicer(search_dirs: Sequence[str | Path] = ()) -> str:
             if candidate.is_file() and os.access(candidate, os.X_OK):
                 return str(candidate)
     found = shutil.which("PythonSlicer")
-    return found if found else sys.executable
+    return found if found else fallback

@@ -116,7 +116,11 @@ def segment_masks(segmentation_node, ids: Sequence[str], reference_volume_node) 
         if segment_id not in known:
             raise MRMLAdapterError(f"segment {segment_id!r} is not in {segmentation_node.GetName()!r}")
         colour_tables_before = _node_ids(scene, "vtkMRMLColorTableNode")
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", TEMPORARY_NODE_NAME)
+        labelmap = scene.CreateNodeByClass("vtkMRMLLabelMapVolumeNode")
+        labelmap.UnRegister(None)  # CreateNodeByClass hands over a reference; Python keeps its own
+        labelmap.SetName(TEMPORARY_NODE_NAME)
+        labelmap.SetHideFromEditors(True)  # node selectors and the Data module do not list it
+        scene.AddNode(labelmap)
         try:
             exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
                 segmentation_node,

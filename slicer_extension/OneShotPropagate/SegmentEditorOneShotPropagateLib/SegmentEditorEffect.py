@@ -161,6 +161,9 @@ One-shot Propagate module.<p>"""
         except jobs.JobCancelledError:
             self.reset()
             slicer.util.showStatusMessage(_("One-shot propagation cancelled; nothing was changed."), 3000)
+        except Exception:
+            self.reset()  # no half-made preview is left behind; the error is shown by the caller
+            raise
 
     def computePreviewLabelmap(self, mergedImage, outputLabelmap):
         """Propagate the merged label map (visible segment n = label n + 1) through the source volume.
