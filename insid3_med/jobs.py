@@ -94,7 +94,7 @@ def volume_stem(path: Path) -> str:
 def check_outputs(outputs: VolumeOutputs, volume: Volume, outputs_set: OutputSet) -> dict[str, Path]:
     """Claim every output path (refusing existing ones unless overwriting) before any work starts."""
     if outputs.dicom_seg is not None and "source_files" not in volume.metadata:
-        raise ImageReadError(f"{volume.source}: --dicom-seg needs a DICOM series as input (this input is not DICOM)")
+        raise ImageReadError(volume.source or "input", "--dicom-seg needs a DICOM series as input (this input is not DICOM)")
     claimed = {"labels": outputs_set.claim(outputs.labels)}
     for key in ("seg_nrrd", "dicom_seg", "overlay", "summary"):
         path = getattr(outputs, key)
@@ -160,13 +160,13 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
     reference = read_volume(reference_path)
     reference_labels = read_label_volume(reference_labels_path, reference)
     if not labelled_slices(reference_labels, slicing_axis(reference, axis)):
-        raise ImageReadError(f"{reference_labels_path}: no labelled slice (the label map is empty)")
+        raise ImageReadError(reference_labels_path, "no labelled slice (the label map is empty)")
     if not output_dir.is_dir():
-        raise ImageReadError(f"{output_dir}: output folder does not exist")
+        raise ImageReadError(output_dir, "output folder does not exist")
     studies = [(path, read_volume(path)) for path in targets]
     stems = [volume_stem(path) for path in targets]
     if len(set(stems)) != len(stems):
-        raise ImageReadError(f"targets share a name, so their outputs would collide: {stems}")
+        raise ImageReadError(output_dir, f"targets share a name, so their outputs would collide: {stems}")
     summaries = []
     with output_set(force) as outputs_set:
         plans = []
@@ -201,13 +201,13 @@ def read_mask_2d(path: Path, like: Volume) -> np.ndarray:
     if mask.ndim == 3:
         mask = mask[..., 0]
     if mask.shape != like.array.shape[1:3]:
-        raise ImageReadError(f"{path}: mask size {mask.shape} differs from its image's {like.array.shape[1:3]}")
+        raise ImageReadError(path, f"mask size {mask.shape} differs from its image's {like.array.shape[1:3]}")
     mask = np.rint(mask).astype(np.int64)
     values = set(np.unique(mask).tolist())
     if values <= {0, 255}:
         mask = (mask > 0).astype(np.int64)
     if not mask.any():
-        raise ImageReadError(f"{path}: the reference mask is empty")
+        raise ImageReadError(path, "the reference mask is empty")
     return mask
 
 
@@ -219,7 +219,7 @@ def segment_images(reference_image: Path, reference_mask: Path, targets: Sequenc
     reference = read_image_2d(reference_image)
     mask = read_mask_2d(reference_mask, reference)
     if not output_dir.is_dir():
-        raise ImageReadError(f"{output_dir}: output folder does not exist")
+        raise ImageReadError(output_dir, "output folder does not exist")
     images = [read_image_2d(path) for path in targets]
     written: list[Path] = []
     with output_set(force) as outputs_set:

@@ -33,11 +33,11 @@ class OutputSet:
         """Reserve ``path``; returns the temporary path to write instead (same folder, same suffixes)."""
         final = Path(path).expanduser().absolute()
         if final.exists() and not self.overwrite:
-            raise OutputExistsError(f"{final}: output exists; use --force to overwrite it")
+            raise OutputExistsError(final, "output exists; use --force to overwrite it")
         if final in self._pending:
-            raise OutputExistsError(f"{final}: the same output path is used twice")
+            raise OutputExistsError(final, "the same output path is used twice")
         if not final.parent.is_dir():
-            raise OutputExistsError(f"{final.parent}: output folder does not exist")
+            raise OutputExistsError(final.parent, "output folder does not exist")
         temporary = final.with_name(f".insid3-partial-{uuid.uuid4().hex[:8]}-{final.name}")
         self._pending[final] = temporary
         return temporary

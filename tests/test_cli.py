@@ -1,0 +1,233 @@
+"""The insid3-med command line end to end: real volumes, a generated DICOM series, every output format, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from insid3_med.cli import main
+from insid3_med.imaging.readers import read_label_volume, read_volume
+from insid3_med.imaging.writers import write_nifti_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+STANDIN = ROOT / ".." / "shared" / "weights" / "dinov2-small-standin"
+pytestmark = pytest.mark.skipif(not STANDIN.is_dir(), reason=f"stand-in weights not found at {STANDIN}")
+FAST = ["--weights", str(STANDIN), "--image-size", "224", "--progress", "none"]
+
+
+def one_slice_labels(labels_path: Path, out: Path, axis: int = 0) -> tuple[Path, int]:
+    """Keep only the slice (along array ``axis``) with the largest labelled area; returns (path, slice index)."""
+    volume = read_volume(labels_path)
+    labels = read_label_volume(labels_path, volume)
+    other = tuple(a for a in range(3) if a != axis)
+    best = int(np.argmax((labels > 0).sum(axis=other)))
+    kept = np.zeros_like(labels)
+    selection = [slice(None)] * 3
+    selection[axis] = best
+    kept[tuple(selection)] = labels[tuple(selection)]
+    write_nifti_labels(kept, volume, out)
+    return out, best
+
+
+@pytest.fixture(scope="module")
+def hippocampus(data_file: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("hippo")
+    labels, best = one_slice_labels(data_file("hippocampus/labels/hippocampus_007.nii.gz"), folder / "one.nii.gz")
+    return {"image": data_file("hippocampus/images/hippocampus_007.nii.gz"), "one": labels,
+            "full": data_file("hippocampus/labels/hippocampus_007.nii.gz"), "best": Path(str(best)),
+            "other": data_file("hippocampus/images/hippocampus_017.nii.gz"),
+            "third": data_file("hippocampus/images/hippocampus_019.nii.gz")}
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_propagate_writes_every_format_on_the_input_grid(hippocampus: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.nii.gz"
+    code, stdout, stderr = run_cli(["propagate", str(hippocampus["image"]), str(hippocampus["one"]), "-o", str(out),
+                                    "--seg-nrrd", str(tmp_path / "out.seg.nrrd"), "--overlay",
+                                    str(tmp_path / "out.png"), "--summary", str(tmp_path / "out.json"), *FAST],
+                                   capsys)
+    assert code == 0, stderr
+    source = nib.load(hippocampus["image"])
+    written = nib.load(out)
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    assert written.get_data_dtype() == np.uint8 and written.header.get_intent()[0] == "label"
+    labels = np.asarray(written.dataobj)
+    reference = np.asarray(nib.load(hippocampus["one"]).dataobj)
+    best = int(hippocampus["best"].name)
+    assert np.array_equal(labels[..., best], reference[..., best])  # the labelled slice is kept as given
+    assert set(np.unique(labels)) <= {0, 1, 2} and (labels > 0).sum() > (reference > 0).sum()
+    truth = np.asarray(nib.load(hippocampus["full"]).dataobj) > 0
+    dice = 2 * np.sum((labels > 0) & truth) / (np.sum(labels > 0) + np.sum(truth))
+    assert dice > 0.3, dice
+    import slicerio
+
+    segmentation = slicerio.read_segmentation(str(tmp_path / "out.seg.nrrd"))
+    assert {segment["labelValue"] for segment in segmentation["segments"]} == {1, 2}
+    assert Image.open(tmp_path / "out.png").size[0] > 100
+    summary = json.loads((tmp_path / "out.json").read_text())
+    assert summary["labelled_slices"] == [best] and summary["model"]["backbone"] == "dinov2_vits14_standin"
+    assert summary["model"]["weights_sha256"].startswith("8b38fc0f")
+    assert summary["labels"]["1"]["volume_ml"] > 0 and "propagate" in summary["timings_s"]
+
+
+def test_propagate_dicom_series_writes_dicom_seg(ct_series, data_file: Callable[[str], Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import highdicom
+
+    volume = read_volume(ct_series.folder)
+    truth = np.asarray(nib.load(data_file("hippocampus/labels/hippocampus_007.nii.gz")).dataobj).transpose(2, 1, 0)
+    one = np.zeros_like(truth)
+    one[20] = truth[20]
+    write_nifti_labels(one, volume, tmp_path / "one.nii.gz")
+    out = tmp_path / "ct_seg.nii.gz"
+    code, _, stderr = run_cli(["propagate", str(ct_series.folder), str(tmp_path / "one.nii.gz"), "-o", str(out),
+                               "--dicom-seg", str(tmp_path / "seg.dcm"), "--slices", "15:25", *FAST], capsys)
+    assert code == 0, stderr
+    labels = read_label_volume(out, volume)
+    assert labels[:15].max() == 0 and labels[25:].max() == 0 and labels[15:25].max() > 0
+    seg = highdicom.seg.segread(tmp_path / "seg.dcm")
+    referenced = {item.ReferencedSeriesSequence[0].SeriesInstanceUID for item in [seg]}
+    assert ct_series.series_uid in referenced
+    assert seg.number_of_segments == 2
+
+
+def test_transfer_writes_one_output_per_target(hippocampus: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, stderr = run_cli(["transfer", str(hippocampus["image"]), str(hippocampus["one"]),
+                                    str(hippocampus["other"]), str(hippocampus["third"]), "-o", str(tmp_path),
+                                    "--seg-nrrd", "--summary", *FAST], capsys)
+    assert code == 0, stderr
+    for stem in ("hippocampus_017", "hippocampus_019"):
+        written = nib.load(tmp_path / f"{stem}_seg.nii.gz")
+        source = nib.load(hippocampus["other"] if stem.endswith("17") else hippocampus["third"])
+        assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+        assert (tmp_path / f"{stem}_seg.seg.nrrd").is_file()
+        assert json.loads((tmp_path / f"{stem}_summary.json").read_text())["command"] == "transfer"
+
+
+def test_segment_2d_writes_masks_of_the_target_size(data_file: Callable[[str], Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    targets = [data_file("ph2/images/IMD003.jpg"), data_file("ph2/images/IMD004.jpg")]
+    code, stdout, stderr = run_cli(["segment", str(data_file("ph2/images/IMD002.jpg")),
+                                    str(data_file("ph2/masks/IMD002_lesion.png")), *map(str, targets),
+                                    "-o", str(tmp_path), *FAST], capsys)
+    assert code == 0, stderr
+    for target in targets:
+        mask = np.asarray(Image.open(tmp_path / f"{target.stem}_mask.png"))
+        assert mask.shape == np.asarray(Image.open(target)).shape[:2]
+        assert set(np.unique(mask)) <= {0, 255} and (mask == 255).any()
+
+
+def test_segment_multi_label_reference_keeps_label_values(data_file: Callable[[str], Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    name = "2966893D-5DDF-4B68-9E2B-4979D5956C8E.png"
+    others = sorted(p for p in data_file("cxr/images").iterdir() if p.name != name)[:1]
+    code, _, stderr = run_cli(["segment", str(data_file(f"cxr/images/{name}")), str(data_file(f"cxr/masks/{name}")),
+                               str(others[0]), "-o", str(tmp_path), *FAST], capsys)
+    assert code == 0, stderr
+    mask = np.asarray(Image.open(tmp_path / f"{others[0].stem}_mask.png"))
+    assert set(np.unique(mask)) <= {0, 1, 2, 3} and len(np.unique(mask)) >= 3
+
+
+def test_info_lists_the_series_of_a_folder(two_series_folder, capsys: pytest.CaptureFixture[str]) -> None:
+    folder, series = two_series_folder
+    code, stdout, _ = run_cli(["info", str(folder)], capsys)
+    assert code == 0
+    text = stdout
+    assert series[3].series_uid in text and series[7].series_uid in text
+
+
+def test_bad_inputs_exit_2_and_write_nothing(hippocampus: dict[str, Path], data_file: Callable[[str], Path],
+                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.nii.gz"
+    cases = [
+        ([str(tmp_path / "missing.nii.gz"), str(hippocampus["one"])], "missing.nii.gz"),
+        ([str(hippocampus["other"]), str(hippocampus["one"])], "differs"),  # labels of another subject's grid
+        ([str(hippocampus["image"]), str(hippocampus["one"]), "--dicom-seg", str(tmp_path / "x.dcm")], "DICOM"),
+    ]
+    for args, expected in cases:
+        code, _, stderr = run_cli(["propagate", *args[:2], "-o", str(out), *args[2:], *FAST], capsys)
+        assert code == 2, (args, stderr)
+        assert expected.lower() in stderr.lower(), stderr
+        assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_empty_label_volume_and_4d_input_are_refused(hippocampus: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    source = nib.load(hippocampus["image"])
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(source.shape, np.uint8), source.affine), empty)
+    four_d = tmp_path / "4d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((*source.shape, 2), np.float32), source.affine), four_d)
+    before = set(tmp_path.iterdir())
+    code, _, stderr = run_cli(["propagate", str(hippocampus["image"]), str(empty), "-o", str(tmp_path / "o.nii.gz"),
+                               *FAST], capsys)
+    assert code == 2 and "labelled slice" in stderr
+    code, _, stderr = run_cli(["propagate", str(four_d), str(empty), "-o", str(tmp_path / "o.nii.gz"), *FAST], capsys)
+    assert code == 2 and "4d.nii.gz" in stderr
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_existing_output_is_kept_without_force(hippocampus: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.nii.gz"
+    out.write_bytes(b"precious")
+    code, _, stderr = run_cli(["propagate", str(hippocampus["image"]), str(hippocampus["one"]), "-o", str(out),
+                               "--slices", "15:17", *FAST], capsys)
+    assert code == 2 and "--force" in stderr and out.read_bytes() == b"precious"
+    code, _, stderr = run_cli(["propagate", str(hippocampus["image"]), str(hippocampus["one"]), "-o", str(out),
+                               "--slices", "15:17", "--force", *FAST], capsys)
+    assert code == 0, stderr
+    assert nib.load(out).shape == nib.load(hippocampus["image"]).shape
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz"]  # no temporary left behind
+
+
+def test_2d_bad_inputs(data_file: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.png"
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(empty)
+    image = data_file("ph2/images/IMD002.jpg")
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    code, _, stderr = run_cli(["segment", str(image), str(empty), str(image), "-o", str(outdir), *FAST], capsys)
+    assert code == 2 and "empty.png" in stderr and "differs" in stderr
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    code, _, stderr = run_cli(["segment", str(image), str(data_file("ph2/masks/IMD002_lesion.png")), str(broken),
+                               "-o", str(outdir), *FAST], capsys)
+    assert code == 2 and "broken.png" in stderr
+    assert list(outdir.iterdir()) == []
+
+
+def test_missing_weights_exit_3_with_instructions(hippocampus: dict[str, Path], tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_CACHE": str(tmp_path / "empty-cache"), "HF_HUB_OFFLINE": "1",
+           "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "insid3_med", "propagate", str(hippocampus["image"]),
+                             str(hippocampus["one"]), "-o", str(tmp_path / "o.nii.gz"), "--progress", "none"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 3, result.stderr
+    assert "DINOv3" in result.stderr and "INSID3_MED_WEIGHTS" in result.stderr and "--weights" in result.stderr
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_progress_lines_are_machine_readable(hippocampus: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["propagate", str(hippocampus["image"]), str(hippocampus["one"]), "-o", str(tmp_path / "o.nii.gz"),
+            "--slices", "14:18", *FAST[:-2], "--progress", "lines"]
+    code, stdout, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    lines = [line for line in stdout.splitlines() if line.startswith("PROGRESS")]
+    assert lines[-1] == f"PROGRESS {len(lines)} {len(lines)}" and len(lines) >= 3
