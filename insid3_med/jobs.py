@@ -94,7 +94,8 @@ def volume_stem(path: Path) -> str:
 def check_outputs(outputs: VolumeOutputs, volume: Volume, outputs_set: OutputSet) -> dict[str, Path]:
     """Claim every output path (refusing existing ones unless overwriting) before any work starts."""
     if outputs.dicom_seg is not None and "source_files" not in volume.metadata:
-        raise ImageReadError(volume.source or "input", "--dicom-seg needs a DICOM series as input (this input is not DICOM)")
+        raise ImageReadError(volume.source or "input",
+                             "--dicom-seg needs a DICOM series as input (this input is not DICOM)")
     claimed = {"labels": outputs_set.claim(outputs.labels)}
     for key in ("seg_nrrd", "dicom_seg", "overlay", "summary"):
         path = getattr(outputs, key)
