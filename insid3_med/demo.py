@@ -304,7 +304,7 @@ def format_report(report: dict[str, Any]) -> str:
     per_slice = scores["per_slice_dice"]
     lines = [
         f"insid3-med demo: {report['structure']} in the MNI152 (ICBM 2009a) T1 template shipped by nilearn",
-        f"  volume {report['volume']['shape_kji']} (K, J, I), spacing {report['volume']['spacing_mm']} mm; "
+        f"  volume {report['volume']['shape_kji']} (K, J, I), spacing (i, j, k) {report['volume']['spacing_mm']} mm; "
         f"clinician's label on axial slice k={report['clinician_slice']}; propagated over slices "
         f"{report['slice_range'][0]}..{report['slice_range'][1] - 1}",
         f"  3D Dice vs the reference labels: {scores['dice_3d']:.3f} "
