@@ -1,0 +1,463 @@
+"""The MONAI face of insid3-med: the bundle's network (a ``torch.nn.Module`` around the library) and its transforms.
+
+The bundle in ``monai_bundle/`` builds :class:`OneShotNetwork` as its ``network_def``. The network holds the frozen
+backbone and the reference (an image and its label map, read through the same MONAI preprocessing as the studies)
+and, for every study, calls :func:`insid3_med.volume.transfer_to_study` (a reference from another study) or
+:func:`insid3_med.volume.propagate_through_slices` (the study is the reference itself, labelled on some slices). It
+holds no segmentation logic of its own.
+
+Frames: MONAI arrays are (X, Y, Z) = (i, j, k) with an (i, j, k) -> RAS affine; the library's
+:class:`~insid3_med.imaging.geometry.Volume` is (K, J, I) in LPS. :func:`volume_from_metatensor` and
+:func:`labels_to_channel_first` convert between the two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.data.utils import create_file_basename
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform, Orientationd
+from monai.utils import convert_to_dst_type
+from torch import nn
+
+from insid3_med.backbones import Backbone, load_backbone
+from insid3_med.engine import EngineParams
+from insid3_med.imaging.dicom import display_metadata, list_dicom_series
+from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError, OutputExistsError
+from insid3_med.imaging.geometry import Geometry, Volume
+from insid3_med.imaging.intensity import intensity_mapping
+from insid3_med.predictor import OneShotSegmenter
+from insid3_med.volume import (
+    check_label_grid,
+    labelled_slices,
+    propagate_through_slices,
+    slicing_axis,
+    transfer_to_study,
+)
+
+logger = logging.getLogger(__name__)
+
+#: The display window of a volume already scaled to [0, 1] by the preprocessing: the library's ``dicom`` preset
+#: then maps every value to itself (LINEAR_EXACT window from 0 to 1, DICOM PS3.3 C.11.2.1.3.2).
+UNIT_DISPLAY: dict[str, Any] = {"window_center": 0.5, "window_width": 1.0, "voi_lut_function": "LINEAR_EXACT"}
+UNIT_PRESET = "dicom"
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MAX_LABEL = int(np.iinfo(np.uint8).max)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Frames: MONAI (channel, X, Y, Z) + RAS affine <-> Volume (K, J, I) + LPS geometry
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _spatial_array(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.ndim == 4:
+        if array.shape[0] != 1:
+            raise ValueError(f"expected one channel, got an array of shape {array.shape} (channel first)")
+        array = array[0]
+    if array.ndim != 3:
+        raise ValueError(f"expected a (1, X, Y, Z) or (X, Y, Z) volume, got shape {array.shape}")
+    return array
+
+
+def volume_from_metatensor(image: torch.Tensor | np.ndarray, affine: np.ndarray | torch.Tensor | None = None, *,
+                           modality: str | None = None, metadata: Mapping[str, Any] | None = None) -> Volume:
+    """A MONAI image, (1, X, Y, Z) or (X, Y, Z), as a library :class:`Volume` (K, J, I) = (Z, Y, X) in LPS.
+
+    affine: (4, 4) (i, j, k) -> mm; default the MetaTensor's own (identity for a plain tensor). Its frame is the
+    MetaTensor's ``space`` meta entry (RAS unless it says LPS). The array is copied; ``source`` is the MetaTensor's
+    ``filename_or_obj``.
+    """
+    meta = image.meta if isinstance(image, MetaTensor) else {}
+    if affine is None:
+        affine = image.affine if isinstance(image, MetaTensor) else np.eye(4)
+    affine = affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else np.asarray(affine)
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"expected a (4, 4) affine, got shape {affine.shape}")
+    space = str(meta.get("space", "RAS")).upper()
+    geometry = Geometry.from_ijk_to_lps(affine) if space == "LPS" else Geometry.from_ijk_to_ras(affine)
+    array = np.ascontiguousarray(_spatial_array(image).transpose(2, 1, 0))
+    source = meta.get("filename_or_obj")
+    return Volume(array=array, geometry=geometry, modality=modality, source=Path(source) if source else None,
+                  metadata=dict(metadata or {}))
+
+
+def labels_to_channel_first(labels: np.ndarray) -> torch.Tensor:
+    """(K, J, I) label map -> (1, X, Y, Z) tensor, MONAI's layout (same dtype)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"expected a (K, J, I) label map, got shape {labels.shape}")
+    return torch.from_numpy(np.ascontiguousarray(labels.transpose(2, 1, 0)))[None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset and intensities
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def list_studies(dataset_dir: str | Path) -> list[str]:
+    """The studies directly inside ``dataset_dir``, sorted by name: NIfTI files and DICOM series folders.
+
+    A folder counts as a study when it holds exactly one DICOM image series (MONAI's ITK reader would silently read
+    only the first of several); other folders and files are skipped. Raises :class:`ImageReadError` when
+    ``dataset_dir`` is not a folder, holds no study, or has a folder with several series.
+    """
+    folder = Path(dataset_dir)
+    if not folder.is_dir():
+        raise ImageNotFoundError(folder, "dataset_dir is not a folder (pass --dataset_dir DIR)")
+    studies: list[str] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.name.lower().endswith(NIFTI_SUFFIXES):
+            studies.append(str(entry))
+        elif entry.is_dir():
+            series = list_dicom_series(entry, recursive=False)
+            if len(series) > 1:
+                listing = "\n  ".join(s.summary() for s in series)
+                raise ImageReadError(entry, f"holds {len(series)} DICOM series; put each series in a folder of "
+                                            f"its own:\n  {listing}")
+            if series:
+                studies.append(str(entry))
+    if not studies:
+        raise ImageReadError(folder, "no study found: expected NIfTI files (.nii, .nii.gz) or DICOM series folders")
+    return studies
+
+
+def dicom_header_metadata(path: str | Path) -> tuple[str | None, dict[str, Any]]:
+    """(modality, display metadata) of a DICOM series folder or file; (None, {}) for anything else (NIfTI)."""
+    path = Path(path)
+    if path.is_dir():
+        series = list_dicom_series(path, recursive=False)
+        if len(series) != 1:
+            return None, {}
+        first = series[0].files[0]
+    elif path.is_file() and not path.name.lower().endswith(NIFTI_SUFFIXES):
+        first = path
+    else:
+        return None, {}
+    try:
+        ds = pydicom.dcmread(first, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - not a DICOM file: no header to use
+        return None, {}
+    return (str(ds.get("Modality", "")) or None), display_metadata(ds)
+
+
+class ScaleIntensityPresetd(MapTransform):
+    """Scale images to [0, 1] float32 with the library's intensity presets, as the command line does.
+
+    preset: a name of :data:`insid3_med.imaging.intensity.PRESETS` (CT windows such as ``soft_tissue``, ``dicom``,
+    ``mr``, ``radiograph``) or None to choose per study from its modality (see
+    :func:`insid3_med.imaging.intensity.choose_preset`). modality: forced modality ("CT", "MR"...); None reads it
+    from the DICOM header when the study is a DICOM series (NIfTI carries none: then values that look like HU are
+    treated as CT, everything else as MR). Statistics (MR percentiles) are computed over the whole volume.
+    """
+
+    def __init__(self, keys: KeysCollection, preset: str | None = None, modality: str | None = None,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.preset = preset or None
+        self.modality = modality or None
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            modality, header = None, {}
+            if isinstance(image, MetaTensor) and image.meta.get("filename_or_obj"):
+                modality, header = dicom_header_metadata(image.meta["filename_or_obj"])
+            volume = volume_from_metatensor(image, modality=self.modality or modality, metadata=header)
+            mapping = intensity_mapping(volume, self.preset)
+            array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+            scaled = mapping.to_unit(array).astype(np.float32)
+            d[key] = convert_to_dst_type(scaled, image, dtype=torch.float32)[0]
+            if isinstance(d[key], MetaTensor):
+                d[key].meta["intensity_preset"] = mapping.preset
+        return d
+
+
+def reference_preprocessing(preset: str | None = None, modality: str | None = None) -> Compose:
+    """The default reference transform: load image and label, channel first, RAS, image scaled to [0, 1].
+
+    The bundle's configs spell the same transforms out (``reference_preprocessing``) so that they can be overridden.
+    """
+    keys = ["image", "label"]
+    return Compose([
+        LoadImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        Orientationd(keys=keys, axcodes="RAS", labels=None),
+        ScaleIntensityPresetd(keys="image", preset=preset, modality=modality),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The network
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BundleReference:
+    """The reference study after preprocessing: ``volume`` (K, J, I) in [0, 1] and its (K, J, I) int64 labels."""
+
+    volume: Volume
+    labels: np.ndarray
+    image_path: Path
+    label_path: Path
+
+    @property
+    def label_values(self) -> list[int]:
+        return [int(v) for v in np.unique(self.labels) if v > 0]
+
+
+class _NetworkSegmenter(OneShotSegmenter):
+    """A :class:`OneShotSegmenter` whose positional basis is its network's ``positional_basis`` buffer when set."""
+
+    state_basis: torch.Tensor | None = None
+
+    def basis(self) -> torch.Tensor:
+        if self.state_basis is None:
+            return super().basis()
+        return self.state_basis.to(self.backbone.device)
+
+
+def _same_file(a: str | Path | None, b: str | Path | None) -> bool:
+    if not a or not b:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def _rank() -> str:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return f" [rank {torch.distributed.get_rank()}/{torch.distributed.get_world_size()}]"
+    return ""
+
+
+class OneShotNetwork(nn.Module):
+    """One-shot segmentation as a MONAI network: (B, 1, X, Y, Z) image in [0, 1] -> (B, 1, X, Y, Z) uint8 labels.
+
+    reference_image, reference_label: the reference study and its label map (NIfTI files or DICOM series folders;
+    the label on the image's grid), read through ``reference_transform`` (default :func:`reference_preprocessing`),
+    which must be the studies' own preprocessing with a ``label`` key added. A study that IS the reference image
+    gets its unlabelled slices filled by propagation through slices; any other study is segmented from the
+    reference's labelled slices (at most ``max_shots``). Label values (1..255) carry over.
+
+    weights: backbone weights (None: the ``INSID3_MED_WEIGHTS`` variable, then the Hugging Face cache); image_size,
+    feature_block, precision, fit, tau, merge_threshold, basis_rank, probe: as in :class:`OneShotSegmenter`
+    and :class:`EngineParams`. axis: the slicing axis ("axial", "coronal", "sagittal" or k/j/i), per study.
+
+    State (``state_dict``): ``positional_basis`` (C, r) float32, the basis the features are debiased with, and
+    ``state_fingerprint`` (32,) uint8, the sha256 of the weights file, feature block, precision, probe, input side
+    and rank it was computed for. Loading a state with another fingerprint keeps the network's own basis and logs a
+    warning. The backbone's weights are not part of the state; they load from ``weights``.
+    """
+
+    def __init__(self, reference_image: str | Path | None = None, reference_label: str | Path | None = None, *,
+                 reference_transform: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+                 weights: str | Path | None = None, image_size: int = 448, axis: str | int = "axial",
+                 feature_block: int | None = None, precision: str = "fp32", fit: str = "stretch",
+                 max_shots: int = 8, tau: float = 0.6, merge_threshold: float = 0.2, basis_rank: int | None = None,
+                 probe: str = "black", batch_size: int = 4) -> None:
+        super().__init__()
+        if max_shots < 1:
+            raise ValueError(f"max_shots must be at least 1, not {max_shots}")
+        backbone = load_backbone(weights, device="cpu", precision=precision, feature_block=feature_block)
+        params = EngineParams(tau=tau, merge_threshold=merge_threshold, basis_rank=basis_rank, probe=probe)
+        self.segmenter = _NetworkSegmenter(backbone, image_size=image_size, params=params, fit=fit)
+        self.axis = axis
+        self.max_shots = int(max_shots)
+        self.batch_size = int(batch_size)
+        self.register_buffer("positional_basis", self.segmenter.basis().detach().cpu().clone())
+        self.register_buffer("state_fingerprint", self.expected_fingerprint())
+        self.reference_transform = reference_transform or reference_preprocessing()
+        self.reference: BundleReference | None = None
+        if reference_image or reference_label:
+            self.reference = self.load_reference(reference_image, reference_label)
+
+    # -- backbone and state -----------------------------------------------------------------------------------
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.segmenter.backbone
+
+    def state_description(self) -> str:
+        """What the state was computed for: weights sha256, feature block, precision, probe, input side, rank."""
+        backbone = self.backbone
+        return (f"{backbone.weights_sha256() or backbone.location}|{backbone.spec.name}|block{backbone.feature_block}"
+                f"|{backbone.precision}|{self.segmenter.params.probe}|{self.segmenter.image_size}"
+                f"|rank{self.segmenter.basis_rank}")
+
+    def expected_fingerprint(self) -> torch.Tensor:
+        """(32,) uint8: sha256 of :meth:`state_description`."""
+        digest = hashlib.sha256(self.state_description().encode()).digest()
+        return torch.tensor(list(digest), dtype=torch.uint8)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> OneShotNetwork:
+        """``.to(device)`` and friends also move the backbone, which is not a registered submodule."""
+        super()._apply(fn, recurse)
+        self.backbone.network._apply(fn)
+        self.backbone.device = self.positional_basis.device
+        return self
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        stored = state_dict.get(prefix + "state_fingerprint")
+        if stored is not None and not torch.equal(torch.as_tensor(stored).cpu(), self.state_fingerprint.cpu()):
+            logger.warning("the loaded network state (models/model.pt) was computed for other weights or settings "
+                           "than this network's (%s); keeping the positional basis computed for this network. Write "
+                           "a matching state with insid3_med.bundle.write_network_state.", self.state_description())
+            state_dict[prefix + "state_fingerprint"] = self.state_fingerprint
+            state_dict[prefix + "positional_basis"] = self.positional_basis
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # -- reference --------------------------------------------------------------------------------------------
+
+    def load_reference(self, image: str | Path | None, label: str | Path | None) -> BundleReference:
+        """Read and check the reference pair through ``reference_transform``; raises ImageReadError on bad input."""
+        for name, path in (("reference_image", image), ("reference_label", label)):
+            if not path:
+                raise ImageReadError(Path(str(image or label)), f"{name} is missing: give both the reference image "
+                                                                  "and its label map")
+            if not Path(path).exists():
+                raise ImageNotFoundError(Path(path), f"{name} not found")
+        data = self.reference_transform({"image": str(image), "label": str(label)})
+        volume = volume_from_metatensor(data["image"], metadata=UNIT_DISPLAY)
+        label_volume = volume_from_metatensor(data["label"])
+        if label_volume.shape != volume.shape or not label_volume.geometry.allclose(volume.geometry, atol=1e-3):
+            raise ImageReadError(Path(label), f"the reference label map (shape {label_volume.shape}) is not on the "
+                                              f"grid of the reference image {image} (shape {volume.shape})")
+        try:
+            labels = check_label_grid(volume, label_volume.array)
+        except ValueError as error:
+            raise ImageReadError(Path(label), str(error)) from error
+        if labels.max() > MAX_LABEL:
+            raise ImageReadError(Path(label), f"label value {int(labels.max())} exceeds {MAX_LABEL}: the bundle "
+                                              "writes uint8 label maps")
+        if not labelled_slices(labels, slicing_axis(volume, self.axis)):
+            raise ImageReadError(Path(label), "the reference label map has no labelled voxel")
+        reference = BundleReference(volume, labels, Path(image), Path(label))
+        logger.info("reference %s with labels %s from %s (%d labelled slices along %s)", image,
+                    reference.label_values, label, len(labelled_slices(labels, slicing_axis(volume, self.axis))),
+                    self.axis)
+        return reference
+
+    # -- inference --------------------------------------------------------------------------------------------
+
+    def segment_volume(self, volume: Volume) -> np.ndarray:
+        """One preprocessed study (values in [0, 1]) -> its (K, J, I) int64 label map, through the library."""
+        if self.reference is None:
+            raise ValueError("no reference: give the reference image and its label map (--reference_image PATH "
+                             "--reference_label PATH)")
+        self.segmenter.state_basis = self.positional_basis
+        reference = self.reference
+        if _same_file(volume.source, reference.image_path) and volume.shape == reference.volume.shape:
+            return propagate_through_slices(self.segmenter, volume, reference.labels, axis=self.axis,
+                                            preset=UNIT_PRESET, batch_size=self.batch_size)
+        return transfer_to_study(self.segmenter, reference.volume, reference.labels, volume, axis=self.axis,
+                                 preset=UNIT_PRESET, target_preset=UNIT_PRESET, max_shots=self.max_shots,
+                                 batch_size=self.batch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, X, Y, Z) float in [0, 1] -> (B, 1, X, Y, Z) uint8 label map (a MetaTensor for a MetaTensor)."""
+        if images.ndim != 5 or images.shape[1] != 1:
+            raise ValueError(f"expected a (B, 1, X, Y, Z) batch of single-channel volumes, got {tuple(images.shape)}")
+        outputs = []
+        for index in range(images.shape[0]):
+            item = images[index]
+            volume = volume_from_metatensor(item, metadata=UNIT_DISPLAY)
+            name = volume.source or f"volume {index} of the batch"
+            low, high = float(volume.array.min()), float(volume.array.max())
+            if low < -1e-3 or high > 1 + 1e-3:
+                raise ValueError(f"{name}: intensities span [{low:g}, {high:g}]; the network expects them scaled to "
+                                 "[0, 1] by the bundle's preprocessing (ScaleIntensityPresetd)")
+            start = time.perf_counter()
+            labels = self.segment_volume(volume)
+            logger.info("%s: labels %s on %d of %d voxels in %.1f s%s", name, [int(v) for v in np.unique(labels)
+                        if v > 0], int(np.count_nonzero(labels)), labels.size, time.perf_counter() - start, _rank())
+            outputs.append(labels_to_channel_first(labels.astype(np.uint8)))
+        output = torch.stack(outputs).to(images.device)
+        if isinstance(images, MetaTensor):
+            result = MetaTensor(output)
+            result.copy_meta_from(images)
+            return result
+        return output
+
+
+def write_network_state(path: str | Path, network: OneShotNetwork | None = None, *, overwrite: bool = False,
+                        **network_args: Any) -> Path:
+    """Write ``network``'s state (or that of ``OneShotNetwork(**network_args)``) to ``path`` (``models/model.pt``).
+
+    The file is a plain state dict (``positional_basis``, ``state_fingerprint``), written whole or not at all;
+    an existing file is kept unless ``overwrite``.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path, "exists; pass overwrite=True to replace it")
+    network = network or OneShotNetwork(**network_args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def check_outputs_absent(studies: Sequence[str | Path], output_dir: str | Path, output_postfix: str,
+                         output_ext: str, separate_folder: bool = True, overwrite: bool = False) -> list[Path]:
+    """The label maps SaveImaged will write for ``studies``; raises OutputExistsError if one exists and not
+    ``overwrite`` (MONAI's writer itself replaces files silently)."""
+    planned = [Path(create_file_basename(output_postfix, str(study), str(output_dir), separate_folder=separate_folder,
+                                         makedirs=False) + output_ext) for study in studies]
+    existing = [path for path in planned if path.exists()]
+    if existing and not overwrite:
+        listing = ", ".join(str(path) for path in existing[:5]) + (" ..." if len(existing) > 5 else "")
+        raise OutputExistsError(Path(output_dir), f"{len(existing)} output(s) exist ({listing}); choose another "
+                                                  "--output_dir or pass --overwrite true")
+    return planned
+
+
+def locate_bundle_root(start: str | Path | None = None) -> str:
+    """The bundle folder: ``start`` (default the working folder) if it is one, else its ``monai_bundle`` folder.
+
+    A bundle folder holds ``configs/inference.json``. Running from elsewhere needs ``--bundle_root PATH``.
+    """
+    here = Path(start or os.getcwd())
+    for candidate in (here, here / "monai_bundle"):
+        if (candidate / "configs" / "inference.json").is_file():
+            return str(candidate)
+    raise ImageNotFoundError(here, "is neither a MONAI bundle folder nor a folder holding monai_bundle/; run from "
+                                   "either or pass --bundle_root PATH")
+
+
+__all__: Sequence[str] = [
+    "BundleReference",
+    "check_outputs_absent",
+    "OneShotNetwork",
+    "ScaleIntensityPresetd",
+    "dicom_header_metadata",
+    "labels_to_channel_first",
+    "list_studies",
+    "locate_bundle_root",
+    "reference_preprocessing",
+    "volume_from_metatensor",
+    "write_network_state",
+]

@@ -1,0 +1,426 @@
+"""The MONAI bundle (monai_bundle/) and its network and transforms (insid3_med/bundle.py).
+
+Bundle runs use the offline stand-in weights, hippocampus volumes copied into tmp_path as the dataset, and a small
+input side (112 px) to stay fast on two CPU cores; they check the mechanics (frames, geometry, one output per
+study, equality with the library's own result), not accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_net_in_out
+from monai.data import MetaTensor
+from monai.transforms import EnsureChannelFirstd, LoadImage, LoadImaged, Orientationd
+
+from insid3_med.backbones import load_backbone
+from insid3_med.bundle import (
+    UNIT_DISPLAY,
+    OneShotNetwork,
+    ScaleIntensityPresetd,
+    check_outputs_absent,
+    labels_to_channel_first,
+    list_studies,
+    locate_bundle_root,
+    volume_from_metatensor,
+    write_network_state,
+)
+from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError, OutputExistsError
+from insid3_med.imaging.geometry import Geometry, Volume
+from insid3_med.imaging.intensity import ct_window, intensity_mapping
+from insid3_med.imaging.readers import read_label_volume, read_volume
+from insid3_med.imaging.writers import write_nifti_labels
+from insid3_med.predictor import OneShotSegmenter
+from insid3_med.volume import transfer_to_study
+
+PROJECT = Path(__file__).resolve().parents[1]
+BUNDLE = PROJECT / "monai_bundle"
+CONFIG = BUNDLE / "configs" / "inference.json"
+MULTI_GPU_CONFIG = BUNDLE / "configs" / "multi_gpu_inference.json"
+METADATA = BUNDLE / "configs" / "metadata.json"
+STANDIN = PROJECT.parent / "shared" / "weights" / "dinov2-small-standin"
+# The bundle metadata schema, copied verbatim from the MONAI-extra-test-data 0.8.1 release asset
+# meta_schema_20240725.json (as republished at https://project-monai.github.io/schema/meta_schema_20240725.json).
+SCHEMA = Path(__file__).with_name("test_bundle_meta_schema_20240725.json")
+SCHEMA_SHA256 = "cd64aa8a5904426f6fc6855dabe46af8c742d5bad644b4e9cfb78ebad09ad678"
+
+REFERENCE = "hippocampus_007"
+TARGETS = ("hippocampus_017", "hippocampus_019", "hippocampus_023")
+IMAGE_SIZE = 112
+MAX_SHOTS = 2
+
+
+@pytest.fixture(scope="module")
+def standin() -> Path:
+    if not (STANDIN / "model.safetensors").is_file():
+        pytest.skip(f"stand-in weights not found at {STANDIN}")
+    return STANDIN
+
+
+@pytest.fixture(scope="module")
+def hippocampus(shared_data: Path) -> Path:
+    folder = shared_data / "hippocampus"
+    for name in (REFERENCE, *TARGETS):
+        if not (folder / "images" / f"{name}.nii.gz").is_file():
+            pytest.skip(f"hippocampus volume {name} not found in {folder}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def nifti_dataset(tmp_path_factory: pytest.TempPathFactory, hippocampus: Path) -> Path:
+    """tmp/dataset with the three target volumes, plus a text file and an empty folder the listing must skip."""
+    folder = tmp_path_factory.mktemp("dataset")
+    for name in TARGETS:
+        shutil.copy(hippocampus / "images" / f"{name}.nii.gz", folder)
+    (folder / "notes.txt").write_text("not a study")
+    (folder / "empty").mkdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def expected_labels(standin: Path, hippocampus: Path) -> dict[str, np.ndarray]:
+    """The library's own transfer_to_study result per target, (K, J, I), with the settings the runs use."""
+    segmenter = OneShotSegmenter(load_backbone(standin, device="cpu"), image_size=IMAGE_SIZE)
+    reference = read_volume(hippocampus / "images" / f"{REFERENCE}.nii.gz")
+    labels = read_label_volume(hippocampus / "labels" / f"{REFERENCE}.nii.gz", reference)
+    targets = {name: read_volume(hippocampus / "images" / f"{name}.nii.gz") for name in TARGETS}
+    return {name: transfer_to_study(segmenter, reference, labels, target, axis="axial", max_shots=MAX_SHOTS)
+            for name, target in targets.items()}
+
+
+def run_settings(hippocampus: Path, standin: Path) -> dict[str, str | int]:
+    """The config entries every run overrides: the reference pair, the weights and the small sizes."""
+    return {"reference_image": str(hippocampus / "images" / f"{REFERENCE}.nii.gz"),
+            "reference_label": str(hippocampus / "labels" / f"{REFERENCE}.nii.gz"),
+            "weights": str(standin), "image_size": IMAGE_SIZE, "max_shots": MAX_SHOTS}
+
+
+def as_command_line(settings: dict[str, str | int]) -> list[str]:
+    return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+
+
+def check_outputs(output_dir: Path, dataset: Path, expected: dict[str, np.ndarray]) -> None:
+    """One uint8 label map per study, where check_outputs_absent said, on the study's grid, equal to the library's."""
+    written = sorted(output_dir.rglob("*.nii.gz"))
+    assert [p.name for p in written] == [f"{name}_seg.nii.gz" for name in TARGETS]
+    assert written == check_outputs_absent(list_studies(dataset), output_dir, "seg", ".nii.gz", overwrite=True)
+    with pytest.raises(OutputExistsError, match="3 output"):
+        check_outputs_absent(list_studies(dataset), output_dir, "seg", ".nii.gz")
+    for name in TARGETS:
+        image = nib.load(dataset / f"{name}.nii.gz")
+        output = nib.load(output_dir / name / f"{name}_seg.nii.gz")
+        assert output.get_data_dtype() == np.uint8
+        assert output.shape == image.shape
+        np.testing.assert_allclose(output.affine, image.affine, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(output.dataobj).transpose(2, 1, 0), expected[name])
+        assert set(np.unique(expected[name])) <= {0, 1, 2} and np.any(expected[name] > 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Frames, dataset listing, intensities (no weights needed)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_volume_from_metatensor_matches_the_library_reader(hippocampus: Path, ct_series) -> None:
+    path = hippocampus / "images" / f"{REFERENCE}.nii.gz"
+    image = LoadImage(image_only=True, ensure_channel_first=True)(str(path))
+    volume = volume_from_metatensor(image)
+    library = read_volume(path)
+    np.testing.assert_array_equal(volume.array, library.array)
+    assert volume.geometry.allclose(library.geometry)
+    assert volume.source == path
+
+    dicom = LoadImage(image_only=True, ensure_channel_first=True)(str(ct_series.folder))
+    volume = volume_from_metatensor(dicom)
+    np.testing.assert_allclose(volume.array, ct_series.expected.array)
+    assert volume.geometry.allclose(ct_series.expected.geometry, atol=1e-3)
+
+
+def test_reoriented_volume_keeps_every_voxel_in_place(ct_series) -> None:
+    """Orientationd flips the oblique LPS-like series to RAS: each voxel must still sit at the same LPS point."""
+    data = Orientationd(keys="image", axcodes="RAS", labels=None)(
+        EnsureChannelFirstd(keys="image")(LoadImaged(keys="image", image_only=True)({"image": str(ct_series.folder)})))
+    volume = volume_from_metatensor(data["image"])
+    original = ct_series.expected
+    assert volume.shape != original.shape or not np.array_equal(volume.array, original.array)  # really reoriented
+    rng = np.random.default_rng(0)
+    kji = np.stack([rng.integers(0, n, 200) for n in volume.shape], axis=1)
+    ijk1 = np.concatenate([kji[:, ::-1], np.ones((len(kji), 1))], axis=1).T
+    points = volume.geometry.ijk_to_lps() @ ijk1
+    back = np.rint(np.linalg.inv(original.geometry.ijk_to_lps()) @ points).astype(int)[:3][::-1].T
+    np.testing.assert_allclose(volume.array[tuple(kji.T)], original.array[tuple(back.T)])
+
+
+def test_labels_to_channel_first_round_trip() -> None:
+    labels = np.random.default_rng(1).integers(0, 4, (5, 6, 7)).astype(np.uint8)  # (K, J, I)
+    geometry = Geometry(spacing=(0.5, 0.7, 3.0), origin=(10.0, -4.0, 2.0))
+    channel_first = labels_to_channel_first(labels)
+    assert channel_first.shape == (1, 7, 6, 5) and channel_first.dtype == torch.uint8
+    meta = MetaTensor(channel_first, affine=torch.as_tensor(geometry.ijk_to_ras()))
+    back = volume_from_metatensor(meta)
+    np.testing.assert_array_equal(back.array, labels)
+    assert back.geometry.allclose(geometry)
+    lps = MetaTensor(channel_first, affine=torch.as_tensor(geometry.ijk_to_lps()), meta={"space": "LPS"})
+    assert volume_from_metatensor(lps).geometry.allclose(geometry)
+    with pytest.raises(ValueError, match="one channel"):
+        volume_from_metatensor(torch.zeros(2, 3, 4, 5))
+
+
+def test_list_studies(tmp_path: Path, nifti_dataset: Path, ct_series, two_series_folder) -> None:
+    assert list_studies(nifti_dataset) == [str(nifti_dataset / f"{name}.nii.gz") for name in TARGETS]
+    shutil.copytree(ct_series.folder, tmp_path / "ct")
+    shutil.copy(nifti_dataset / f"{TARGETS[0]}.nii.gz", tmp_path)
+    assert list_studies(tmp_path) == [str(tmp_path / "ct"), str(tmp_path / f"{TARGETS[0]}.nii.gz")]
+    with pytest.raises(ImageNotFoundError, match="dataset_dir"):
+        list_studies(tmp_path / "missing")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ImageReadError, match="no study found"):
+        list_studies(tmp_path / "nothing")
+    folder, _ = two_series_folder
+    with pytest.raises(ImageReadError, match="2 DICOM series"):
+        list_studies(folder.parent)
+
+
+def test_scale_intensity_preset_matches_the_library(hippocampus: Path, ct_series) -> None:
+    path = hippocampus / "images" / f"{REFERENCE}.nii.gz"
+    load = LoadImaged(keys="image", image_only=True)
+    data = ScaleIntensityPresetd(keys="image")(EnsureChannelFirstd(keys="image")(load({"image": str(path)})))
+    library = read_volume(path)
+    expected = intensity_mapping(library, None).to_unit(library.array)  # the MR preset: volume percentiles
+    np.testing.assert_allclose(volume_from_metatensor(data["image"]).array, expected, atol=1e-6)
+    assert data["image"].dtype == torch.float32 and data["image"].meta["intensity_preset"] == "mr"
+
+    dicom = EnsureChannelFirstd(keys="image")(load({"image": str(ct_series.folder)}))
+    scaled = ScaleIntensityPresetd(keys="image")(dicom)["image"]  # CT with a header window 40/400 (DICOM LINEAR)
+    assert scaled.meta["intensity_preset"] == "dicom"
+    library = read_volume(ct_series.folder)
+    expected = intensity_mapping(library, None).to_unit(library.array)
+    np.testing.assert_allclose(volume_from_metatensor(scaled).array, expected, atol=1e-6)
+    forced = ScaleIntensityPresetd(keys="image", preset="bone")(dicom)["image"]
+    np.testing.assert_allclose(volume_from_metatensor(forced).array, ct_window(ct_series.expected.array, 400, 1800),
+                               atol=1e-6)
+
+
+def test_unit_display_maps_scaled_values_to_themselves() -> None:
+    values = np.linspace(0.0, 1.0, 101, dtype=np.float32).reshape(1, 1, 101)
+    volume = Volume(values, metadata=dict(UNIT_DISPLAY))
+    np.testing.assert_array_equal(intensity_mapping(volume, "dicom").to_unit(values), values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metadata and configs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_metadata_is_valid_against_the_bundle_schema(tmp_path: Path) -> None:
+    """Validated with jsonschema against the carried copy of the real schema, then by MONAI's verify_metadata."""
+    assert hashlib.sha256(SCHEMA.read_bytes()).hexdigest() == SCHEMA_SHA256
+    schema = json.loads(SCHEMA.read_text())
+    metadata = json.loads(METADATA.read_text())
+    assert metadata["schema"].endswith("/meta_schema_20240725.json")
+    jsonschema.validate(metadata, schema)
+    verify_metadata(meta_file=str(METADATA), filepath=str(SCHEMA))
+    for key in ("image",):
+        fields = metadata["network_data_format"]["inputs"][key]
+        assert {"type", "format", "modality", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data",
+                "channel_def"} <= set(fields)
+    assert metadata["network_data_format"]["outputs"]["pred"]["dtype"] == "uint8"
+    assert metadata["version"] in metadata["changelog"]
+    broken = {k: v for k, v in metadata.items() if k != "numpy_version"}
+    with pytest.raises(jsonschema.ValidationError, match="numpy_version"):
+        jsonschema.validate(broken, schema)
+
+
+def test_configs_define_the_inference_properties() -> None:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIG), str(MULTI_GPU_CONFIG)])
+    for key in ("bundle_root", "device", "dataset_dir", "dataset", "evaluator", "network_def", "inferer",
+                "preprocessing", "postprocessing", "output_dir", "reference_image", "reference_label", "weights"):
+        assert key in parser, key
+    assert parser.get("dataloader#sampler") == "@sampler"
+    assert "$import torch.distributed as dist" in parser.get("imports")
+    assert parser.get("weights") == "$os.environ.get('INSID3_MED_WEIGHTS')"
+    assert parser.get("postprocessing#transforms#1#_target_") == "SaveImaged"
+
+
+def test_locate_bundle_root(tmp_path: Path) -> None:
+    assert Path(locate_bundle_root(PROJECT)) == BUNDLE
+    assert Path(locate_bundle_root(BUNDLE)) == BUNDLE
+    with pytest.raises(ImageNotFoundError, match="--bundle_root"):
+        locate_bundle_root(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The network and its state
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_shipped_model_state_is_the_state_of_the_network(standin: Path) -> None:
+    """models/model.pt is this network's state for the stand-in at 448 px: it loads strictly and matches."""
+    network = OneShotNetwork(weights=standin, image_size=448)
+    state = torch.load(BUNDLE / "models" / "model.pt", weights_only=True)
+    assert set(state) == {"positional_basis", "state_fingerprint"}
+    assert torch.equal(state["state_fingerprint"], network.state_fingerprint)
+    computed = network.positional_basis.clone()
+    network.load_state_dict(state, strict=True)
+    assert torch.equal(network.positional_basis, state["positional_basis"])
+    # Same subspace as the basis this machine computes (the sign of each direction is arbitrary).
+    torch.testing.assert_close(state["positional_basis"] @ state["positional_basis"].T, computed @ computed.T,
+                               atol=1e-4, rtol=0)
+
+
+def test_state_for_other_settings_is_not_applied(standin: Path, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    small = OneShotNetwork(weights=standin, image_size=IMAGE_SIZE)
+    own = small.positional_basis.clone()
+    state = torch.load(BUNDLE / "models" / "model.pt", weights_only=True)
+    with caplog.at_level(logging.WARNING, logger="insid3_med.bundle"):
+        small.load_state_dict(state, strict=True)
+    assert "computed for other weights or settings" in caplog.text
+    assert torch.equal(small.positional_basis, own)
+
+    path = write_network_state(tmp_path / "models" / "model.pt", small)
+    other = OneShotNetwork(weights=standin, image_size=IMAGE_SIZE)
+    other.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    assert torch.equal(other.positional_basis, own)
+    with pytest.raises(OutputExistsError):
+        write_network_state(path, small)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt"]
+
+
+def test_network_rejects_bad_input(standin: Path, hippocampus: Path, tmp_path: Path) -> None:
+    image = hippocampus / "images" / f"{REFERENCE}.nii.gz"
+    label = hippocampus / "labels" / f"{REFERENCE}.nii.gz"
+    bare = OneShotNetwork(weights=standin, image_size=IMAGE_SIZE)
+    with pytest.raises(ValueError, match="no reference"):
+        bare(torch.rand(1, 1, 4, 4, 4))
+    with pytest.raises(ImageNotFoundError, match="reference_label not found"):
+        bare.load_reference(image, tmp_path / "missing.nii.gz")
+    with pytest.raises(ImageReadError, match="give both"):
+        bare.load_reference(image, None)
+    other_grid = hippocampus / "labels" / f"{TARGETS[0]}.nii.gz"
+    with pytest.raises(ImageReadError, match="not on the grid"):
+        bare.load_reference(image, other_grid)
+    empty = tmp_path / "empty.nii.gz"
+    write_nifti_labels(np.zeros(read_volume(image).shape, np.uint8), read_volume(image), empty)
+    with pytest.raises(ImageReadError, match="no labelled voxel"):
+        bare.load_reference(image, empty)
+    network = OneShotNetwork(image, label, weights=standin, image_size=IMAGE_SIZE, max_shots=1)
+    with pytest.raises(ValueError, match=r"scaled to \[0, 1\]"):
+        network(torch.full((1, 1, 3, 3, 3), 40.0))
+    with pytest.raises(ValueError, match="B, 1, X, Y, Z"):
+        network(torch.rand(1, 2, 3, 3, 3))
+
+
+def test_verify_net_in_out(standin: Path, hippocampus: Path) -> None:
+    """MONAI's check: a random (1, 1, 8, 8, 8) image through network_def gives one uint8 channel."""
+    verify_net_in_out(net_id="network_def", meta_file=str(METADATA), config_file=str(CONFIG), device="cpu", any=8,
+                      **run_settings(hippocampus, standin))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bundle runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_logging_and_path():
+    """ConfigWorkflow applies logging.conf to the root logger and puts the bundle root on sys.path."""
+    root = logging.getLogger()
+    handlers, level, path = list(root.handlers), root.level, list(sys.path)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    sys.path[:] = path
+
+
+def test_config_workflow_on_a_dicom_study_that_is_its_own_reference(
+        tmp_path: Path, standin: Path, ct_series, hippocampus: Path, restore_logging_and_path) -> None:
+    """As the model-zoo CI runs a bundle: initialize, check_properties, run, finalize.
+
+    The study is an oblique DICOM CT series (which MONAI reorients to RAS and back) labelled on two of its slices:
+    the output must be on the series' grid and keep those two slices exactly.
+    """
+    dataset = tmp_path / "dataset"
+    shutil.copytree(ct_series.folder, dataset / "ct_007")
+    study = read_volume(dataset / "ct_007")
+    full = np.asarray(nib.load(hippocampus / "labels" / f"{REFERENCE}.nii.gz").dataobj).transpose(2, 1, 0)
+    slices = [k for k in range(full.shape[0]) if full[k].any()][::6][:2]
+    partial = np.zeros_like(full, dtype=np.uint8)
+    partial[slices] = full[slices]
+    label_path = write_nifti_labels(partial, study, tmp_path / "ct_007_partial.nii.gz")
+    output_dir = tmp_path / "out"
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIG), meta_file=str(METADATA), logging_file=str(BUNDLE / "configs" / "logging.conf"),
+        workflow_type="infer", bundle_root=str(BUNDLE), dataset_dir=str(dataset), output_dir=str(output_dir),
+        reference_image=str(dataset / "ct_007"), reference_label=str(label_path), weights=str(standin),
+        image_size=IMAGE_SIZE, separate_folder=False)
+    workflow.initialize()
+    assert not workflow.check_properties()
+    workflow.run()
+    workflow.finalize()
+    written = sorted(output_dir.iterdir())
+    assert [p.name for p in written] == ["ct_007_seg.nii.gz"]
+    output = read_volume(written[0])
+    assert output.shape == study.shape
+    assert output.geometry.allclose(study.geometry, atol=1e-3)
+    labels = output.array.astype(np.int64)
+    np.testing.assert_array_equal(labels[slices], partial[slices])
+    others = [k for k in range(labels.shape[0]) if k not in slices]
+    assert labels[others].any(), "nothing propagated to the unlabelled slices"
+
+    again = ConfigWorkflow(config_file=str(CONFIG), meta_file=str(METADATA), logging_file=False, workflow_type="infer",
+                           bundle_root=str(BUNDLE), dataset_dir=str(dataset), output_dir=str(output_dir),
+                           separate_folder=False)
+    with pytest.raises(RuntimeError) as error:
+        again.initialize()  # refuses before anything is built or written
+    assert isinstance(error.value.__cause__, OutputExistsError)
+    assert sorted(output_dir.iterdir()) == written
+
+
+@pytest.mark.slow
+def test_bundle_run_command(tmp_path: Path, nifti_dataset: Path, hippocampus: Path, standin: Path,
+                            expected_labels: dict[str, np.ndarray]) -> None:
+    """`python -m monai.bundle run --config_file monai_bundle/configs/inference.json ...` from the project root."""
+    output_dir = tmp_path / "out"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "monai_bundle/configs/inference.json",
+               "--dataset_dir", str(nifti_dataset), "--output_dir", str(output_dir),
+               *as_command_line(run_settings(hippocampus, standin))]
+    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check_outputs(output_dir, nifti_dataset, expected_labels)
+
+
+@pytest.mark.slow
+def test_bundle_runs_distributed_on_two_cpu_processes(tmp_path: Path, nifti_dataset: Path, hippocampus: Path,
+                                                      standin: Path, expected_labels: dict[str, np.ndarray]) -> None:
+    """torchrun with two gloo processes: every study is segmented exactly once, by one of the two ranks."""
+    output_dir = tmp_path / "out"
+    configs = "['monai_bundle/configs/inference.json','monai_bundle/configs/multi_gpu_inference.json']"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "monai.bundle", "run", "--config_file", configs,
+               "--dataset_dir", str(nifti_dataset), "--output_dir", str(output_dir),
+               *as_command_line(run_settings(hippocampus, standin))]
+    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    segmented = re.findall(r"/(hippocampus_\d+)\.nii\.gz: labels .* \[rank (\d)/2\]", log)
+    assert sorted(name for name, _ in segmented) == sorted(TARGETS), segmented  # each study exactly once
+    assert {rank for _, rank in segmented} == {"0", "1"}, segmented  # both processes worked
+    check_outputs(output_dir, nifti_dataset, expected_labels)
+
