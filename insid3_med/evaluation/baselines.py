@@ -122,9 +122,18 @@ class RegistrationParams:
     affine_iterations: int = 200
     histogram_bins: int = 32
     sampling_fraction: float = 0.25
+    max_samples: int = 50_000  # per metric evaluation of the affine registration
     demons_iterations: int = 50
     demons_sigma_mm: float = 1.5
     seed: int = 0
+    max_voxels: int = 2_000_000  # larger 3D images are registered on a grid shrunk by a whole factor
+    max_pixels: int = 65_536  # the same for 2D images
+
+    def shrink_factor(self, image: sitk.Image) -> int:
+        """The whole factor that brings ``image`` to at most ``max_voxels`` (3D) / ``max_pixels`` (2D) voxels."""
+        limit = self.max_pixels if image.GetDimension() == 2 else self.max_voxels
+        count = float(np.prod(image.GetSize()))
+        return max(1, int(np.ceil((count / limit) ** (1.0 / image.GetDimension()))))
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -147,11 +156,14 @@ def affine_registration(fixed: sitk.Image, moving: sitk.Image, params: Registrat
     initial = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.AffineTransform(dimension), sitk.CenteredTransformInitializerFilter.GEOMETRY
     )
-    levels = [f for f in (4, 2, 1) if min(fixed.GetSize()) // f >= 16] or [1]
+    base = params.shrink_factor(fixed)
+    levels = [f * base for f in (4, 2, 1) if min(fixed.GetSize()) // (f * base) >= 16] or [base]
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=params.histogram_bins)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(params.sampling_fraction, params.seed)
+    voxels = float(np.prod(fixed.GetSize()))
+    fractions = [min(params.sampling_fraction, params.max_samples * f ** dimension / voxels) for f in levels]
+    method.SetMetricSamplingPercentagePerLevel(fractions, params.seed)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
         learningRate=1.0, minStep=1e-4, numberOfIterations=params.affine_iterations,
@@ -175,8 +187,10 @@ def register_affine_deformable(fixed: sitk.Image, moving: sitk.Image,
     fixed = sitk.Cast(fixed, sitk.sitkFloat32)
     moving = sitk.Cast(moving, sitk.sitkFloat32)
     affine = affine_registration(fixed, moving, params)
-    moved = sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    field = demons_field(fixed, moved, params)
+    shrink = params.shrink_factor(fixed)
+    grid = sitk.Shrink(fixed, [shrink] * fixed.GetDimension()) if shrink > 1 else fixed
+    moved = sitk.Resample(moving, grid, affine, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    field = demons_field(grid, moved, params)  # a physical field: it serves the full-resolution grid too
     # CompositeTransform applies its last transform first: p -> p + d(p) (fixed grid), then the affine.
     return sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(field)])
 

@@ -313,6 +313,11 @@ class VolumeCase:
     images: dict[str, Path]
     label_path: Path
 
+    @property
+    def subject(self) -> str:
+        """The subject the case belongs to: its name without a time-frame suffix (ACDC ``patient001_frame01``)."""
+        return re.sub(r"_(frame|time|tp)\d+$", "", self.name)
+
 
 @dataclass
 class VolumeDataset:

@@ -5,8 +5,8 @@
   replace=False)``, then draws references the same way until it has ``shots`` that differ from the target.
 - ``slices``: one episode per (case, structure, kind); kind ``largest`` labels the slice where the structure's
   area is largest, kind ``random`` a slice drawn (seeded per case and structure) among those holding it.
-- ``transfer``: ordered pairs (reference A, target B), A != B, the first ``count`` of a seeded permutation of all
-  pairs.
+- ``transfer``: ordered pairs (reference A, target B) of different subjects, the first ``count`` of a seeded
+  permutation of all such pairs.
 
 A subset of ``count`` cases is the first ``count`` of a seeded permutation, so a larger count extends a smaller
 one and finished episodes stay valid when an evaluation is resumed with more.
@@ -15,6 +15,7 @@ one and finished episodes stay valid when an evaluation is resumed with more.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,10 +95,13 @@ def labelled_slice(mask: np.ndarray, axis: int, kind: str, seed: int, case_index
     raise ValueError(f"unknown slice kind {kind!r}; choose from {SLICE_KINDS}")
 
 
-def sample_pairs(total: int, count: int, seed: int = 0) -> list[tuple[int, int]]:
-    """``count`` ordered (reference, target) index pairs of distinct cases, from a seeded permutation."""
-    if total < 2:
-        raise ValueError("transfer needs at least 2 cases")
-    pairs = [(a, b) for a in range(total) for b in range(total) if a != b]
+def sample_pairs(total: int, count: int, seed: int = 0,
+                 subjects: Sequence[str] | None = None) -> list[tuple[int, int]]:
+    """``count`` ordered (reference, target) index pairs from a seeded permutation of all pairs of distinct cases
+    (and of distinct ``subjects`` when given, e.g. two time frames of one patient never pair)."""
+    subjects = list(subjects) if subjects is not None else [str(i) for i in range(total)]
+    pairs = [(a, b) for a in range(total) for b in range(total) if subjects[a] != subjects[b]]
+    if not pairs:
+        raise ValueError("transfer needs at least 2 cases of different subjects")
     order = np.random.default_rng(seed).permutation(len(pairs))
     return [pairs[int(i)] for i in order[: max(0, count)]]

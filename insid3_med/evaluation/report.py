@@ -232,13 +232,13 @@ def write_plots(report_dir: Path, document: dict[str, Any]) -> list[Path]:
         written.append(_save(figure, report_dir / "iou_per_class.png"))
     if task == "slices":
         figure, axis = plt.subplots(figsize=(6, 3.8))
-        for name, kinds in summary["structures"].items():
+        for number, (name, kinds) in enumerate(summary["structures"].items()):
             for kind, group in kinds.items():
                 curve = group["dice_by_distance"]
                 if curve:
                     distances = [int(d) for d in curve]
-                    axis.plot(distances, [curve[str(d)]["mean"] for d in distances], marker=".",
-                              linestyle="-" if kind == "largest" else "--", label=f"{name} ({kind})")
+                    axis.plot(distances, [curve[str(d)]["mean"] for d in distances], marker=".", color=f"C{number}",
+                              linestyle="-" if kind == "largest" else "--", label=f"{name} ({kind} slice)")
         axis.set(xlabel="distance from the labelled slice (slices)", ylabel="2D Dice", ylim=(0, 1), title=title)
         axis.legend(fontsize=7)
         written.append(_save(figure, report_dir / "dice_by_distance.png"))
@@ -279,25 +279,26 @@ def comparison_rows(documents: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
         task, summary = document["task"], document["summary"]
         dataset, method = document["dataset"]["name"], document["config"]["method"]["method"]
 
-        def put(part: str, kind: str, value: Any, extra: str = "", *, _t: str = task, _d: str = dataset,
-                _m: str = method) -> None:
+        def put(part: str, kind: str, value: Any, count: int, extra: str = "", *, _t: str = task,
+                _d: str = dataset, _m: str = method) -> None:
             row = rows.setdefault((_t, _d, part, kind), {"task": _t, "set": _d, "part": part, "kind": kind,
                                                          "values": {}})
-            row["values"][_m] = (value, extra)
+            row["values"][_m] = (value, extra, count)
 
         if task == "images":
             for name, c in summary["classes"].items():
-                put(name, "IoU %", c["iou"])
-            put("mIoU", "IoU %", summary["miou"])
+                put(name, "IoU %", c["iou"], c["episodes"])
+            put("mIoU", "IoU %", summary["miou"], summary["episodes"])
         elif task == "slices":
             for name, kinds in list(summary["structures"].items()) + [("all", summary["overall"])]:
                 for kind, g in kinds.items():
                     if g["episodes"]:
-                        put(name, f"Dice ({kind} slice)", g["dice"]["mean"], _fmt(g["hd95_mm"]["median"], 1))
+                        put(name, f"Dice ({kind} slice)", g["dice"]["mean"], g["episodes"],
+                            _fmt(g["hd95_mm"]["median"], 1))
         else:
             for name, g in list(summary["structures"].items()) + [("all", summary["overall"])]:
                 put(name, f"Dice ({document['config']['task_options']['reference_mode']})", g["dice"]["mean"],
-                    _fmt(g["hd95_mm"]["median"], 1))
+                    g["episodes"], _fmt(g["hd95_mm"]["median"], 1))
     return list(rows.values())
 
 
@@ -307,7 +308,7 @@ def compare_reports(paths: Sequence[str | Path], output_dir: str | Path | None =
     bar chart (``comparison.md``, ``comparison.png``) to ``output_dir``.
 
     ``paths``: results.json files or report folders. Cells: mean 3D Dice (slices, transfer; HD95 median in mm
-    in brackets) or pooled IoU in % (images).
+    in brackets) or pooled IoU in % (images); ``n=`` gives the episode count where methods differ in it.
     """
     documents = []
     for path in paths:
@@ -326,10 +327,12 @@ def compare_reports(paths: Sequence[str | Path], output_dir: str | Path | None =
     lines = [header, "|" + "---|" * (4 + len(order))]
     for row in rows:
         cells = []
+        counts = {v[2] for v in row["values"].values()}
         for name in order:
-            value, extra = row["values"].get(name, (None, ""))
+            value, extra, count = row["values"].get(name, (None, "", 0))
             digits = 1 if row["kind"].startswith("IoU") else 3
-            cells.append(_fmt(value, digits) + (f" ({extra})" if extra and extra != "-" else ""))
+            cell = _fmt(value, digits) + (f" ({extra})" if extra and extra != "-" else "")
+            cells.append(cell + (f" n={count}" if len(counts) > 1 and name in row["values"] else ""))
         lines.append(f"| {row['task']} | {row['set']} | {row['part']} | {row['kind']} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     if output_dir is not None:

@@ -320,11 +320,10 @@ class TransferTask:
         return {"reference_mode": self.reference_mode, "slice_axis_rule": self.dataset.slice_axis_rule}
 
     def plan(self, count: int | None, seed: int) -> list[Episode]:
-        """``count`` seeded (reference, target) pairs (None: 50, or every pair of a smaller set)."""
-        total = len(self.dataset.cases)
-        count = min(50, total * (total - 1)) if count is None else count
-        return [Episode(f"{self.dataset.cases[a].name}->{self.dataset.cases[b].name}", (a, b))
-                for a, b in sample_pairs(total, count, seed)]
+        """``count`` seeded (reference, target) pairs of different subjects (None: 50, or all of a smaller set)."""
+        cases = self.dataset.cases
+        pairs = sample_pairs(len(cases), 50 if count is None else count, seed, [c.subject for c in cases])
+        return [Episode(f"{cases[a].name}->{cases[b].name}", (a, b)) for a, b in pairs]
 
     def run(self, episode: Episode, method: EvaluationMethod) -> dict[str, Any]:
         a, b = episode.spec
