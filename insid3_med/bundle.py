@@ -261,6 +261,7 @@ class OneShotNetwork(nn.Module):
     weights: backbone weights (None: the ``INSID3_MED_WEIGHTS`` variable, then the Hugging Face cache); image_size,
     feature_block, precision, fit, tau, merge_threshold, basis_rank, probe: as in :class:`OneShotSegmenter`
     and :class:`EngineParams`. axis: the slicing axis ("axial", "coronal", "sagittal" or k/j/i), per study.
+    device: where the backbone loads (``.to(device)`` moves it later too).
 
     State (``state_dict``): ``positional_basis`` (C, r) float32, the basis the features are debiased with, and
     ``state_fingerprint`` (32,) uint8, the sha256 of the weights file, feature block, precision, probe, input side
@@ -273,18 +274,18 @@ class OneShotNetwork(nn.Module):
                  weights: str | Path | None = None, image_size: int = 448, axis: str | int = "axial",
                  feature_block: int | None = None, precision: str = "fp32", fit: str = "stretch",
                  max_shots: int = 8, tau: float = 0.6, merge_threshold: float = 0.2, basis_rank: int | None = None,
-                 probe: str = "black", batch_size: int = 4) -> None:
+                 probe: str = "black", batch_size: int = 4, device: str | torch.device = "cpu") -> None:
         super().__init__()
         if max_shots < 1:
             raise ValueError(f"max_shots must be at least 1, not {max_shots}")
-        backbone = load_backbone(weights, device="cpu", precision=precision, feature_block=feature_block)
+        backbone = load_backbone(weights, device=device, precision=precision, feature_block=feature_block)
         params = EngineParams(tau=tau, merge_threshold=merge_threshold, basis_rank=basis_rank, probe=probe)
         self.segmenter = _NetworkSegmenter(backbone, image_size=image_size, params=params, fit=fit)
         self.axis = axis
         self.max_shots = int(max_shots)
         self.batch_size = int(batch_size)
-        self.register_buffer("positional_basis", self.segmenter.basis().detach().cpu().clone())
-        self.register_buffer("state_fingerprint", self.expected_fingerprint())
+        self.register_buffer("positional_basis", self.segmenter.basis().detach().clone())
+        self.register_buffer("state_fingerprint", self.expected_fingerprint().to(self.positional_basis.device))
         self.reference_transform = reference_transform or reference_preprocessing()
         self.reference: BundleReference | None = None
         if reference_image or reference_label:

@@ -190,8 +190,9 @@ def test_list_studies(tmp_path: Path, nifti_dataset: Path, ct_series, two_series
     with pytest.raises(ImageReadError, match="no study found"):
         list_studies(tmp_path / "nothing")
     folder, _ = two_series_folder
+    shutil.copytree(folder, tmp_path / "mixed" / "two_series")
     with pytest.raises(ImageReadError, match="2 DICOM series"):
-        list_studies(folder.parent)
+        list_studies(tmp_path / "mixed")
 
 
 def test_scale_intensity_preset_matches_the_library(hippocampus: Path, ct_series) -> None:
