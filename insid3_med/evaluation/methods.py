@@ -119,38 +119,33 @@ class RegistrationMethod(EvaluationMethod):
 
 
 class OursMethod(EvaluationMethod):
-    """The one-shot method (INSID3) through the library's segmenter, propagation and transfer functions."""
+    """The one-shot method (INSID3) through the library's segmenter, propagation and transfer functions.
+
+    ``segmenter``: a :class:`~insid3_med.predictor.OneShotSegmenter`; see :func:`build_method` for building one from
+    options.
+    """
 
     name = "ours"
 
-    def __init__(self, backbone_options: dict[str, Any] | None = None, image_size: int | None = None,
-                 engine_params: dict[str, Any] | None = None, preset: str | None = None) -> None:
-        from insid3_med.backbones import load_backbone
-        from insid3_med.engine import EngineParams
-        from insid3_med.predictor import OneShotSegmenter
-
-        self.backbone_options = dict(backbone_options or {})
-        self.backbone = load_backbone(**self.backbone_options)
-        params = EngineParams(**(engine_params or {}))
-        kwargs: dict[str, Any] = {"params": params}
-        if image_size is not None:
-            kwargs["image_size"] = int(image_size)
-        self.segmenter = OneShotSegmenter(self.backbone, **kwargs)
+    def __init__(self, segmenter: Any, preset: str | None = None, weights: str | Path | None = None) -> None:
+        self.segmenter = segmenter
+        self.backbone = segmenter.backbone
         self.preset = preset
+        self.weights = weights
 
     def describe(self) -> dict[str, Any]:
         backbone = self.backbone
         spec = getattr(backbone, "spec", None)
-        weights = self.backbone_options.get("weights")
         return {
             "method": self.name,
             "backbone": getattr(spec, "name", type(backbone).__name__),
-            "weights": str(getattr(backbone, "location", weights)),
-            "weights_sha256": weights_sha256(backbone, weights),
+            "weights": str(getattr(backbone, "location", self.weights)),
+            "weights_sha256": weights_sha256(backbone, self.weights),
             "feature_block": getattr(backbone, "feature_block", None),
             "precision": getattr(backbone, "precision", None),
             "device": str(getattr(backbone, "device", "")),
             "image_size": self.segmenter.image_size,
+            "fit": getattr(self.segmenter, "fit", None),
             "engine_params": _as_dict(self.segmenter.params),
             "basis_rank": getattr(self.segmenter, "basis_rank", None),
             "preset": self.preset,
@@ -212,14 +207,31 @@ def _as_dict(params: Any) -> dict[str, Any]:
     return {"repr": repr(params)}
 
 
-def build_method(name: str, *, backbone_options: dict[str, Any] | None = None, image_size: int | None = None,
-                 engine_params: dict[str, Any] | None = None, registration: RegistrationParams | None = None,
-                 preset: str | None = None) -> EvaluationMethod:
-    """The method called ``name`` (one of :data:`METHODS`)."""
+def build_method(name: str, *, model: Any = None, backbone_options: dict[str, Any] | None = None,
+                 image_size: int | None = None, engine_params: dict[str, Any] | None = None,
+                 registration: RegistrationParams | None = None, preset: str | None = None) -> EvaluationMethod:
+    """The method called ``name`` (one of :data:`METHODS`).
+
+    For ``ours`` the segmenter comes from ``model`` (an object whose ``build()`` returns a ``OneShotSegmenter``,
+    such as :class:`insid3_med.jobs.ModelOptions`) or else from ``backbone_options`` (keywords of
+    ``load_backbone``: weights, device, precision, feature_block), ``image_size`` and ``engine_params``
+    (``EngineParams`` fields).
+    """
     if name == "copy":
         return CopyMethod()
     if name == "registration":
         return RegistrationMethod(registration)
-    if name == "ours":
-        return OursMethod(backbone_options, image_size, engine_params, preset)
-    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    if name != "ours":
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    if model is not None:
+        return OursMethod(model.build(), preset, getattr(model, "weights", None))
+    from insid3_med.backbones import load_backbone
+    from insid3_med.engine import EngineParams
+    from insid3_med.predictor import OneShotSegmenter
+
+    options = dict(backbone_options or {})
+    backbone = load_backbone(**options)
+    kwargs: dict[str, Any] = {"params": EngineParams(**(engine_params or {}))}
+    if image_size is not None:
+        kwargs["image_size"] = int(image_size)
+    return OursMethod(OneShotSegmenter(backbone, **kwargs), preset, options.get("weights"))

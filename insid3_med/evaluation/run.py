@@ -26,7 +26,7 @@ from insid3_med.evaluation.report import (
     write_reports,
 )
 from insid3_med.evaluation.store import EpisodeStore, config_hash
-from insid3_med.evaluation.tasks import TASKS, ImageTask, SliceTask, TransferTask
+from insid3_med.evaluation.tasks import TASKS, ImageTask, SliceTask, TransferTask, headline
 
 DEFAULT_IMAGE_EPISODES = 600
 DEFAULT_IMAGE_SIZE = 448
@@ -42,6 +42,7 @@ def run_evaluation(
     seed: int = 0,
     backbone_options: dict[str, Any] | None = None,
     image_size: int | None = None,
+    model: Any = None,
     resume: bool = True,
     progress: bool = True,
     limit_cases: int | None = None,
@@ -62,9 +63,11 @@ def run_evaluation(
 
     task: ``images`` | ``slices`` | ``transfer``. episodes: images: episodes (default 600); slices: number of
     cases, a seeded subset (default all); transfer: number of seeded (reference, target) pairs (default 50).
-    method: ``copy`` | ``registration`` | ``ours`` (``backbone_options``: ``load_backbone`` keywords: weights,
-    device, precision, feature_block). image_size: the side s of the ``images`` task and of the segmenter
-    (default: the segmenter's, 448 for baselines). limit_cases: keep only the first N cases of the set (sorted
+    method: ``copy`` | ``registration`` | ``ours``; the segmenter of ``ours`` comes from ``model`` (e.g.
+    :class:`insid3_med.jobs.ModelOptions`, anything whose ``build()`` returns a ``OneShotSegmenter``) or from
+    ``backbone_options`` (``load_backbone`` keywords: weights, device, precision, feature_block), ``image_size``
+    and ``engine_params``. image_size: also the side s of the ``images`` task (default: the segmenter's, else
+    448). limit_cases: keep only the first N cases of the set (sorted
     by name) before sampling. resume: reuse finished episodes of the same configuration in ``report_dir``;
     a folder holding another configuration (or any episodes when ``resume`` is False) raises
     :class:`ReportExistsError` unless ``overwrite``. threads: torch and SimpleITK threads (default: SimpleITK 1,
@@ -89,7 +92,7 @@ def run_evaluation(
     if limit_cases is not None:
         _limit_cases(dataset, limit_cases)
 
-    evaluator = build_method(method, backbone_options=backbone_options, image_size=image_size,
+    evaluator = build_method(method, model=model, backbone_options=backbone_options, image_size=image_size,
                              engine_params=engine_params, registration=registration, preset=preset)
     if task == "images":
         size = image_size or getattr(getattr(evaluator, "segmenter", None), "image_size", None) or DEFAULT_IMAGE_SIZE
@@ -125,6 +128,7 @@ def run_evaluation(
             bar.close()
 
     results = [store.get(e.episode_id) for e in planned]
+    summary = runner.summarise([r for r in results if r is not None])
     document = {
         "task": task,
         "dataset": config["dataset"],
@@ -132,7 +136,8 @@ def run_evaluation(
         "machine": machine_description(),
         "date": now_iso(),
         "command": command if command is not None else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "summary": runner.summarise([r for r in results if r is not None]),
+        "summary": summary,
+        "headline": headline(task, summary),
         "episode_ids": [e.episode_id for e in planned],
     }
     write_reports(report_dir, document)

@@ -377,3 +377,20 @@ def _transfer_group(scores: list[dict[str, Any]]) -> dict[str, Any]:
         "hd95_capped": sum(bool(s["hd95_capped"]) for s in scores),
         "predicted_empty": sum(bool(s["predicted_empty"]) for s in scores),
     }
+
+
+def headline(task: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """The few figures that sum up an evaluation (printed by the command line)."""
+    if task == "images":
+        return {"episodes": summary["episodes"], "miou": summary["miou"], "fbiou": summary["fbiou"],
+                "dice_mean": summary["dice"]["mean"]}
+    if task == "slices":
+        figures: dict[str, Any] = {"episodes": summary["episodes"]}
+        for kind, group in summary["overall"].items():
+            figures[f"dice_{kind}_slice"] = group["dice"]["mean"]
+            figures[f"hd95_mm_median_{kind}_slice"] = group["hd95_mm"]["median"]
+            figures[f"fp_slice_share_{kind}_slice"] = group["fp_slice_share"]
+        return figures
+    overall = summary["overall"]
+    return {"episodes": summary["episodes"], "dice": overall["dice"]["mean"],
+            "hd95_mm_median": overall["hd95_mm"]["median"]}
