@@ -3,19 +3,28 @@
 The partition equals ``scipy.cluster.hierarchy.fcluster(linkage(condensed, "average"), t, "distance")`` (up to
 exact ties): the flat clusters are the subtrees of the average-linkage dendrogram whose merge heights are <= t.
 
-How it is computed (exact, vectorised, device-agnostic torch):
+How it is computed (exact, vectorised torch, any device; float64 by default):
 - Average linkage is *reducible*: merging clusters a and b never brings the merged cluster closer to any k than
-  min(d(a, k), d(b, k)). Hence every reciprocal-nearest-neighbour (RNN) pair is a merge of the sequential
-  algorithm, and all RNN pairs at height <= t can be merged at once, round after round, giving the same
-  dendrogram below t (the argument behind the NN-chain algorithm).
-- The average distances between active clusters are kept in one dense matrix, updated by the Lance-Williams rule
-  of average linkage, d(a+b, k) = (n_a d(a, k) + n_b d(b, k)) / (n_a + n_b), for all pairs of a round at once.
-- Each row caches its nearest neighbour; by reducibility only rows whose neighbour merged need a new search.
-- A cluster whose nearest neighbour is farther than t can never merge again (every later distance to it is a
-  weighted mean of distances > t): it is retired, and the matrix is compacted as clusters disappear.
+  min(d(a, k), d(b, k)). Hence every pair of reciprocal nearest neighbours is a merge of the sequential
+  algorithm, and all such pairs at height <= t can be merged at once, round after round, giving the same
+  dendrogram below t (the argument behind the NN-chain algorithm). Exact ties are matched so that a group of
+  tied clusters halves each round; identical feature rows are merged up front (distance 0).
+- The average distances between clusters are kept in one dense matrix, updated in place by the Lance-Williams
+  rule of average linkage, d(a+b, k) = (n_a d(a, k) + n_b d(b, k)) / (n_a + n_b), for all pairs of a round.
+- Each row caches its nearest neighbour and a lower bound on the others; by reducibility only rows whose
+  neighbour merged may need a new scan.
+- A cluster farther than t from all others never merges again (every later distance to it is a weighted mean of
+  distances > t): it is retired, and the matrix is compacted as clusters disappear.
+Cost: one N x N float64 matrix (128 MiB at N = 4096), a Gram product on half of it, then O(N^2) memory traffic
+over typically a few tens of rounds (one merge per round in the worst case, e.g. points on a line with growing
+gaps). On the CPU the rounds run on one thread (see ``_single_threaded``).
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -25,8 +34,41 @@ __all__ = ["average_linkage_clusters", "average_linkage_clusters_from_distances"
 _COMPACT_FRACTION = 0.75
 # Merged clusters whose new columns are written in one call (a column write costs about one pass per row).
 _COLUMN_GROUP = 1024
+# Rows per product of the upper block triangle of the Gram matrix, and side of the tiles mirrored in cache.
+_GRAM_ROWS = 256
+_TILE = 256
 # Relative tolerance of the symmetry check on user-given distance matrices.
 _SYMMETRY_RTOL = 1e-6
+
+
+_thread_lock = threading.Lock()
+_single_threaded_depth = 0
+_saved_threads = 1
+
+
+@contextlib.contextmanager
+def _single_threaded(device: torch.device) -> Iterator[None]:
+    """Run torch CPU ops on one thread inside the block (restored after, safe under concurrent callers).
+
+    The merge rounds are many small memory-bound operations: a second thread gains little, while on a CPU shared
+    with other work each parallel region waits for descheduled threads (measured 10x slower on 2 busy cores).
+    """
+    global _single_threaded_depth, _saved_threads
+    if device.type != "cpu":
+        yield
+        return
+    with _thread_lock:
+        if _single_threaded_depth == 0:
+            _saved_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _single_threaded_depth += 1
+    try:
+        yield
+    finally:
+        with _thread_lock:
+            _single_threaded_depth -= 1
+            if _single_threaded_depth == 0:
+                torch.set_num_threads(_saved_threads)
 
 
 class ClusteringInputError(ValueError):
@@ -58,20 +100,24 @@ def _unit_rows(features: torch.Tensor, dtype: torch.dtype | None) -> torch.Tenso
 def _distances_of_unit_rows(x: torch.Tensor) -> torch.Tensor:
     """(N, C) unit rows -> (N, N) 1 - clamp(x x^T, -1, 1), exactly symmetric, zero diagonal.
 
-    Only the upper block triangle is multiplied; the lower one is its mirror.
+    Only the upper block triangle is multiplied; then, tile by tile while the tile is in cache, the cosine is
+    turned into a distance and mirrored into the lower triangle.
     """
     n = x.shape[0]
     out = torch.empty((n, n), dtype=x.dtype, device=x.device)
-    block = max(256, -(-n // 4))
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        torch.mm(x[start:stop], x[start:].T, out=out[start:stop, start:])
-        diagonal = out[start:stop, start:stop]
-        diagonal.copy_(torch.triu(diagonal) + torch.triu(diagonal, diagonal=1).T)
-        if stop < n:
-            out[stop:, start:stop] = out[start:stop, stop:].T
-    out.clamp_(-1.0, 1.0)
-    torch.sub(1.0, out, out=out)
+    rows = max(_GRAM_ROWS, -(-n // 8))
+    negated = -x
+    for start in range(0, n, rows):
+        torch.mm(x[start : start + rows], negated[start:].T, out=out[start : start + rows, start:])
+    tile = _TILE if x.device.type == "cpu" else n
+    for i in range(0, n, tile):
+        for j in range(i, n, tile):
+            block = out[i : i + tile, j : j + tile]
+            block.add_(1.0).clamp_(0.0, 2.0)  # 1 - clamp(cosine, -1, 1)
+            if j == i:
+                block.copy_(torch.triu(block) + torch.triu(block, diagonal=1).T)
+            else:
+                out[j : j + tile, i : i + tile] = block.T
     out.fill_diagonal_(0.0)
     return out
 
@@ -350,6 +396,12 @@ def _compact_in_place(flat: torch.Tensor, side: int, keep: torch.Tensor, chunk: 
 
 
 def _cluster_in_place(dist: torch.Tensor, t: float, size: torch.Tensor | None = None) -> torch.Tensor:
+    """Average-linkage clusters cut at t from a working distance matrix (see ``_merge_rounds``)."""
+    with _single_threaded(dist.device):
+        return _merge_rounds(dist, t, size)
+
+
+def _merge_rounds(dist: torch.Tensor, t: float, size: torch.Tensor | None) -> torch.Tensor:
     """Average-linkage clusters cut at t from a working distance matrix.
 
     dist: (N, N) contiguous, exactly symmetric, N >= 2; its storage is reused (overwritten). size: (N,) initial
