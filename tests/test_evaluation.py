@@ -456,6 +456,11 @@ def test_images_task_pools_iou_over_episodes(tmp_path: Path) -> None:
     assert 0 < summary["miou"] < 100 and summary["fbiou"] > summary["miou"]
     assert (tmp_path / "report" / "dice_histogram.png").is_file()
     assert ImageClass("foreground").binary(np.array([255])).all()
+    two_shots = run_evaluation("images", tmp_path / "data", tmp_path / "two", method="copy", episodes=4, shots=2,
+                               image_size=20, progress=False)
+    record = json.loads((tmp_path / "two" / "episodes.jsonl").read_text().split("\n")[0])["result"]
+    assert len(record["references"]) == 2 and record["target"] not in record["references"]
+    assert two_shots["config"]["task_options"]["shots"] == 2
 
 
 def test_transfer_and_comparison_table(tmp_path: Path) -> None:

@@ -38,8 +38,9 @@ def test_ours_slices_and_transfer_on_hippocampus(tmp_path: Path, options: dict) 
     copy = run_evaluation("slices", DATA / "hippocampus", tmp_path / "copy", method="copy", episodes=1,
                           kinds=["largest"], progress=False)
     assert copy["episode_ids"] == ours["episode_ids"]  # the same episodes for every method
-    table = compare_reports([tmp_path / "ours", tmp_path / "copy"], methods=["ours", "copy"])
+    table = compare_reports([tmp_path / "ours", tmp_path / "copy"], tmp_path / "cmp", methods=["ours", "copy"])
     assert "| slices | hippocampus | all | Dice (largest slice) |" in table
+    assert (tmp_path / "cmp" / "comparison_dice_by_distance.png").is_file()
 
     transfer = run_evaluation("transfer", DATA / "hippocampus", tmp_path / "transfer", method="ours", episodes=1,
                               reference_mode="slice", **options)

@@ -2,8 +2,9 @@
 
 Each method answers the three tasks' questions:
 
-- ``segment_image(reference_image, reference_mask, target_image)``: (H, W) bool prediction for the target, from an
-  (H, W, 3) uint8 reference image with its (H, W) bool mask;
+- ``segment_image(references, target_image)``: (H, W) bool prediction for the (H, W, 3) uint8 target, from
+  reference shots, each an (H, W, 3) uint8 image with its (H, W) bool mask (baselines with several shots take the
+  pixel-wise majority of their per-shot predictions);
 - ``propagate(volume, labels, axis)``: (K, J, I) labels with one labelled slice along ``axis`` -> (K, J, I) labels;
 - ``transfer(reference, reference_labels, target, axis)``: a reference volume's labels (one slice or all of them)
   -> the target's (K', J', I') labels.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ class EvaluationMethod(ABC):
         return {"method": self.name}
 
     @abstractmethod
-    def segment_image(self, reference_image: np.ndarray, reference_mask: np.ndarray,
+    def segment_image(self, references: Sequence[tuple[np.ndarray, np.ndarray]],
                       target_image: np.ndarray) -> np.ndarray: ...
 
     @abstractmethod
@@ -52,6 +54,12 @@ class EvaluationMethod(ABC):
     @abstractmethod
     def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume,
                  axis: int) -> np.ndarray: ...
+
+
+def _majority(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """Pixel-wise majority (at least half) of several (H, W) masks, as bool."""
+    votes = np.sum([np.asarray(m) != 0 for m in masks], axis=0)
+    return votes * 2 >= len(masks)
 
 
 def _single_slice(labels: np.ndarray, axis: int) -> bool:
@@ -67,9 +75,9 @@ class CopyMethod(EvaluationMethod):
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "transfer_alignment": "grid centres"}
 
-    def segment_image(self, reference_image: np.ndarray, reference_mask: np.ndarray,
+    def segment_image(self, references: Sequence[tuple[np.ndarray, np.ndarray]],
                       target_image: np.ndarray) -> np.ndarray:
-        return copy_mask_2d(reference_mask, target_image.shape[:2]).astype(bool)
+        return _majority([copy_mask_2d(mask, target_image.shape[:2]) for _, mask in references])
 
     def propagate(self, volume: Volume, labels: np.ndarray, axis: int, cache_key: object = None) -> np.ndarray:
         return copy_labelled_slice(labels, axis)
@@ -94,10 +102,10 @@ class RegistrationMethod(EvaluationMethod):
                 "slices": "demons slice n -> n+1, chained from the labelled slice",
                 "transfer": "affine (Mattes MI) then demons, labels nearest neighbour"}
 
-    def segment_image(self, reference_image: np.ndarray, reference_mask: np.ndarray,
+    def segment_image(self, references: Sequence[tuple[np.ndarray, np.ndarray]],
                       target_image: np.ndarray) -> np.ndarray:
-        return register_mask_2d(reference_image, reference_mask.astype(np.int16), target_image,
-                                self.params).astype(bool)
+        return _majority([register_mask_2d(image, mask.astype(np.int16), target_image, self.params)
+                          for image, mask in references])
 
     def propagate(self, volume: Volume, labels: np.ndarray, axis: int, cache_key: object = None) -> np.ndarray:
         return self.chain.propagate(volume, labels, axis, cache_key=cache_key)
@@ -151,14 +159,14 @@ class OursMethod(EvaluationMethod):
             "preset": self.preset,
         }
 
-    def segment_image(self, reference_image: np.ndarray, reference_mask: np.ndarray,
+    def segment_image(self, references: Sequence[tuple[np.ndarray, np.ndarray]],
                       target_image: np.ndarray) -> np.ndarray:
-        from insid3_med.engine import EmptyReferenceError
-
-        try:
-            self.segmenter.set_reference(reference_image, reference_mask.astype(np.int64))
-        except EmptyReferenceError:
+        shots = [(image, mask.astype(np.int64)) for image, mask in references if np.any(mask)]
+        if not shots:  # nothing to look for: the prediction is empty
             return np.zeros(target_image.shape[:2], dtype=bool)
+        self.segmenter.set_reference(*shots[0])
+        for image, mask in shots[1:]:
+            self.segmenter.add_reference(image, mask)
         return np.asarray(self.segmenter.segment(target_image)) > 0
 
     def propagate(self, volume: Volume, labels: np.ndarray, axis: int, cache_key: object = None) -> np.ndarray:

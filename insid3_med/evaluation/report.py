@@ -234,12 +234,12 @@ def write_plots(report_dir: Path, document: dict[str, Any]) -> list[Path]:
         figure, axis = plt.subplots(figsize=(6, 3.8))
         for number, (name, kinds) in enumerate(summary["structures"].items()):
             for kind, group in kinds.items():
-                curve = group["dice_by_distance"]
-                if curve:
-                    distances = [int(d) for d in curve]
-                    axis.plot(distances, [curve[str(d)]["mean"] for d in distances], marker=".", color=f"C{number}",
+                distances, values = distance_curve(group)
+                if distances:
+                    axis.plot(distances, values, marker=".", color=f"C{number}",
                               linestyle="-" if kind == "largest" else "--", label=f"{name} ({kind} slice)")
-        axis.set(xlabel="distance from the labelled slice (slices)", ylabel="2D Dice", ylim=(0, 1), title=title)
+        axis.set(xlabel="distance from the labelled slice (slices)", ylabel="mean 2D Dice", ylim=(0, 1),
+                 title=title)
         axis.legend(fontsize=7)
         written.append(_save(figure, report_dir / "dice_by_distance.png"))
     if task in ("slices", "transfer"):
@@ -258,6 +258,15 @@ def write_plots(report_dir: Path, document: dict[str, Any]) -> list[Path]:
         axis.set(ylabel="mean 3D Dice", ylim=(0, 1), title=title)
         written.append(_save(figure, report_dir / "dice_per_structure.png"))
     return written
+
+
+def distance_curve(group: dict[str, Any], min_share: float = 0.1) -> tuple[list[int], list[float]]:
+    """(distances, mean 2D Dice) of a slices summary group, keeping distances reached by at least ``min_share``
+    of its episodes (and at least 3), where the mean is not the noise of a few volumes."""
+    least = max(3, int(np.ceil(min_share * group.get("episodes", 0))))
+    curve = group.get("dice_by_distance", {})
+    distances = sorted(int(d) for d, v in curve.items() if v["n"] >= least)
+    return distances, [float(curve[str(d)]["mean"]) for d in distances]
 
 
 def _mean(stats: dict[str, Any] | None) -> float:
@@ -339,7 +348,29 @@ def compare_reports(paths: Sequence[str | Path], output_dir: str | Path | None =
         output_dir = Path(output_dir)
         write_text(output_dir / "comparison.md", text)
         _comparison_plot(rows, order, output_dir / "comparison.png")
+        slices = [d for d in documents if d["task"] == "slices"]
+        if slices:
+            _distance_comparison_plot(slices, order, output_dir / "comparison_dice_by_distance.png")
     return text
+
+
+def _distance_comparison_plot(documents: list[dict[str, Any]], methods: list[str], path: Path) -> Path:
+    """Mean 2D Dice against the distance from the labelled slice, one panel per set, one line per method."""
+    plt = _pyplot()
+    sets = sorted({d["dataset"]["name"] for d in documents})
+    figure, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.4), squeeze=False)
+    for axis, name in zip(axes[0], sets, strict=True):
+        for document in (d for d in documents if d["dataset"]["name"] == name):
+            method = document["config"]["method"]["method"]
+            colour = f"C{methods.index(method)}" if method in methods else None
+            for kind, group in document["summary"]["overall"].items():
+                distances, values = distance_curve(group)
+                if distances:
+                    axis.plot(distances, values, marker=".", color=colour,
+                              linestyle="-" if kind == "largest" else "--", label=f"{method} ({kind} slice)")
+        axis.set(title=name, xlabel="distance from the labelled slice (slices)", ylabel="mean 2D Dice", ylim=(0, 1))
+        axis.legend(fontsize=6)
+    return _save(figure, path)
 
 
 def _comparison_plot(rows: list[dict[str, Any]], methods: list[str], path: Path) -> Path:
@@ -356,7 +387,8 @@ def _comparison_plot(rows: list[dict[str, Any]], methods: list[str], path: Path)
         for i, method in enumerate(methods):
             values = [r["values"].get(method, (None, ""))[0] for r in panel]
             axis.bar(positions + i * width, [v if v is not None else 0.0 for v in values], width, label=method)
-        names = [f"{r['set']}\n{r['part']}\n{r['kind'].split('(')[-1].rstrip(')')}" for r in panel]
+        names = [f"{r['task']} {r['set']}\n{r['part']}" + (f"\n{r['kind'].split('(')[-1].rstrip(')')}"
+                                                         if "(" in r["kind"] else "") for r in panel]
         axis.set_xticks(positions + width * (len(methods) - 1) / 2, names, fontsize=6)
         axis.set_ylabel(label)
         axis.legend(fontsize=7)

@@ -120,9 +120,9 @@ class ImageTask:
         image_class = next(c for c in self.dataset.classes if c.name == spec.class_name)
         target_image, target_mask = self._load(spec.target)
         truth = image_class.binary(target_mask)
-        reference_image, reference_mask = self._load(spec.references[0])
+        references = [(image, image_class.binary(mask)) for image, mask in map(self._load, spec.references)]
         start = time.perf_counter()
-        prediction = method.segment_image(reference_image, image_class.binary(reference_mask), target_image)
+        prediction = method.segment_image(references, target_image)
         seconds = time.perf_counter() - start
         counts = confusion_counts(prediction, truth)
         return {
