@@ -390,8 +390,8 @@ def _compact_in_place(flat: torch.Tensor, side: int, keep: torch.Tensor, chunk: 
     old = flat[: side * side].view(side, side)
     for lo in range(0, m, chunk):
         hi = min(lo + chunk, m)
-        part = _take_columns(old.index_select(0, keep[lo:hi]), keep)
-        flat[lo * m : hi * m] = part.reshape(-1)
+        rows = old.index_select(0, keep[lo:hi])
+        torch.gather(rows, 1, keep.expand(hi - lo, -1), out=flat[lo * m : hi * m].view(hi - lo, m))
     return flat[: m * m].view(m, m)
 
 

@@ -304,3 +304,18 @@ def test_thread_setting_is_restored() -> None:
     with pytest.raises(ClusteringInputError):
         average_linkage_clusters_from_distances(torch.tensor([[0.0, 1.0], [2.0, 0.0]]), 0.4)
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize(("group", "chunk_elements", "compact_fraction"), [(5, 1 << 10, 0.75), (3, 1 << 8, 0.95)])
+def test_small_groups_chunks_and_compactions_match_scipy(
+    monkeypatch: pytest.MonkeyPatch, group: int, chunk_elements: int, compact_fraction: float
+) -> None:
+    # Many column groups per round, many chunks per pass and frequent compactions: the paths that large inputs
+    # take, on a small one.
+    monkeypatch.setattr(clustering, "_COLUMN_GROUP", group)
+    monkeypatch.setattr(clustering, "_COMPACT_FRACTION", compact_fraction)
+    monkeypatch.setattr(clustering, "_chunk_rows", lambda side, device: max(1, chunk_elements // side))
+    features = planted_clusters(400, 32, 15, spread=0.9, seed=23)
+    for threshold in (0.2, 0.4, 0.7):
+        ours = average_linkage_clusters(features, threshold)
+        assert same_partition(ours, scipy_clusters_of_features(features, threshold)), threshold
