@@ -17,7 +17,7 @@ How it is computed (exact, vectorised torch, any device; float64 by default):
   distances > t): it is retired, and the matrix is compacted as clusters disappear.
 Cost: one N x N float64 matrix (128 MiB at N = 4096), a Gram product on half of it, then O(N^2) memory traffic
 over typically a few tens of rounds (one merge per round in the worst case, e.g. points on a line with growing
-gaps). On the CPU the rounds run on one thread (see ``_single_threaded``).
+gaps). On the CPU all but the Gram product run on one thread (see ``_single_threaded``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ _COLUMN_GROUP = 1024
 # Rows per product of the upper block triangle of the Gram matrix, and side of the tiles mirrored in cache.
 _GRAM_ROWS = 256
 _TILE = 256
+# Gram products with at least this many N * N * C multiply-adds use the caller's threads; smaller ones gain too
+# little from threads for the cost of waking them on a busy CPU.
+_PARALLEL_GRAM_MACS = 1 << 32
 # Relative tolerance of the symmetry check on user-given distance matrices.
 _SYMMETRY_RTOL = 1e-6
 
@@ -50,8 +53,9 @@ _saved_threads = 1
 def _single_threaded(device: torch.device) -> Iterator[None]:
     """Run torch CPU ops on one thread inside the block (restored after, safe under concurrent callers).
 
-    The merge rounds are many small memory-bound operations: a second thread gains little, while on a CPU shared
-    with other work each parallel region waits for descheduled threads (measured 10x slower on 2 busy cores).
+    The clustering is mostly small memory-bound operations: a second thread gains little, while on a CPU shared
+    with other work each parallel region waits for descheduled threads (measured 5 to 15 times slower on 2 busy
+    cores). Only the Gram product gets the caller's threads back (``_caller_threads``).
     """
     global _single_threaded_depth, _saved_threads
     if device.type != "cpu":
@@ -69,6 +73,20 @@ def _single_threaded(device: torch.device) -> Iterator[None]:
             _single_threaded_depth -= 1
             if _single_threaded_depth == 0:
                 torch.set_num_threads(_saved_threads)
+
+
+@contextlib.contextmanager
+def _caller_threads(enabled: bool = True) -> Iterator[None]:
+    """Inside ``_single_threaded``: give the block the caller's thread count back (for large BLAS products)."""
+    with _thread_lock:
+        threads = _saved_threads if enabled and _single_threaded_depth > 0 else 1
+    if threads > 1:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(1)
 
 
 class ClusteringInputError(ValueError):
@@ -107,8 +125,9 @@ def _distances_of_unit_rows(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((n, n), dtype=x.dtype, device=x.device)
     rows = max(_GRAM_ROWS, -(-n // 8))
     negated = -x
-    for start in range(0, n, rows):
-        torch.mm(x[start : start + rows], negated[start:].T, out=out[start : start + rows, start:])
+    with _caller_threads(n * n * x.shape[1] >= _PARALLEL_GRAM_MACS):
+        for start in range(0, n, rows):
+            torch.mm(x[start : start + rows], negated[start:].T, out=out[start : start + rows, start:])
     tile = _TILE if x.device.type == "cpu" else n
     for i in range(0, n, tile):
         for j in range(i, n, tile):
@@ -129,7 +148,8 @@ def cosine_distance_matrix(features: torch.Tensor, dtype: torch.dtype | None = N
     exactly symmetric, with a zero diagonal, on the features' device.
     """
     _check_features(features)
-    return _distances_of_unit_rows(_unit_rows(features, dtype))
+    with _single_threaded(features.device):
+        return _distances_of_unit_rows(_unit_rows(features, dtype))
 
 
 def _check_features(features: torch.Tensor) -> None:
@@ -182,9 +202,14 @@ def average_linkage_clusters(
     """
     _check_features(features)
     t = _check_threshold(distance_threshold)
-    n = features.shape[0]
-    if n == 1:
+    if features.shape[0] == 1:
         return torch.zeros(1, dtype=torch.int64, device=features.device)
+    with _single_threaded(features.device):
+        return _clusters_of_features(features, t, dtype)
+
+
+def _clusters_of_features(features: torch.Tensor, t: float, dtype: torch.dtype | None) -> torch.Tensor:
+    n = features.shape[0]
     x = _unit_rows(features, dtype)
     # Identical rows are at distance 0: they merge first, at height 0 (<= t when t >= 0). Clustering each
     # distinct row once, weighted by its count, gives the same dendrogram above height 0.
@@ -216,6 +241,11 @@ def average_linkage_clusters_from_distances(
     if not distances.dtype.is_floating_point:
         raise ClusteringInputError(f"distances must be floating point, got {distances.dtype}")
     t = _check_threshold(distance_threshold)
+    with _single_threaded(distances.device):
+        return _clusters_of_distances(distances, t, dtype)
+
+
+def _clusters_of_distances(distances: torch.Tensor, t: float, dtype: torch.dtype | None) -> torch.Tensor:
     d = distances.to(_working_dtype(distances, dtype))
     if not bool(torch.isfinite(d).all()):
         raise ClusteringInputError("distances contain NaN or infinite values")
@@ -396,12 +426,6 @@ def _compact_in_place(flat: torch.Tensor, side: int, keep: torch.Tensor, chunk: 
 
 
 def _cluster_in_place(dist: torch.Tensor, t: float, size: torch.Tensor | None = None) -> torch.Tensor:
-    """Average-linkage clusters cut at t from a working distance matrix (see ``_merge_rounds``)."""
-    with _single_threaded(dist.device):
-        return _merge_rounds(dist, t, size)
-
-
-def _merge_rounds(dist: torch.Tensor, t: float, size: torch.Tensor | None) -> torch.Tensor:
     """Average-linkage clusters cut at t from a working distance matrix.
 
     dist: (N, N) contiguous, exactly symmetric, N >= 2; its storage is reused (overwritten). size: (N,) initial
