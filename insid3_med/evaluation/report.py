@@ -344,6 +344,9 @@ def compare_reports(paths: Sequence[str | Path], output_dir: str | Path | None =
             cells.append(cell + (f" n={count}" if len(counts) > 1 and name in row["values"] else ""))
         lines.append(f"| {row['task']} | {row['set']} | {row['part']} | {row['kind']} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
+    commands = [d["command"] for d in documents if d.get("command")]
+    if commands:
+        text += "\nProduced by:\n\n" + "".join(f"- `{c}`\n" for c in commands)
     if output_dir is not None:
         output_dir = Path(output_dir)
         write_text(output_dir / "comparison.md", text)
