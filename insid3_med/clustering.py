@@ -147,8 +147,8 @@ def cosine_distance_matrix(features: torch.Tensor, dtype: torch.dtype | None = N
     features: (N, C), rows of any non-zero norm. Returns (N, N) in ``dtype`` (default float64; float32 on MPS),
     exactly symmetric, with a zero diagonal, on the features' device.
     """
-    _check_features(features)
-    with _single_threaded(features.device):
+    with _single_threaded(features.device if isinstance(features, torch.Tensor) else torch.device("cpu")):
+        _check_features(features)
         return _distances_of_unit_rows(_unit_rows(features, dtype))
 
 
@@ -200,16 +200,16 @@ def average_linkage_clusters(
     choice; float32 halves memory and time, ties at the 1e-7 level may then resolve differently).
     Returns (N,) int64 cluster ids numbered 0..K-1 in order of first appearance, on the features' device.
     """
-    _check_features(features)
     t = _check_threshold(distance_threshold)
-    if features.shape[0] == 1:
-        return torch.zeros(1, dtype=torch.int64, device=features.device)
-    with _single_threaded(features.device):
+    with _single_threaded(features.device if isinstance(features, torch.Tensor) else torch.device("cpu")):
         return _clusters_of_features(features, t, dtype)
 
 
 def _clusters_of_features(features: torch.Tensor, t: float, dtype: torch.dtype | None) -> torch.Tensor:
+    _check_features(features)
     n = features.shape[0]
+    if n == 1:
+        return torch.zeros(1, dtype=torch.int64, device=features.device)
     x = _unit_rows(features, dtype)
     # Identical rows are at distance 0: they merge first, at height 0 (<= t when t >= 0). Clustering each
     # distinct row once, weighted by its count, gives the same dendrogram above height 0.
