@@ -1,0 +1,66 @@
+"""The README cannot drift from the code: its commands parse, its files exist, its Python example runs."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from insid3_med.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+STANDIN = ROOT / ".." / "shared" / "weights" / "dinov2-small-standin"
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def shell_commands() -> list[str]:
+    commands = []
+    for block in code_blocks("bash"):
+        joined = block.replace("\\\n", " ")
+        commands += [line.strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+    return commands
+
+
+def test_every_insid3_med_command_in_the_readme_parses() -> None:
+    commands = [c for c in shell_commands() if c.startswith("insid3-med ")]
+    subcommands = {shlex.split(c)[1] for c in commands}
+    assert {"demo", "propagate", "transfer", "segment", "info", "evaluate"} <= subcommands
+    parser = build_parser()
+    for command in commands:
+        parser.parse_args(shlex.split(command)[1:])  # raises SystemExit on an unknown option or argument
+
+
+def test_install_test_and_demo_commands_are_the_ones_ci_runs() -> None:
+    commands = shell_commands()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[:2] == ["pip install -e .", "insid3-med demo -o demo_out"]
+    assert "python -m pytest -q" in commands and "python -m pytest -q" in ci
+    assert "insid3-med demo -o" in ci and 'pip install -q -e ".[dev]"' in ci
+
+
+def test_bundle_commands_name_real_config_files() -> None:
+    bundle = [c for c in shell_commands() if "monai.bundle run" in c]
+    assert len(bundle) == 2 and any(c.startswith("torchrun --nproc_per_node=2") for c in bundle)
+    for path in re.findall(r"monai_bundle/configs/[a-z_]+\.json", " ".join(bundle)):
+        assert (ROOT / path).is_file(), path
+
+
+def test_linked_files_exist() -> None:
+    for link in re.findall(r"\]\(([^)#]+)\)", README):
+        if not link.startswith("http"):
+            assert (ROOT / link).exists(), link
+
+
+@pytest.mark.skipif(not STANDIN.is_dir(), reason=f"stand-in weights not found at {STANDIN}")
+def test_python_example_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    (example,) = code_blocks("python")
+    monkeypatch.chdir(ROOT)
+    exec(compile(example, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "lesion pixels" in printed and int(printed.split(")")[1].split()[0]) > 1000
