@@ -5,8 +5,8 @@
 
 Episodes are the harness's (``insid3_med.evaluation.episodes.sample_image_episodes``, seed 0, one shot) on the
 labelled 2D sets in ../shared/data. Each episode is segmented by an fp32 backbone and by bf16 ones (same weights,
-same segmenter settings): ``bf16`` (the library's path) and ``bf16-sdpa`` (the same with torch's fused attention,
-:func:`bench_backbone.fused_attention`). Printed per dataset:
+same segmenter settings): ``bf16`` (the library's path) and ``bf16-blocked`` (the same with the blocked bf16
+attention of :func:`bench_backbone.blocked_attention`). Printed per dataset:
 - the pooled IoU between each bf16 variant's and fp32's foreground masks (sum of intersections / sum of unions over
   episodes, at the images' own size), and the number of episodes whose masks are identical;
 - the mIoU of each precision against the ground truth (per class, pooled; then the mean over classes, x 100);
@@ -25,7 +25,7 @@ from pathlib import Path
 import common
 import numpy as np
 import torch
-from bench_backbone import fused_attention
+from bench_backbone import blocked_attention, swapped_attention
 
 from insid3_med.evaluation.datasets import open_image_dataset, read_mask, read_rgb_image
 from insid3_med.evaluation.episodes import sample_image_episodes
@@ -33,15 +33,15 @@ from insid3_med.predictor import OneShotSegmenter
 
 
 def predict(segmenter: OneShotSegmenter, reference: np.ndarray, mask: np.ndarray, target: np.ndarray,
-            fused: bool = False) -> np.ndarray:
-    """(H, W) bool foreground of ``target`` from one reference shot (``fused``: torch's fused attention)."""
-    with fused_attention() if fused else contextlib.nullcontext():
+            blocked: bool = False) -> np.ndarray:
+    """(H, W) bool foreground of ``target`` from one reference shot (``blocked``: the blocked bf16 attention)."""
+    with swapped_attention(blocked_attention) if blocked else contextlib.nullcontext():
         encoded = segmenter.encode([reference, target])
     segmenter.set_reference(encoded[0], mask.astype(np.int64))
     return segmenter.segment(encoded[1]) > 0
 
 
-VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16-sdpa": ("bf16", True)}
+VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16-blocked": ("bf16", True)}
 
 
 def compare_dataset(name: str, episodes: int, segmenters: dict[str, OneShotSegmenter], variants: list[str]) -> dict:
@@ -62,9 +62,9 @@ def compare_dataset(name: str, episodes: int, segmenters: dict[str, OneShotSegme
         target_mask = image_class.binary(read_mask(target_case.mask_path))
         masks = {}
         for variant in variants:
-            precision, fused = VARIANTS[variant]
+            precision, blocked = VARIANTS[variant]
             start = time.perf_counter()
-            masks[variant] = predict(segmenters[precision], reference, mask, target, fused)
+            masks[variant] = predict(segmenters[precision], reference, mask, target, blocked)
             seconds[variant] += time.perf_counter() - start
             counts = truth[variant][episode.class_name]
             counts[0] += int(np.count_nonzero(masks[variant] & target_mask))
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--model", choices=common.MODEL_CHOICES, default="standin")
     parser.add_argument("--variants", nargs="+", choices=[v for v in VARIANTS if v != "fp32"],
-                        default=["bf16", "bf16-sdpa"])
+                        default=["bf16", "bf16-blocked"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

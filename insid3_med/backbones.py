@@ -113,6 +113,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Softmax attention without mask: (B, heads, T, d) queries, keys and values -> (B, heads, T, d).
+
+    The one attention of every backbone here (DINOv3 blocks and, through :func:`use_own_attention`, the Hugging
+    Face models): torch's fused ``F.scaled_dot_product_attention``. A faster bf16 CPU variant (blocks of queries
+    through two bf16 matmuls, 1.2 to 1.5 times faster) was measured and left out: its bf16-rounded logits moved
+    masks further from fp32's (benchmarks/bench_backbone.py, bench_precision.py; reports/performance).
+    """
+    return F.scaled_dot_product_attention(query, key, value, scale=scale)
+
+
 class DINOv3Block(nn.Module):
     """Pre-norm transformer block with LayerScale and RoPE on patch tokens (official key names)."""
 
@@ -140,7 +151,7 @@ class DINOv3Block(nn.Module):
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         q = torch.cat((q[:, :, :num_prefix], q[:, :, num_prefix:] * cos + rotate_half(q[:, :, num_prefix:]) * sin), 2)
         k = torch.cat((k[:, :, :num_prefix], k[:, :, num_prefix:] * cos + rotate_half(k[:, :, num_prefix:]) * sin), 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.attn.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -227,11 +238,37 @@ def load_dinov3_checkpoint(path: Path) -> tuple[DINOv3ViT, BackboneSpec]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+HF_ATTENTION = "insid3_med"
+
+
+def _hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                  **kwargs: object) -> tuple[torch.Tensor, None]:
+    """transformers attention function: :func:`attention`, or transformers' sdpa where a mask or dropout is asked."""
+    if attention_mask is not None or dropout > 0.0 or kwargs.get("output_attentions"):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    return attention(query, key, value, scaling).transpose(1, 2).contiguous(), None
+
+
+def use_own_attention(model: nn.Module) -> None:
+    """Make a transformers model call :func:`attention` (registered as ``"insid3_med"``); results are bit-identical
+    to transformers' own "sdpa" (tested). Models without ``set_attn_implementation`` keep their own attention."""
+    from transformers import AttentionInterface
+
+    if hasattr(model, "set_attn_implementation"):
+        AttentionInterface.register(HF_ATTENTION, _hf_attention)
+        model.set_attn_implementation(HF_ATTENTION)
+
+
 class HuggingFaceViT(nn.Module):
     """A transformers ``DINOv3ViTModel`` or ``Dinov2Model`` truncated to its first ``num_blocks`` blocks."""
 
     def __init__(self, model: nn.Module, spec: BackboneSpec) -> None:
         super().__init__()
+        use_own_attention(model)
         self.model = model
         self.spec = spec
         self.all_layers = nn.ModuleList(list(model.model.layer if spec.family == "dinov3" else model.encoder.layer))
@@ -348,11 +385,23 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def matmul_weights_to(network: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the weights of every ``nn.Linear`` and ``nn.Conv2d`` of ``network`` to ``dtype``, in place.
+
+    Under bf16 autocast the result is bit-identical to casting them on every call (what autocast does), without
+    the casts (5% of a ViT-S forward here); norms, tokens, LayerScale and the residual stream stay fp32.
+    """
+    for module in network.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.to(dtype)
+
+
 class Backbone:
     """A frozen ViT that turns ImageNet-normalised images into patch feature maps.
 
     ``encode(images)``: (B, 3, H, W) float with H, W multiples of ``patch_size`` -> (B, C, H/p, W/p) float32
-    (not normalised). Runs in eval mode, without gradients, in ``precision`` ("fp32" or "bf16" autocast).
+    (not normalised). Runs in eval mode, without gradients, in ``precision``: "fp32", or "bf16" (matrix weights
+    held in bf16, run under bf16 autocast: norms and the residual stream stay fp32).
     """
 
     def __init__(self, network: nn.Module, spec: BackboneSpec, *, location: str, device: torch.device,
@@ -363,11 +412,18 @@ class Backbone:
         if not 1 <= block <= spec.depth:
             raise ValueError(f"feature_block must be in 1..{spec.depth} for {spec.name}, not {block}")
         self.network = network.eval().requires_grad_(False).to(device)
+        if precision == "bf16":
+            matmul_weights_to(self.network, torch.bfloat16)
         self.spec = spec
         self.location = location
         self.device = device
-        self.precision = precision
+        self._precision = precision
         self.feature_block = block
+
+    @property
+    def precision(self) -> str:
+        """"fp32" or "bf16" (fixed: a bf16 backbone holds its matrix weights in bf16)."""
+        return self._precision
 
     @property
     def patch_size(self) -> int:

@@ -1,0 +1,178 @@
+"""Smoke tests of benchmarks/: each script runs on tiny settings and prints (and writes) its figures."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
+STANDIN = SHARED / "weights" / "dinov2-small-standin"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """Import a benchmark script by name (their folder on sys.path, as when run as scripts)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(autouse=True)
+def few_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_flop_count_matches_a_hand_count(bench) -> None:
+    common = bench("common")
+    from insid3_med.backbones import BACKBONES
+
+    spec = BACKBONES["dinov3_vits16"]
+    # ViT-S/16 at 512 px: 1024 patches + 5 tokens; ALGORITHM.md quotes 63 GFLOP for the 12 blocks.
+    assert common.backbone_flops(spec, 512, 12) / 1e9 == pytest.approx(63, rel=0.03)
+    tokens, width = 1024 + 5, 384
+    per_block = 2 * tokens * 12 * width * width + 4 * tokens * tokens * width
+    embed = 2 * 1024 * width * 3 * 16 * 16
+    assert common.backbone_flops(spec, 512, 3, batch=2) == 2 * (embed + 3 * per_block)
+    assert common.yardstick_side(spec, 512, 2) % 64 == 0
+
+
+def test_stage_benchmark_prints_every_stage_and_the_matmul_fraction(bench, tmp_path, capsys) -> None:
+    stages = bench("bench_stages")
+    out = tmp_path / "stages.json"
+    result = stages.main(["--model", "dinov3_vits16", "--size", "64", "--repeats", "1", "--slices", "2",
+                          "--batch", "2", "--json", str(out)])
+    printed = capsys.readouterr().out
+    for name in stages.STAGES:
+        assert f"\n{name} " in printed
+    assert "everything but the backbone" in printed and "of a" in printed and "slices/s" in printed
+    saved = json.loads(out.read_text())
+    assert set(saved["stage_seconds"]) == set(stages.STAGES)
+    assert saved["stage_seconds"]["encode"] > 0 and saved["episode_seconds"] >= saved["stage_seconds"]["encode"]
+    assert 0 <= saved["non_backbone_fraction"] < 1
+    assert saved["backbone_gflops"] > 0 and saved["matmul_gflops"] > 0
+    assert math.isclose(saved["backbone_fraction_of_matmul"], saved["backbone_gflops"] / saved["matmul_gflops"])
+    assert saved["slices_per_second"] > 0 and saved["peak_rss_mib"] > 0
+    assert result["size"] == 64 and result["grid"] == [4, 4]
+
+
+def test_backbone_benchmark_compares_variants_with_fp32(bench, capsys) -> None:
+    backbone = bench("bench_backbone")
+    result = backbone.main(["--model", "dinov3_vits16", "--size", "32", "--batch", "1", "--repeats", "1"])
+    printed = capsys.readouterr().out
+    names = [row["variant"] for row in result["variants"]]
+    assert names[0] == "fp32" and "bf16 (library)" in names and "bf16 autocast" in names
+    for name in names:
+        assert name in printed
+    by_name = {row["variant"]: row for row in result["variants"]}
+    assert by_name["fp32"]["cosine_min"] == pytest.approx(1.0, abs=1e-6)
+    assert all(row["cosine_mean"] > 0.99 and row["seconds"] > 0 for row in result["variants"])
+
+
+def test_synthetic_ct_has_one_labelled_slice(bench) -> None:
+    volume_bench = bench("bench_volume")
+    volume, labels = volume_bench.synthetic_ct(10, 48)
+    assert volume.shape == (10, 48, 48) and volume.array.dtype == np.int16 and volume.modality == "CT"
+    labelled = np.flatnonzero(labels.reshape(10, -1).any(axis=1))
+    assert labelled.tolist() == [5]
+    assert volume.array.min() >= -1024 and volume.array.max() > 500  # air and bone
+
+
+def test_volume_benchmark_on_a_small_ct_reports_memory_and_parts(bench, tmp_path, capsys) -> None:
+    volume_bench = bench("bench_volume")
+    out = tmp_path / "ct.json"
+    result = volume_bench.main(["ct", "--slices", "6", "--side", "64", "--model", "dinov3_vits16", "--size", "32",
+                                "--profile", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "slices/s" in printed and "peak" in printed and "ms/slice" in printed
+    saved = json.loads(out.read_text())
+    assert saved["slices_in_volume"] == 6 and saved["slices_processed"] >= 1
+    assert saved["peak_rss_mib"] >= saved["rss_after_model_mib"] > 0
+    assert any(row["part"] == "backbones.encode" for row in saved["parts"])
+    assert result["propagate_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_volume_benchmark_subprocess_runs_compare_memory(bench, capsys) -> None:
+    volume_bench = bench("bench_volume")
+    results = volume_bench.main(["ct", "--slices", "4", "8", "--side", "48", "--model", "dinov3_vits16",
+                                 "--size", "32", "--threads", "1"])
+    assert [r["slices_in_volume"] for r in results] == [4, 8]
+    assert "memory growth 4 -> 8 slices" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "acdc").is_dir() or not STANDIN.is_dir(),
+                    reason="needs ../shared/data/acdc and the stand-in weights in ../shared/weights")
+def test_volume_benchmark_on_acdc(bench, capsys) -> None:
+    volume_bench = bench("bench_volume")
+    result = volume_bench.main(["acdc", "--size", "56"])
+    assert result["slices_in_volume"] == 10 and result["labelled_voxels_out"] > 0
+    assert "ACDC patient001_frame01" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "ph2").is_dir() or not STANDIN.is_dir(),
+                    reason="needs ../shared/data/ph2 and the stand-in weights in ../shared/weights")
+def test_precision_benchmark_compares_bf16_with_fp32(bench, capsys) -> None:
+    precision = bench("bench_precision")
+    result = precision.main(["--datasets", "ph2", "--episodes", "2", "--size", "56"])
+    row = result["datasets"][0]
+    assert row["episodes"] == 2 and 0.0 <= row["pooled_iou_vs_fp32"]["bf16"] <= 1.0
+    assert row["identical_masks"]["bf16-blocked"] <= 2
+    assert set(row["miou"]) == {"fp32", "bf16", "bf16-blocked"}
+    assert "pooled IoU" in capsys.readouterr().out
+
+
+def test_clustering_benchmark_runs(bench, capsys, monkeypatch) -> None:
+    clustering = bench("bench_clustering")
+    monkeypatch.setattr(sys, "argv", ["bench_clustering.py", "--sizes", "64", "--repeats", "1", "--threads", "1"])
+    clustering.main()
+    printed = capsys.readouterr().out
+    assert "ours64=same" in printed
+
+
+# -- the speed paths of insid3_med/backbones.py give the results of the plain paths ------------------------------
+
+
+def test_bf16_backbone_with_bf16_weights_equals_autocast_of_fp32_weights(bench) -> None:
+    common = bench("bench_backbone").common
+    from insid3_med.backbones import BACKBONES, Backbone
+
+    images = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    plain = common.random_dinov3("dinov3_vits16")
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = plain(images, num_blocks=4).float()
+    backbone = Backbone(common.random_dinov3("dinov3_vits16"), BACKBONES["dinov3_vits16"], location="random",
+                        device=torch.device("cpu"), precision="bf16", feature_block=4)
+    assert backbone.network.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert backbone.network.blocks[0].norm1.weight.dtype == torch.float32
+    assert torch.equal(backbone.encode(images), expected)
+    with pytest.raises(AttributeError):
+        backbone.precision = "fp32"  # type: ignore[misc]
+
+
+@pytest.mark.skipif(not STANDIN.is_dir(), reason="needs the stand-in weights in ../shared/weights")
+def test_hugging_face_models_use_the_own_attention_with_identical_results() -> None:
+    from transformers import AutoModel
+
+    from insid3_med.backbones import HF_ATTENTION, load_backbone
+
+    images = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    backbone = load_backbone(STANDIN, device="cpu")
+    assert backbone.network.model.config._attn_implementation == HF_ATTENTION
+    reference = AutoModel.from_pretrained(str(STANDIN), attn_implementation="sdpa").eval()
+    with torch.inference_mode():
+        hidden = reference(pixel_values=images, output_hidden_states=True).hidden_states[backbone.feature_block]
+        expected = reference.layernorm(hidden)[:, 1:].transpose(1, 2).reshape(1, -1, 4, 4)
+    assert torch.equal(backbone.encode(images), expected)
