@@ -240,7 +240,8 @@ def write_plots(report_dir: Path, document: dict[str, Any]) -> list[Path]:
                               linestyle="-" if kind == "largest" else "--", label=f"{name} ({kind} slice)")
         axis.set(xlabel="distance from the labelled slice (slices)", ylabel="mean 2D Dice", ylim=(0, 1),
                  title=title)
-        axis.legend(fontsize=7)
+        if axis.lines:
+            axis.legend(fontsize=7)
         written.append(_save(figure, report_dir / "dice_by_distance.png"))
     if task in ("slices", "transfer"):
         figure, axis = plt.subplots(figsize=(6, 3.5))
@@ -262,8 +263,8 @@ def write_plots(report_dir: Path, document: dict[str, Any]) -> list[Path]:
 
 def distance_curve(group: dict[str, Any], min_share: float = 0.1) -> tuple[list[int], list[float]]:
     """(distances, mean 2D Dice) of a slices summary group, keeping distances reached by at least ``min_share``
-    of its episodes (and at least 3), where the mean is not the noise of a few volumes."""
-    least = max(3, int(np.ceil(min_share * group.get("episodes", 0))))
+    of its episodes, where the mean is not the noise of a few volumes."""
+    least = max(1, int(np.ceil(min_share * group.get("episodes", 0))))
     curve = group.get("dice_by_distance", {})
     distances = sorted(int(d) for d, v in curve.items() if v["n"] >= least)
     return distances, [float(curve[str(d)]["mean"]) for d in distances]
@@ -372,7 +373,8 @@ def _distance_comparison_plot(documents: list[dict[str, Any]], methods: list[str
                     axis.plot(distances, values, marker=".", color=colour,
                               linestyle="-" if kind == "largest" else "--", label=f"{method} ({kind} slice)")
         axis.set(title=name, xlabel="distance from the labelled slice (slices)", ylabel="mean 2D Dice", ylim=(0, 1))
-        axis.legend(fontsize=6)
+        if axis.lines:
+            axis.legend(fontsize=6)
     return _save(figure, path)
 
 
