@@ -379,22 +379,25 @@ def _distance_comparison_plot(documents: list[dict[str, Any]], methods: list[str
 
 
 def _comparison_plot(rows: list[dict[str, Any]], methods: list[str], path: Path) -> Path:
+    """Grouped bars, one group per row of the comparison (per-structure Dice; per-class IoU), one bar per method."""
     plt = _pyplot()
     dice_rows = [r for r in rows if r["kind"].startswith("Dice") and r["part"] != "all"]
     iou_rows = [r for r in rows if r["kind"].startswith("IoU") and r["part"] != "mIoU"]
     panels = [(p, t) for p, t in ((dice_rows, "mean 3D Dice"), (iou_rows, "pooled IoU (%)")) if p]
-    figure, axes = plt.subplots(len(panels) or 1, 1, figsize=(max(6, 0.7 * max((len(p) for p, _ in panels),
-                                                                                 default=4)), 3.6 * len(panels) or 3.6),
+    widest = max((len(p) for p, _ in panels), default=4)
+    figure, axes = plt.subplots(max(1, len(panels)), 1, figsize=(max(6.0, 0.45 * widest), 4.2 * max(1, len(panels))),
                                 squeeze=False)
     for axis, (panel, label) in zip(axes[:, 0], panels, strict=False):
         width = 0.8 / max(1, len(methods))
         positions = np.arange(len(panel))
         for i, method in enumerate(methods):
-            values = [r["values"].get(method, (None, ""))[0] for r in panel]
-            axis.bar(positions + i * width, [v if v is not None else 0.0 for v in values], width, label=method)
-        names = [f"{r['task']} {r['set']}\n{r['part']}" + (f"\n{r['kind'].split('(')[-1].rstrip(')')}"
-                                                         if "(" in r["kind"] else "") for r in panel]
-        axis.set_xticks(positions + width * (len(methods) - 1) / 2, names, fontsize=6)
+            values = [r["values"].get(method, (None, "", 0))[0] for r in panel]
+            axis.bar(positions + i * width, [v if v is not None else 0.0 for v in values], width, label=method,
+                     color=f"C{i}")
+        names = [f"{r['task']} {r['set']}: {r['part']}" + (f" [{r['kind'].split('(')[-1].rstrip(')')}]"
+                                                           if "(" in r["kind"] else "") for r in panel]
+        axis.set_xticks(positions + width * (len(methods) - 1) / 2, names, fontsize=6, rotation=60, ha="right")
         axis.set_ylabel(label)
         axis.legend(fontsize=7)
+    figure.tight_layout()
     return _save(figure, path)
