@@ -140,7 +140,9 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
     summary = run_evaluation(args.task, args.data_dir, args.output, method=args.method, episodes=args.episodes,
                              seed=args.seed, model=model_options(args), limit_cases=args.limit_cases,
-                             resume=not args.restart, progress=args.progress != "none")
+                             resume=not args.restart, overwrite=args.force, progress=args.progress != "none",
+                             kinds=tuple(args.kinds.split(",")), reference_mode=args.reference_mode,
+                             shots=args.shots, threads=args.threads, command=" ".join(["insid3-med", *sys.argv[1:]]))
     print(json.dumps(summary.get("headline", summary), indent=2, default=str)[:4000])
     return 0
 
@@ -210,7 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("data_dir", type=Path)
     evaluate.add_argument("-o", "--output", type=Path, required=True, help="report folder")
     evaluate.add_argument("--method", default="ours", help="ours, copy or registration")
-    evaluate.add_argument("--episodes", type=int, help="number of episodes (images: 600; transfer: 20)")
+    evaluate.add_argument("--episodes", type=int, help="images: episodes (default 600); slices: volumes, a seeded "
+                          "subset (default all); transfer: seeded pairs (default 50)")
+    evaluate.add_argument("--kinds", default="largest,random", help="slices task: which slice is labelled "
+                          "(largest, random; comma-separated)")
+    evaluate.add_argument("--reference-mode", choices=("volume", "slice"), default="volume",
+                          help="transfer task: the whole labelled volume or one labelled slice as reference")
+    evaluate.add_argument("--shots", type=int, default=1, help="labelled slices per episode (default 1)")
+    evaluate.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--limit-cases", type=int, help="only the first N volumes (slices task)")
     evaluate.add_argument("--restart", action="store_true", help="ignore finished episodes of an earlier run")
