@@ -2,8 +2,17 @@
 
 Volumes are :class:`~insid3_med.imaging.geometry.Volume` objects, (K, J, I) arrays. A slicing ``axis`` is an array
 axis (0 = K, 1 = J, 2 = I); :func:`slicing_axis` also accepts "axial", "coronal", "sagittal" (patient space).
-Slices are streamed: each is normalised, resampled to square pixels, encoded once, segmented and released, so memory
-does not grow with the number of slices. Outputs are (K, J, I) int label maps on the input grid.
+Outputs are (K, J, I) int label maps on the input grid.
+
+Two modes (``mode=``):
+
+- ``"volume"`` (default): the slices are a sequence. A square region around the labelled structures is cut from
+  every slice and zoomed to the model size; labels are chained outwards from the labelled slice(s), each new slice
+  taking the labels of its most similar nearby patches in the labelled slice and the last predicted slices, kept
+  near the previous slice's mask, sharpened with the slice's grey values, and stopped where a structure ends
+  (:mod:`insid3_med.propagation`, settings in :class:`~insid3_med.propagation.PropagationParams`).
+- ``"published"``: the published method applied to each slice independently, every labelled slice a shot
+  (the segmenter's own image size and parameters); slices are streamed, encoded once, segmented and released.
 """
 
 from __future__ import annotations
@@ -18,11 +27,26 @@ import torch.nn.functional as F
 from insid3_med.imaging.geometry import Volume
 from insid3_med.imaging.intensity import IntensityMapping, intensity_mapping
 from insid3_med.predictor import EncodedImage, OneShotSegmenter
+from insid3_med.propagation import (
+    ContextSlice,
+    PropagationParams,
+    SquareBox,
+    crop_square,
+    encode_crops,
+    label_slice,
+    neighbourhood_mask,
+    paste_square,
+    patch_label_fractions,
+    patch_side,
+    propagate_crops,
+    region_of_interest,
+)
 
 ProgressCallback = Callable[[int, int], None]
 
 ARRAY_AXIS_NAMES = {"k": 0, "j": 1, "i": 2}
 PATIENT_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # LPS component of the slice normal
+PROPAGATION_MODES = ("volume", "published")
 
 
 class NoLabelledSliceError(ValueError):
@@ -174,16 +198,25 @@ def set_references_from_slices(segmenter: OneShotSegmenter, stack: SliceStack, l
     return encodings
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in PROPAGATION_MODES:
+        raise ValueError(f"unknown propagation mode {mode!r}; choose from {', '.join(PROPAGATION_MODES)}")
+
+
 def propagate_through_slices(segmenter: OneShotSegmenter, volume: Volume, labels: np.ndarray, *,
                              axis: int | str = 0, slice_range: tuple[int, int] | None = None,
                              preset: str | None = None, progress: ProgressCallback | None = None,
-                             batch_size: int = 4) -> np.ndarray:
-    """Propagate the labelled slices of ``labels`` to every other slice of ``volume`` in ``slice_range``.
+                             batch_size: int = 4, mode: str = "volume",
+                             params: PropagationParams | None = None) -> np.ndarray:
+    """Propagate the labelled slices of ``labels`` to the other slices of ``volume`` in ``slice_range``.
 
-    volume: the study; labels: (K, J, I) label map with one or more labelled slices along ``axis`` (every labelled
-    slice is a reference shot; all label values propagate in one pass). Returns the (K, J, I) int64 label map, with
-    the labelled slices kept exactly as given and slices outside ``slice_range`` left empty.
+    volume: the study; labels: (K, J, I) label map with one or more labelled slices along ``axis`` (all label values
+    propagate in one pass). mode: ``"volume"`` (chained propagation, ``params``) or ``"published"`` (every slice
+    segmented on its own, every labelled slice a shot). Returns the (K, J, I) int64 label map, with the labelled
+    slices kept exactly as given and slices outside ``slice_range`` left empty; in ``"volume"`` mode the slices
+    beyond a structure's end are empty too.
     """
+    _check_mode(mode)
     labels = check_label_grid(volume, labels)
     axis = slicing_axis(volume, axis)
     start, stop = _slice_range(volume.shape[axis], slice_range)
@@ -192,6 +225,9 @@ def propagate_through_slices(segmenter: OneShotSegmenter, volume: Volume, labels
         raise NoLabelledSliceError("the label volume has no labelled slice: label the structure on at least one "
                                    "slice")
     stack = SliceStack(volume, axis, intensity_mapping(volume, preset))
+    if mode == "volume":
+        return _propagate_volume_mode(segmenter, stack, labels, references, start, stop, params or
+                                      PropagationParams(), progress, batch_size)
     set_references_from_slices(segmenter, stack, labels, references, batch_size)
     output = np.zeros_like(labels)
     targets = [n for n in range(start, stop) if n not in set(references)]
@@ -205,16 +241,99 @@ def propagate_through_slices(segmenter: OneShotSegmenter, volume: Volume, labels
     return output
 
 
+class CropFeatures:
+    """Backbone features of every slice's crop, encoded on first use, ``batch_size`` slices at a time onwards in the
+    direction of the last request (a chain walks outwards slice by slice).
+
+    ``features(n)``: (N, C) plain L2-normalised patch features; ``image(n)``: (S, S) grey crop in [0, 1].
+    """
+
+    def __init__(self, segmenter: OneShotSegmenter, stack: SliceStack, box: SquareBox, params: PropagationParams,
+                 batch_size: int = 4) -> None:
+        self.backbone = segmenter.backbone
+        self.stack, self.box, self.params = stack, box, params
+        self.batch_size = max(1, batch_size)
+        side = patch_side(self.backbone, params.image_size) // self.backbone.patch_size
+        self.grid = (side, side)
+        self._features: dict[int, torch.Tensor] = {}
+        self._crops: dict[int, np.ndarray] = {}
+        self._last = -1
+
+    def crop(self, index: int) -> np.ndarray:
+        """(S, S, 3) float32 crop of slice ``index``."""
+        if index not in self._crops:
+            self._crops[index] = crop_square(self.stack.image(index), self.box)
+        return self._crops[index]
+
+    def image(self, index: int) -> np.ndarray:
+        return self.crop(index)[..., 0]
+
+    def features(self, index: int) -> torch.Tensor:
+        if index not in self._features:
+            step = -1 if index < self._last else 1
+            batch = [n for n in range(index, index + step * self.batch_size, step)
+                     if 0 <= n < len(self.stack) and n not in self._features]
+            encoded = encode_crops(self.backbone, [self.crop(n) for n in batch], self.params.image_size,
+                                   self.params.flip, self.batch_size)
+            self._features.update(zip(batch, encoded, strict=True))
+        self._last = index
+        return self._features[index]
+
+    @property
+    def encoded(self) -> int:
+        return len(self._features)
+
+
+def _propagate_volume_mode(segmenter: OneShotSegmenter, stack: SliceStack, labels: np.ndarray,
+                           references: Sequence[int], start: int, stop: int, params: PropagationParams,
+                           progress: ProgressCallback | None, batch_size: int) -> np.ndarray:
+    """``mode="volume"`` of :func:`propagate_through_slices` on an already checked label map."""
+    axis = stack.axis
+    anchors_model = {n: stack.labels(labels, n) for n in references}
+    values = sorted({int(v) for lab in anchors_model.values() for v in np.unique(lab) if v > 0})
+    box = region_of_interest(list(anchors_model.values()), params.crop_scale, params.min_crop_fraction)
+    source = CropFeatures(segmenter, stack, box, params, batch_size)
+    anchors = {n: crop_square(lab, box) for n, lab in anchors_model.items()}
+    total = len([n for n in range(start, stop) if n not in set(references)])
+    done = 0
+
+    def step(index: int) -> None:
+        nonlocal done
+        if start <= index < stop:
+            done += 1
+            if progress is not None:
+                progress(min(done, total), total)
+
+    chain_start, chain_stop = min(start, min(references)), max(stop, max(references) + 1)
+    crops = propagate_crops(anchors, source.features, values, source.grid, params, start=chain_start,
+                            stop=chain_stop, images=source.image, progress=step)
+    output = np.zeros_like(labels)
+    for n, crop in crops.items():
+        if start <= n < stop and n not in anchors:
+            take_slice(output, axis, n)[...] = stack.to_native(paste_square(crop, box, stack.model_shape))
+    for n in references:
+        take_slice(output, axis, n)[...] = take_slice(labels, axis, n)
+    if progress is not None and done < total:
+        progress(total, total)
+    return output
+
+
 def transfer_to_study(segmenter: OneShotSegmenter, reference: Volume, reference_labels: np.ndarray,
                       target: Volume, *, axis: int | str = 0, preset: str | None = None,
                       target_preset: str | None = None, max_shots: int = 8,
-                      progress: ProgressCallback | None = None, batch_size: int = 4) -> np.ndarray:
-    """Segment every slice of ``target`` from the labelled slices of ``reference``.
+                      progress: ProgressCallback | None = None, batch_size: int = 4, mode: str = "volume",
+                      params: PropagationParams | None = None) -> np.ndarray:
+    """Segment ``target`` from the labelled slices of ``reference``.
 
     reference_labels: (K, J, I) on the reference grid: one labelled slice, several, or a whole labelled volume (then
     at most ``max_shots`` labelled slices, evenly spread, serve as shots). ``axis`` is resolved per study, so
-    "axial" picks each study's own axial axis. Returns the target's (K, J, I) int64 label map.
+    "axial" picks each study's own axial axis. mode ``"volume"`` (default): an affine registration of the two
+    studies says which target slice holds the labelled anatomy and roughly where; that slice is labelled from the
+    shots (feature matching kept near the registered labels), then chained through the target as in
+    :func:`propagate_through_slices`. mode ``"published"``: every target slice segmented on its own from the shots.
+    Returns the target's (K', J', I') int64 label map.
     """
+    _check_mode(mode)
     reference_labels = check_label_grid(reference, reference_labels)
     ref_axis = slicing_axis(reference, axis)
     tgt_axis = slicing_axis(target, axis)
@@ -224,12 +343,105 @@ def transfer_to_study(segmenter: OneShotSegmenter, reference: Volume, reference_
     if len(labelled) > max_shots:
         labelled = [labelled[round(i)] for i in np.linspace(0, len(labelled) - 1, max_shots)]
     ref_stack = SliceStack(reference, ref_axis, intensity_mapping(reference, preset))
-    set_references_from_slices(segmenter, ref_stack, reference_labels, labelled, batch_size)
     tgt_stack = SliceStack(target, tgt_axis, intensity_mapping(target, target_preset or preset))
+    if mode == "volume":
+        return _transfer_volume_mode(segmenter, ref_stack, reference_labels, labelled, tgt_stack,
+                                     params or PropagationParams(), progress, batch_size)
+    set_references_from_slices(segmenter, ref_stack, reference_labels, labelled, batch_size)
     output = np.zeros(target.shape, dtype=np.int64)
     total = len(tgt_stack)
     for done, (n, encoded) in enumerate(encode_slices(segmenter, tgt_stack, range(total), batch_size), start=1):
         take_slice(output, tgt_axis, n)[...] = tgt_stack.to_native(segmenter.segment(encoded))
         if progress is not None:
             progress(done, total)
+    return output
+
+
+def registered_first_slice(ref_stack: SliceStack, reference_labels: np.ndarray, shots: Sequence[int],
+                           tgt_stack: SliceStack) -> tuple[int, np.ndarray]:
+    """Where the reference's labelled anatomy lies in the target: (target slice index, its (H', W') model-grid labels).
+
+    The shots' labels (each one slice, thickened by a slice on both sides so that a scaled sheet has no holes) are
+    carried onto the target by affine registration of the two studies; the target slice holding most of them is
+    returned with them. If registration carries nothing, the labels of the middle shot are placed on the target
+    slice at the same relative height, resized to its slice.
+    """
+    from insid3_med.registration import carry_labels_to_study
+
+    axis, length = ref_stack.axis, len(ref_stack)
+    sheet = np.zeros_like(reference_labels)
+    for n in shots:
+        for m in (n - 1, n, n + 1):
+            if 0 <= m < length:
+                slab = take_slice(sheet, axis, m)
+                slab[...] = np.where(slab > 0, slab, take_slice(reference_labels, axis, n))
+    try:
+        carried = carry_labels_to_study(ref_stack.volume, sheet, tgt_stack.volume)
+    except RuntimeError:  # SimpleITK failed to register (for example too few overlapping samples)
+        carried = np.zeros(tgt_stack.volume.shape, dtype=np.int64)
+    other = tuple(a for a in range(3) if a != tgt_stack.axis)
+    areas = np.count_nonzero(carried, axis=other)
+    if areas.any():
+        index = int(np.argmax(areas))
+        return index, tgt_stack.to_model(take_slice(carried, tgt_stack.axis, index))
+    middle = shots[len(shots) // 2]
+    index = min(len(tgt_stack) - 1, round((middle + 0.5) * len(tgt_stack) / length - 0.5))
+    return index, _resize_labels(ref_stack.labels(reference_labels, middle), tgt_stack.model_shape)
+
+
+def most_similar_slice(source: CropFeatures, context: Sequence[ContextSlice], allowed: torch.Tensor, around: int,
+                       reach: int) -> int:
+    """The slice within ``reach`` of ``around`` whose crop looks most like the context slices' crops: the highest
+    mean, over its patches, of the best cosine similarity to a context patch within the neighbourhood ``allowed``."""
+    best, best_score = around, -np.inf
+    for index in range(max(0, around - reach), min(len(source.stack), around + reach + 1)):
+        target = source.features(index)
+        scores = [(target @ shot.features.transpose(0, 1)).masked_fill(~allowed, -torch.inf).max(dim=1).values.mean()
+                  for shot in context]
+        score = float(max(scores))
+        if score > best_score:
+            best, best_score = index, score
+    return best
+
+
+def _transfer_volume_mode(segmenter: OneShotSegmenter, ref_stack: SliceStack, reference_labels: np.ndarray,
+                          shots: Sequence[int], tgt_stack: SliceStack, params: PropagationParams,
+                          progress: ProgressCallback | None, batch_size: int) -> np.ndarray:
+    """``mode="volume"`` of :func:`transfer_to_study`."""
+    ref_model = {n: ref_stack.labels(reference_labels, n) for n in shots}
+    values = sorted({int(v) for lab in ref_model.values() for v in np.unique(lab) if v > 0})
+    ref_box = region_of_interest(list(ref_model.values()), params.crop_scale, params.min_crop_fraction)
+    ref_source = CropFeatures(segmenter, ref_stack, ref_box, params, batch_size)
+    grid = ref_source.grid
+    context = [ContextSlice(ref_source.features(n), patch_label_fractions(crop_square(lab, ref_box), values, grid))
+               for n, lab in ref_model.items()]
+    first_index, prior = registered_first_slice(ref_stack, reference_labels, shots, tgt_stack)
+    tgt_box = region_of_interest([prior if prior.any() else ref_model[shots[0]]], params.crop_scale,
+                                 params.min_crop_fraction)
+    tgt_source = CropFeatures(segmenter, tgt_stack, tgt_box, params, batch_size)
+    prior_crop = crop_square(prior, tgt_box)
+    allowed = neighbourhood_mask(grid, params.transfer_neighbourhood)
+    first_index = most_similar_slice(tgt_source, context, allowed, first_index, params.transfer_search)
+    first = label_slice(tgt_source.features(first_index), context, values, grid, tgt_box.side, params, allowed,
+                        prior=prior_crop, gate_sigma=params.transfer_gate_sigma, image=tgt_source.image(first_index))
+    for value in values:  # a structure the features lost on the first slice keeps its registered place
+        if not np.any(first == value):
+            first[(prior_crop == value) & (first == 0)] = value
+    total, done = len(tgt_stack), 0
+
+    def step(index: int) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(min(done, total), total)
+
+    step(first_index)
+    crops = propagate_crops({first_index: first}, tgt_source.features, values, grid, params, start=0, stop=total,
+                            images=tgt_source.image, progress=step)
+    output = np.zeros(tgt_stack.volume.shape, dtype=np.int64)
+    for n, crop in crops.items():
+        take_slice(output, tgt_stack.axis, n)[...] = tgt_stack.to_native(paste_square(crop, tgt_box,
+                                                                                       tgt_stack.model_shape))
+    if progress is not None and done < total:
+        progress(total, total)
     return output

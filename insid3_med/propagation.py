@@ -1,0 +1,437 @@
+"""Propagation of labelled slices through a volume with what a volume gives and a pair of photographs does not.
+
+The published method (ALGORITHM.md) segments each slice on its own from the labelled shots. Here the slices of
+one study are treated as a sequence, as video object segmentation treats frames:
+
+- **Region of interest.** Every slice is cut to one square box around the labelled structures (physical aspect
+  kept: slices come with square pixels), enlarged by ``crop_scale``, and that crop is what the backbone sees at
+  ``image_size``, so a small structure covers many patches.
+- **Chained label transfer.** From each labelled slice outwards, slice by slice, every target patch takes the
+  soft labels of its ``top_k`` most similar patches (cosine of backbone features) among the context slices' patches
+  within ``neighbourhood`` patches of its own position, weighted by ``softmax(similarity / temperature)``. The
+  context is the labelled slice (always kept as a shot) and the last ``recent_slices`` predicted slices.
+- **Registration prior.** Optionally, the previous slice's labels are also carried onto the slice by deformable
+  registration (demons, :mod:`insid3_med.registration`), and that warped label map is blended with the feature
+  evidence (``registration_weight``): registration says where the structure moved, features say what it is.
+- **Stop.** A structure whose predicted area falls below ``stop_ratio`` times its area on the labelled slice has
+  ended: it is removed from that slice and from every slice further out in that direction.
+
+Shapes: a crop is (S, S) pixels of the square-pixel slice; the backbone's patch grid is (g, g) with
+g = image_size / patch; N = g * g patches, C feature channels, L structures (label values) plus background.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from insid3_med.backbones import Backbone
+from insid3_med.engine import flatten_features
+from insid3_med.predictor import normalise_for_backbone
+
+FeatureSource = Callable[[int], torch.Tensor]
+"""Slice index -> (N, C) L2-normalised patch features of that slice's crop."""
+
+ImageSource = Callable[[int], np.ndarray]
+"""Slice index -> (S, S) float32 grey crop of that slice, in [0, 1]."""
+
+
+@dataclass(frozen=True)
+class PropagationParams:
+    """Settings of the volume propagation (see the module docstring); the defaults are the measured best.
+
+    image_size: side in pixels of the crop fed to the backbone (a multiple of its patch size after rounding).
+    crop_scale: crop side = this times the larger side of the labelled structures' bounding box.
+    min_crop_fraction: the crop side is at least this fraction of the slice's larger side.
+    top_k, temperature, neighbourhood (patches, Chebyshev radius): the label transfer.
+    recent_slices: predicted slices kept as context beside the labelled slice(s).
+    stop_ratio: a structure ends where its area falls below this fraction of its labelled area.
+    registration_weight: weight of the demons-warped previous labels against the feature evidence (0: features only).
+    flip: average the features of each crop with those of its left-right mirror image (test-time flip).
+    gate_sigma: a structure's probability is multiplied by exp(-d^2 / 2 sigma^2) at distance d outside its mask on
+        the previous slice; sigma is this fraction of the crop side (None: no gate).
+    refine_band, refine_strength: boundary refinement with the slice's grey values within this fraction of the crop
+        side from the boundaries (None: none); see :func:`refine_with_intensity`.
+    transfer_gate_sigma, transfer_neighbourhood: the gate and neighbourhood that place a reference study's labels on
+        the target's first slice (looser than between adjacent slices: two studies differ more).
+    transfer_search: the target's first slice is the one, within this many slices of where registration puts the
+        reference slice, that looks most like it.
+    """
+
+    image_size: int = 224
+    crop_scale: float = 2.0
+    min_crop_fraction: float = 0.0
+    top_k: int = 10
+    temperature: float = 0.05
+    neighbourhood: int = 3
+    recent_slices: int = 2
+    stop_ratio: float = 0.1
+    registration_weight: float = 0.0
+    flip: bool = False
+    gate_sigma: float | None = 0.03
+    refine_band: float | None = 0.02
+    refine_strength: float = 1.0
+    gate_union: bool = False
+    area_calibration: bool = False
+    transfer_gate_sigma: float | None = 0.1
+    transfer_neighbourhood: int = 5
+    transfer_search: int = 3
+
+    def __post_init__(self) -> None:
+        if self.image_size < 14:
+            raise ValueError(f"image_size must be at least one patch, not {self.image_size}")
+        if self.crop_scale < 1.0:
+            raise ValueError(f"crop_scale must be >= 1, not {self.crop_scale}")
+        if self.top_k < 1 or self.recent_slices < 0 or self.neighbourhood < 0:
+            raise ValueError("top_k must be >= 1, recent_slices and neighbourhood >= 0")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, not {self.temperature}")
+        if not 0.0 <= self.registration_weight <= 1.0:
+            raise ValueError(f"registration_weight must be in [0, 1], not {self.registration_weight}")
+        if not 0.0 <= self.stop_ratio < 1.0:
+            raise ValueError(f"stop_ratio must be in [0, 1), not {self.stop_ratio}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# region of interest
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SquareBox:
+    """A square region of a slice: top-left corner (row, column) and side, in pixels; may reach past the edges."""
+
+    top: int
+    left: int
+    side: int
+
+
+def region_of_interest(masks: Sequence[np.ndarray], crop_scale: float, min_fraction: float = 0.0) -> SquareBox:
+    """The square box centred on the bounding box of every mask's foreground, ``crop_scale`` times its larger side.
+
+    masks: (H, W) arrays on one slice grid (non-zero = structure). The side is at least ``min_fraction`` of the
+    slice's larger side and at least 8 pixels.
+    """
+    if not masks:
+        raise ValueError("region_of_interest needs at least one mask")
+    union = np.zeros(masks[0].shape, dtype=bool)
+    for mask in masks:
+        union |= np.asarray(mask) != 0
+    rows, cols = np.nonzero(union)
+    if rows.size == 0:
+        raise ValueError("region_of_interest: every mask is empty")
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    side = max(8, int(math.ceil(crop_scale * max(height, width))), int(math.ceil(min_fraction * max(union.shape))))
+    centre_row = (rows.min() + rows.max() + 1) / 2.0
+    centre_col = (cols.min() + cols.max() + 1) / 2.0
+    return SquareBox(int(round(centre_row - side / 2.0)), int(round(centre_col - side / 2.0)), side)
+
+
+def crop_square(array: np.ndarray, box: SquareBox) -> np.ndarray:
+    """(H, W, ...) -> (side, side, ...) cut of ``array`` at ``box``, zero where the box leaves the array."""
+    out = np.zeros((box.side, box.side, *array.shape[2:]), dtype=array.dtype)
+    top, left = max(box.top, 0), max(box.left, 0)
+    bottom, right = min(box.top + box.side, array.shape[0]), min(box.left + box.side, array.shape[1])
+    if bottom > top and right > left:
+        out[top - box.top : bottom - box.top, left - box.left : right - box.left] = array[top:bottom, left:right]
+    return out
+
+
+def paste_square(crop: np.ndarray, box: SquareBox, shape: tuple[int, int]) -> np.ndarray:
+    """(side, side) crop -> (H, W) array of ``shape``, zero outside the box (the inverse of :func:`crop_square`)."""
+    out = np.zeros(shape, dtype=crop.dtype)
+    top, left = max(box.top, 0), max(box.left, 0)
+    bottom, right = min(box.top + box.side, shape[0]), min(box.left + box.side, shape[1])
+    if bottom > top and right > left:
+        out[top:bottom, left:right] = crop[top - box.top : bottom - box.top, left - box.left : right - box.left]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# features of crops
+# ------------------------------------------------------------------------------------------------------------
+
+
+def patch_side(backbone: Backbone, image_size: int) -> int:
+    """``image_size`` rounded to a multiple of the backbone's patch size (at least one patch)."""
+    patch = backbone.patch_size
+    return max(patch, int(round(image_size / patch)) * patch)
+
+
+@torch.inference_mode()
+def encode_crops(backbone: Backbone, crops: Sequence[np.ndarray], image_size: int, flip: bool = False,
+                 batch_size: int = 8) -> list[torch.Tensor]:
+    """(S, S, 3) float [0, 1] crops -> a list of (N, C) L2-normalised plain patch features at ``image_size``.
+
+    flip: also encode each crop mirrored left-right, mirror its feature map back, and average the two.
+    """
+    side = patch_side(backbone, image_size)
+    tensors = []
+    for crop in crops:
+        tensor = torch.from_numpy(np.ascontiguousarray(np.asarray(crop, dtype=np.float32).transpose(2, 0, 1)))[None]
+        tensor = F.interpolate(tensor, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        tensors.append(tensor[0])
+    batch = normalise_for_backbone(torch.stack(tensors))
+    maps = backbone.encode(batch, batch_size=batch_size)
+    if flip:
+        mirrored = backbone.encode(batch.flip(-1), batch_size=batch_size).flip(-1)
+        maps = F.normalize(maps, dim=1) + F.normalize(mirrored, dim=1)
+    return [flatten_features(feature_map) for feature_map in maps]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# label transfer between slices
+# ------------------------------------------------------------------------------------------------------------
+
+
+def patch_label_fractions(labels: np.ndarray, values: Sequence[int], grid: tuple[int, int]) -> torch.Tensor:
+    """(S, S) label map -> (N, L + 1) share of each patch's area per class (column 0: background)."""
+    labels_t = torch.from_numpy(np.ascontiguousarray(labels)).long()
+    onehot = torch.stack([labels_t == 0] + [labels_t == v for v in values]).float()[None]  # (1, L+1, S, S)
+    fractions = F.adaptive_avg_pool2d(onehot, grid) if onehot.shape[-1] >= grid[1] else F.interpolate(
+        onehot, size=grid, mode="bilinear", align_corners=False)
+    fractions = fractions[0].flatten(1).transpose(0, 1)
+    return fractions / fractions.sum(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def neighbourhood_mask(grid: tuple[int, int], radius: int) -> torch.Tensor:
+    """(N, N) bool: patch pairs within ``radius`` patches of each other (Chebyshev distance)."""
+    rows = torch.arange(grid[0]).repeat_interleave(grid[1])
+    cols = torch.arange(grid[1]).repeat(grid[0])
+    return ((rows[:, None] - rows[None, :]).abs() <= radius) & ((cols[:, None] - cols[None, :]).abs() <= radius)
+
+
+def transfer_labels(target: torch.Tensor, context: Sequence[torch.Tensor], context_labels: Sequence[torch.Tensor],
+                    allowed: torch.Tensor, top_k: int, temperature: float) -> torch.Tensor:
+    """Soft labels of the target's patches from their nearest context patches.
+
+    target: (N, C); context[i]: (N, C) features of context slice i, context_labels[i]: its (N, L + 1) soft labels;
+    allowed: (N, N) bool, which context positions a target patch may match. Returns (N, L + 1) probabilities.
+    """
+    features = torch.cat(list(context))  # (M, C)
+    labels = torch.cat(list(context_labels))  # (M, L+1)
+    similarity = target @ features.transpose(0, 1)  # (N, M)
+    similarity = similarity.masked_fill(~allowed.repeat(1, len(context)), -torch.inf)
+    values, index = similarity.topk(min(top_k, similarity.shape[1]), dim=1)
+    weights = torch.softmax(values / temperature, dim=1)
+    weights = torch.nan_to_num(weights, nan=0.0)
+    return (weights[..., None] * labels[index]).sum(dim=1)
+
+
+def spatial_gate(labels: np.ndarray | torch.Tensor, values: Sequence[int], sigma: float) -> torch.Tensor:
+    """(S, S) labels (or (L + 1, S, S) soft labels) -> (L + 1, S, S) gate: 1 on a structure, exp(-d^2 / 2 sigma^2) at
+    distance d pixels outside it; the background's gate is 1 everywhere."""
+    from scipy.ndimage import distance_transform_edt
+
+    if isinstance(labels, torch.Tensor):
+        masks = [labels[i + 1].numpy() >= 0.5 for i in range(len(values))]
+        shape = tuple(labels.shape[1:])
+    else:
+        masks = [labels == v for v in values]
+        shape = labels.shape
+    gates = [np.ones(shape, dtype=np.float32)]
+    for mask in masks:
+        if not mask.any():
+            gates.append(np.zeros(shape, dtype=np.float32))
+            continue
+        distance = distance_transform_edt(~mask)
+        gates.append(np.exp(-0.5 * (distance / max(sigma, 1e-3)) ** 2).astype(np.float32))
+    return torch.from_numpy(np.stack(gates))
+
+
+def refine_with_intensity(probabilities: torch.Tensor, image: np.ndarray, band: float, strength: float = 1.0,
+                          bins: int = 32) -> torch.Tensor:
+    """Sharpen class boundaries with the slice's grey values (a local intensity model per class).
+
+    probabilities: (L + 1, S, S); image: (S, S) grey in [0, 1]. Each class's grey-value histogram is taken over the
+    pixels within ``2 * band`` of the boundaries of the most probable labels, each pixel weighted by the class's
+    probability there; within ``band`` pixels of a boundary the probabilities are multiplied by those histograms'
+    likelihoods (raised to ``strength``). Returns (L + 1, S, S) probabilities, renormalised.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    hard = probabilities.argmax(dim=0).numpy()
+    edges = np.zeros(hard.shape, dtype=bool)
+    edges[:-1] |= hard[:-1] != hard[1:]
+    edges[1:] |= hard[:-1] != hard[1:]
+    edges[:, :-1] |= hard[:, :-1] != hard[:, 1:]
+    edges[:, 1:] |= hard[:, :-1] != hard[:, 1:]
+    if not edges.any():
+        return probabilities
+    distance = distance_transform_edt(~edges)
+    near, region = distance <= band, distance <= 2.0 * band
+    index = np.clip((np.asarray(image) * bins).astype(np.int64), 0, bins - 1)
+    weights = probabilities.numpy()[:, region]  # (L+1, R)
+    histograms = np.stack([np.bincount(index[region], weights=w, minlength=bins) for w in weights]) + 1e-3
+    histograms = gaussian_smooth_rows(histograms / histograms.sum(axis=1, keepdims=True), 1.0)
+    likelihood = torch.from_numpy(histograms[:, index].astype(np.float32)) ** strength  # (L+1, S, S)
+    posterior = probabilities * likelihood
+    posterior = posterior / posterior.sum(dim=0, keepdim=True).clamp_min(1e-12)
+    return torch.where(torch.from_numpy(near)[None], posterior, probabilities)
+
+
+def gaussian_smooth_rows(rows: np.ndarray, sigma: float) -> np.ndarray:
+    """(R, B) histograms smoothed along B with a Gaussian of ``sigma`` bins (edges reflected)."""
+    from scipy.ndimage import gaussian_filter1d
+
+    return gaussian_filter1d(rows, sigma, axis=1, mode="nearest")
+
+
+def area_preserving_weights(labels: np.ndarray, values: Sequence[int], grid: tuple[int, int],
+                            low: float = 0.1) -> torch.Tensor:
+    """(L + 1,) class weights that make the patch-grid round trip keep each structure's area on a labelled slice.
+
+    A structure thinner than a patch loses area when its patch shares are upsampled and thresholded at 0.5; the
+    threshold t that keeps its area on the labelled (S, S) slice (searched in [``low``, 0.5]) becomes the weight
+    (1 - t) / t on its probability (background: 1), so that ``argmax`` then thresholds it at t.
+    """
+    side = labels.shape[0]
+    pixels = upsample_probabilities(patch_label_fractions(labels, values, grid), grid, side)
+    weights = torch.ones(len(values) + 1)
+    for i, value in enumerate(values):
+        area = int(np.count_nonzero(labels == value))
+        if area == 0:
+            continue
+        ordered = torch.sort(pixels[i + 1].flatten(), descending=True).values
+        threshold = float(ordered[min(area, ordered.numel()) - 1])
+        threshold = min(0.5, max(low, threshold))
+        weights[i + 1] = (1.0 - threshold) / threshold
+    return weights
+
+
+def upsample_probabilities(probabilities: torch.Tensor, grid: tuple[int, int], side: int) -> torch.Tensor:
+    """(N, L + 1) patch probabilities -> (L + 1, side, side) pixel probabilities (bilinear)."""
+    maps = probabilities.transpose(0, 1).reshape(1, -1, *grid)
+    return F.interpolate(maps, size=(side, side), mode="bilinear", align_corners=False)[0]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the chain
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ContextSlice:
+    """A slice the labels are taken from: (N, C) patch features and (N, L + 1) soft patch labels."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+
+def label_slice(target: torch.Tensor, context: Sequence[ContextSlice], values: Sequence[int], grid: tuple[int, int],
+                side: int, params: PropagationParams, allowed: torch.Tensor, *, prior: np.ndarray | None = None,
+                gate_sigma: float | None = None, image: np.ndarray | None = None,
+                warped: torch.Tensor | None = None, active: Sequence[int] | None = None,
+                class_weights: torch.Tensor | None = None) -> np.ndarray:
+    """One slice's (S, S) int64 label map from its (N, C) features and the context slices.
+
+    prior: the (S, S) labels it should stay near (the previous slice's), gated with ``gate_sigma`` (a fraction of
+    the side; default ``params.gate_sigma``); image: its (S, S) grey crop (for the refinement); warped: (L + 1, S, S)
+    registration-carried labels (blended with ``params.registration_weight``); active: the label values still
+    allowed (default: all); class_weights: (L + 1,) multipliers of the probabilities before the decision
+    (:func:`area_preserving_weights`).
+    """
+    probabilities = transfer_labels(target, [c.features for c in context], [c.labels for c in context], allowed,
+                                    params.top_k, params.temperature)
+    pixels = upsample_probabilities(probabilities, grid, side)  # (L+1, S, S)
+    if warped is not None and params.registration_weight > 0:
+        pixels = (1.0 - params.registration_weight) * pixels + params.registration_weight * warped
+    sigma = params.gate_sigma if gate_sigma is None else gate_sigma
+    if prior is not None and sigma is not None:
+        gate = spatial_gate(prior, values, sigma * side)
+        if params.gate_union and len(values) > 1:  # structures may trade places inside the previous ones' union
+            gate[1:] = torch.maximum(gate[1:], spatial_gate((prior > 0).astype(np.int64), [1], sigma * side)[1])
+        pixels = pixels * gate
+    if params.refine_band is not None and image is not None:
+        pixels = pixels / pixels.sum(dim=0, keepdim=True).clamp_min(1e-12)
+        pixels = refine_with_intensity(pixels, image, params.refine_band * side, params.refine_strength)
+    if class_weights is not None:
+        pixels = pixels * class_weights[:, None, None]
+    if active is not None:
+        inactive = [i + 1 for i, v in enumerate(values) if v not in active]
+        if inactive:
+            pixels[inactive] = -1.0
+    winner = pixels.argmax(dim=0).numpy()
+    labels = np.zeros((side, side), dtype=np.int64)
+    for i, value in enumerate(values):
+        labels[winner == i + 1] = value
+    return labels
+
+
+def _chain_order(anchors: Sequence[int], start: int, stop: int) -> list[tuple[int, int, int, int | None]]:
+    """Per anchor and direction: (anchor, step, last slice index inclusive, the next anchor that way or None)."""
+    plans: list[tuple[int, int, int, int | None]] = []
+    ordered = sorted(anchors)
+    for position, anchor in enumerate(ordered):
+        below = ordered[position - 1] if position > 0 else None
+        above = ordered[position + 1] if position + 1 < len(ordered) else None
+        last_up = (anchor + above) // 2 if above is not None else stop - 1
+        last_down = (below + anchor) // 2 + 1 if below is not None else start
+        plans.append((anchor, 1, last_up, above))
+        plans.append((anchor, -1, last_down, below))
+    return plans
+
+
+def propagate_crops(anchors: Mapping[int, np.ndarray], features: FeatureSource, values: Sequence[int],
+                    grid: tuple[int, int], params: PropagationParams, *, start: int, stop: int,
+                    images: ImageSource | None = None, extra_context: Sequence[ContextSlice] = (),
+                    progress: Callable[[int], None] | None = None) -> dict[int, np.ndarray]:
+    """Chain the labelled crops ``anchors`` (slice index -> (S, S) label map) through slices [start, stop).
+
+    features: slice index -> (N, C) features of its crop; images: slice index -> (S, S) grey crop (for the
+    refinement and the registration prior; without it neither is used); extra_context: more labelled slices kept in
+    every slice's context (for example another study's). Between two anchors each serves the slices nearer to it.
+    Returns slice index -> (S, S) int64 label map for every slice reached (anchors included, unchanged); slices
+    beyond a structure's end are absent or hold only the other structures.
+    """
+    if not anchors:
+        raise ValueError("propagate_crops needs at least one labelled slice")
+    side = next(iter(anchors.values())).shape[0]
+    values = list(values)
+    allowed = neighbourhood_mask(grid, params.neighbourhood)
+    anchor_context = {n: ContextSlice(features(n), patch_label_fractions(lab, values, grid))
+                      for n, lab in anchors.items()}
+    anchor_area = {v: max(1, max(int(np.count_nonzero(lab == v)) for lab in anchors.values())) for v in values}
+    results: dict[int, np.ndarray] = {n: np.asarray(lab, dtype=np.int64) for n, lab in anchors.items()}
+    class_weights = None
+    if params.area_calibration:
+        class_weights = torch.stack([area_preserving_weights(lab, values, grid) for lab in anchors.values()]).mean(0)
+    register = params.registration_weight > 0 and images is not None
+    if register:
+        from insid3_med.registration import warp_labels_between
+    for anchor, step, last, neighbour in _chain_order(list(anchors), start, stop):
+        if (last - anchor) * step < 0:
+            continue
+        keep_going = set(values) & (set(np.unique(anchors[neighbour])) if neighbour is not None else set())
+        active = [v for v in values if np.any(anchors[anchor] == v)]
+        recent: list[ContextSlice] = []
+        previous_index, previous_labels = anchor, results[anchor]
+        index = anchor + step
+        while active and (last - index) * step >= 0:
+            target = features(index)
+            nearest_anchors = sorted(anchor_context, key=lambda n: abs(n - index))[:2]
+            context = [anchor_context[n] for n in nearest_anchors] + list(extra_context)
+            if params.recent_slices:
+                context += recent[-params.recent_slices :]
+            image = images(index) if images is not None else None
+            warped = None
+            if register:
+                warped = warp_labels_between(images(previous_index), image, previous_labels, values)  # type: ignore[misc]
+            labels = label_slice(target, context, values, grid, side, params, allowed, prior=previous_labels,
+                                 image=image, warped=warped, active=active, class_weights=class_weights)
+            for v in list(active):
+                if v not in keep_going and np.count_nonzero(labels == v) < params.stop_ratio * anchor_area[v]:
+                    labels[labels == v] = 0
+                    active.remove(v)
+            results[index] = labels
+            if progress is not None:
+                progress(index)
+            recent.append(ContextSlice(target, patch_label_fractions(labels, values, grid)))
+            previous_index, previous_labels = index, labels
+            index += step
+    return results

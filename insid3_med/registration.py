@@ -1,0 +1,107 @@
+"""Registration that tells the propagation where a structure moved (SimpleITK).
+
+- :func:`warp_labels_between`: demons registration of one slice onto its neighbour, to carry a label map across
+  (images: (S, S) float arrays in [0, 1] on the same square-pixel grid).
+- :func:`carry_labels_to_study`: affine registration of one study onto another (Mattes mutual information), to put
+  a reference's labels where the target's anatomy is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from insid3_med.imaging.geometry import Volume
+
+DEMONS_ITERATIONS = 40
+DEMONS_SIGMA = 1.5  # pixels, smoothing of the displacement field
+
+
+def demons_displacement(fixed: np.ndarray, moving: np.ndarray, iterations: int = DEMONS_ITERATIONS,
+                        sigma: float = DEMONS_SIGMA) -> sitk.Image:
+    """Displacement field (on ``fixed``'s grid) that maps fixed pixels to where they lie in ``moving``."""
+    fixed_image = sitk.GetImageFromArray(np.ascontiguousarray(fixed, dtype=np.float32))
+    moving_image = sitk.GetImageFromArray(np.ascontiguousarray(moving, dtype=np.float32))
+    moving_image = sitk.HistogramMatching(moving_image, fixed_image, numberOfHistogramLevels=64,
+                                          numberOfMatchPoints=7, thresholdAtMeanIntensity=False)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(iterations)
+    demons.SetSmoothDisplacementField(True)
+    demons.SetStandardDeviations(sigma)
+    return demons.Execute(fixed_image, moving_image)
+
+
+def warp_labels_between(moving_image: np.ndarray, fixed_image: np.ndarray, moving_labels: np.ndarray,
+                        values: Sequence[int]) -> torch.Tensor:
+    """Carry ``moving_labels`` (S, S) from ``moving_image`` onto ``fixed_image``: (L + 1, S, S) soft labels.
+
+    Channel 0 is background, channel l the share of label ``values[l - 1]`` (linear interpolation of one-hot maps).
+    """
+    field = demons_displacement(fixed_image, moving_image)
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    reference = sitk.GetImageFromArray(np.zeros(fixed_image.shape, dtype=np.float32))
+    channels = []
+    for value in values:
+        onehot = sitk.GetImageFromArray((moving_labels == value).astype(np.float32))
+        warped = sitk.Resample(onehot, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        channels.append(sitk.GetArrayFromImage(warped))
+    foreground = np.stack(channels) if channels else np.zeros((0, *fixed_image.shape), dtype=np.float32)
+    background = np.clip(1.0 - foreground.sum(axis=0, keepdims=True), 0.0, 1.0)
+    return torch.from_numpy(np.concatenate([background, foreground]).astype(np.float32))
+
+
+def volume_to_sitk(volume: Volume, array: np.ndarray | None = None) -> sitk.Image:
+    """A SimpleITK image of ``array`` (default: the volume's (K, J, I) grey array) on the volume's grid."""
+    data = volume.array if array is None else array
+    image = sitk.GetImageFromArray(np.ascontiguousarray(data))
+    image.SetSpacing(tuple(float(s) for s in volume.geometry.spacing))
+    image.SetOrigin(tuple(float(o) for o in volume.geometry.origin))
+    image.SetDirection(tuple(float(v) for v in volume.geometry.direction_matrix().ravel()))
+    return image
+
+
+def unit_intensity(array: np.ndarray) -> np.ndarray:
+    """(K, J, I) grey values clipped to their 1st..99th percentiles and scaled to [0, 1] (float32)."""
+    array = np.asarray(array, dtype=np.float32)
+    low, high = np.percentile(array, [1.0, 99.0])
+    if high <= low:
+        return np.zeros_like(array)
+    return ((np.clip(array, low, high) - low) / (high - low)).astype(np.float32)
+
+
+def affine_study_transform(fixed: Volume, moving: Volume, iterations: int = 100, seed: int = 0) -> sitk.Transform:
+    """Affine transform mapping ``fixed`` physical points to ``moving`` ones (Mattes MI, 3 levels, centred start)."""
+    fixed_image = volume_to_sitk(fixed, unit_intensity(fixed.array))
+    moving_image = volume_to_sitk(moving, unit_intensity(moving.array))
+    initial = sitk.CenteredTransformInitializer(fixed_image, moving_image, sitk.AffineTransform(3),
+                                                sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    levels = [f for f in (4, 2, 1) if min(fixed_image.GetSize()) // f >= 8] or [1]
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(0.25, seed)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
+                                                    relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel(levels)
+    method.SetSmoothingSigmasPerLevel([float(f // 2) for f in levels])
+    method.SetInitialTransform(initial, inPlace=False)
+    return method.Execute(sitk.Cast(fixed_image, sitk.sitkFloat32), sitk.Cast(moving_image, sitk.sitkFloat32))
+
+
+def carry_labels_to_study(reference: Volume, labels: np.ndarray, target: Volume,
+                          transform: sitk.Transform | None = None) -> np.ndarray:
+    """The reference's (K, J, I) label map moved onto the target's grid by affine registration (nearest neighbour).
+
+    transform: target -> reference physical points (default: :func:`affine_study_transform` of the two studies).
+    Returns the target's (K', J', I') int64 label map.
+    """
+    transform = transform if transform is not None else affine_study_transform(target, reference)
+    moving = volume_to_sitk(reference, np.asarray(labels).astype(np.int16))
+    fixed = volume_to_sitk(target, np.zeros(target.shape, dtype=np.int16))
+    warped = sitk.Resample(moving, fixed, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt16)
+    return sitk.GetArrayFromImage(warped).astype(np.int64)

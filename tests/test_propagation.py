@@ -1,0 +1,207 @@
+"""Tests of insid3_med.propagation: region of interest, label transfer, gate, refinement and the chain's stop logic.
+
+The chain is checked on synthetic slices whose patch features are known exactly, so the right answer is known.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from insid3_med.propagation import (
+    PropagationParams,
+    SquareBox,
+    crop_square,
+    neighbourhood_mask,
+    paste_square,
+    patch_label_fractions,
+    propagate_crops,
+    refine_with_intensity,
+    region_of_interest,
+    spatial_gate,
+    transfer_labels,
+)
+
+
+def disk(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+
+
+def test_region_of_interest_is_a_square_around_every_mask() -> None:
+    mask = np.zeros((40, 60), dtype=np.int64)
+    mask[10:20, 30:34] = 1  # 10 x 4
+    other = np.zeros_like(mask)
+    other[18:22, 36:38] = 2
+    box = region_of_interest([mask, other], crop_scale=2.0)
+    assert box.side == 24  # 2 x the union's larger side (12 rows x 8 columns)
+    assert (box.top, box.left) == (4, 22)  # centred on rows 10..21, columns 30..37
+    assert region_of_interest([mask], 1.0, min_fraction=0.5).side == 30
+    with pytest.raises(ValueError, match="empty"):
+        region_of_interest([np.zeros((5, 5))], 2.0)
+
+
+def test_crop_and_paste_are_inverse_and_pad_with_zeros_past_the_edges() -> None:
+    image = np.arange(30 * 20, dtype=np.float32).reshape(30, 20) + 1
+    box = SquareBox(top=-5, left=10, side=16)
+    crop = crop_square(image, box)
+    assert crop.shape == (16, 16)
+    assert np.all(crop[:5] == 0) and np.all(crop[:, 10:] == 0)
+    np.testing.assert_array_equal(crop[5:, :10], image[:11, 10:20])
+    back = paste_square(crop, box, image.shape)
+    np.testing.assert_array_equal(back[:11, 10:], image[:11, 10:])
+    assert np.all(back[11:] == 0) and np.all(back[:, :10] == 0)
+    rgb = crop_square(np.ones((8, 8, 3), dtype=np.float32), SquareBox(0, 0, 10))
+    assert rgb.shape == (10, 10, 3) and rgb[..., 0].sum() == 64
+
+
+def test_patch_label_fractions_are_area_shares_per_class() -> None:
+    labels = np.zeros((8, 8), dtype=np.int64)
+    labels[:4, :4] = 3
+    labels[:2, 4:] = 5
+    fractions = patch_label_fractions(labels, [3, 5], (2, 2))
+    assert fractions.shape == (4, 3)
+    torch.testing.assert_close(fractions.sum(dim=1), torch.ones(4))
+    torch.testing.assert_close(fractions[0], torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(fractions[1], torch.tensor([0.5, 0.0, 0.5]))
+    torch.testing.assert_close(fractions[3], torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_neighbourhood_mask_is_a_chebyshev_window() -> None:
+    allowed = neighbourhood_mask((3, 3), 1)
+    assert allowed.shape == (9, 9)
+    assert bool(allowed[4].all())  # the centre sees everything
+    assert allowed[0].nonzero().flatten().tolist() == [0, 1, 3, 4]
+    assert neighbourhood_mask((3, 3), 0).equal(torch.eye(9, dtype=torch.bool))
+
+
+def test_transfer_labels_takes_the_labels_of_the_most_similar_allowed_patch() -> None:
+    context = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]]), dim=1)
+    labels = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    target = F.normalize(torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=1)
+    everywhere = torch.ones(4, 4, dtype=torch.bool)
+    out = transfer_labels(target, [context], [labels], everywhere, top_k=1, temperature=0.1)
+    torch.testing.assert_close(out, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]))
+    # Restricted to its own position, each target patch can only copy the patch there.
+    only_self = torch.eye(4, dtype=torch.bool)
+    out = transfer_labels(target, [context], [labels], only_self, top_k=3, temperature=0.1)
+    torch.testing.assert_close(out, labels)
+
+
+def test_spatial_gate_is_one_on_the_structure_and_decays_outside() -> None:
+    labels = np.zeros((11, 11), dtype=np.int64)
+    labels[5, 5] = 2
+    gate = spatial_gate(labels, [1, 2], sigma=2.0)
+    assert gate.shape == (3, 11, 11)
+    assert torch.all(gate[0] == 1) and torch.all(gate[1] == 0)
+    assert float(gate[2, 5, 5]) == 1.0
+    assert float(gate[2, 5, 7]) == pytest.approx(np.exp(-0.5), rel=1e-5)
+    assert float(gate[2, 0, 0]) == pytest.approx(np.exp(-0.5 * 50 / 4), rel=1e-5)  # 7.07 px away
+
+
+def test_refine_with_intensity_moves_a_blurred_boundary_to_the_intensity_edge() -> None:
+    from scipy.ndimage import gaussian_filter
+
+    image = np.full((40, 40), 0.2, dtype=np.float32)
+    truth = disk((40, 40), (20, 20), 10)
+    image[truth] = 0.8
+    # Upsampled patch probabilities: smooth, and 2 pixels too wide.
+    foreground = gaussian_filter(disk((40, 40), (20, 20), 12).astype(np.float32), 3.0)
+    probabilities = torch.from_numpy(np.stack([1 - foreground, foreground]))
+    refined = refine_with_intensity(probabilities, image, band=3.0)
+    assert refined.shape == probabilities.shape
+    torch.testing.assert_close(refined.sum(dim=0), torch.ones(40, 40))
+    before = (probabilities.argmax(0).numpy() == 1) != truth
+    after = (refined.argmax(0).numpy() == 1) != truth
+    assert before.sum() > 50 and after.sum() <= 0.2 * before.sum()
+    far = np.ones((40, 40), dtype=bool)
+    far[5:36, 5:36] = False
+    torch.testing.assert_close(refined[:, far], probabilities[:, far])  # only the boundary band changes
+
+
+def test_params_reject_bad_values() -> None:
+    with pytest.raises(ValueError, match="crop_scale"):
+        PropagationParams(crop_scale=0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        PropagationParams(temperature=0)
+    with pytest.raises(ValueError, match="registration_weight"):
+        PropagationParams(registration_weight=2.0)
+
+
+# -- the chain on slices with exactly known features ---------------------------------------------------------
+
+SIDE, GRID = 32, (8, 8)
+
+
+def exact_features(labels: np.ndarray, values: list[int]) -> torch.Tensor:
+    """(N, C) features that say exactly which class covers most of each patch (plus a small shared part)."""
+    fractions = patch_label_fractions(labels, values, GRID)
+    one_hot = F.one_hot(fractions.argmax(dim=1), len(values) + 1).float()
+    return F.normalize(one_hot + 0.05, dim=1)
+
+
+def run_chain(truth: dict[int, np.ndarray], anchors: list[int], count: int, values: list[int],
+              params: PropagationParams | None = None) -> dict[int, np.ndarray]:
+    return propagate_crops({n: truth[n] for n in anchors}, lambda n: exact_features(truth[n], values), values,
+                           GRID, params or PropagationParams(refine_band=None), start=0, stop=count,
+                           images=lambda n: (truth[n] > 0).astype(np.float32))
+
+
+def test_chain_follows_a_moving_structure_and_stops_where_it_ends() -> None:
+    # A disk drifting one pixel per slice, present on slices 3..9, largest on slice 6; a look-alike appears far
+    # from it on slices 10..13 (after the structure ended) and must not be picked up.
+    truth = {}
+    for n in range(14):
+        labels = np.zeros((SIDE, SIDE), dtype=np.int64)
+        radius = {3: 6, 4: 7, 5: 8, 6: 9, 7: 8, 8: 7, 9: 6}.get(n, 0)
+        if radius:
+            labels[disk((SIDE, SIDE), (16, 10 + n), radius)] = 1
+        if n >= 10:
+            labels[disk((SIDE, SIDE), (4, 4), 4)] = 1
+        truth[n] = labels
+    visited: list[int] = []
+    result = propagate_crops({6: truth[6]}, lambda n: exact_features(truth[n], [1]), [1], GRID,
+                             PropagationParams(), start=0, stop=14, progress=visited.append,
+                             images=lambda n: np.where(truth[n] > 0, 0.8, 0.3).astype(np.float32))
+    for n in range(3, 10):
+        overlap = np.logical_and(result[n] == 1, truth[n] == 1).sum()
+        dice = 2 * overlap / ((result[n] == 1).sum() + (truth[n] == 1).sum())
+        assert dice > 0.85, f"slice {n}: Dice {dice:.2f}"
+    for n in (0, 1, 2, 10, 11, 12, 13):
+        assert n not in result or not result[n].any(), f"slice {n} beyond the structure is labelled"
+    assert 6 not in visited and 5 in visited and 7 in visited
+    assert max(visited) <= 11 and min(visited) >= 1  # the chain stopped soon after the structure ended
+
+
+def test_chain_keeps_two_structures_apart_and_each_stops_on_its_own() -> None:
+    truth = {}
+    for n in range(10):
+        labels = np.zeros((SIDE, SIDE), dtype=np.int64)
+        labels[disk((SIDE, SIDE), (10, 10), 6)] = 1  # structure 1 on every slice
+        if 2 <= n <= 6:
+            labels[disk((SIDE, SIDE), (22, 22), 6)] = 4  # structure 4 only on slices 2..6
+        truth[n] = labels
+    result = run_chain(truth, [4], 10, [1, 4])
+    for n in range(10):
+        for value in (1, 4):
+            predicted, expected = result[n] == value, truth[n] == value
+            if expected.any():
+                dice = 2 * np.logical_and(predicted, expected).sum() / (predicted.sum() + expected.sum())
+                assert dice > 0.9, f"slice {n}, structure {value}: Dice {dice:.2f}"
+            else:
+                assert not predicted.any(), f"slice {n}: structure {value} after its end"
+
+
+def test_between_two_labelled_slices_each_anchor_serves_its_half() -> None:
+    truth = {n: np.zeros((SIDE, SIDE), dtype=np.int64) for n in range(9)}
+    for n in range(9):
+        truth[n][disk((SIDE, SIDE), (16, 8 + 2 * n), 6)] = 2
+    seen: list[int] = []
+    result = propagate_crops({1: truth[1], 7: truth[7]}, lambda n: exact_features(truth[n], [2]), [2], GRID,
+                             PropagationParams(refine_band=None), start=0, stop=9, progress=seen.append)
+    assert sorted(seen) == [0, 2, 3, 4, 5, 6, 8]  # every slice once, labelled slices untouched
+    assert all(result[n].any() for n in range(9))
+    np.testing.assert_array_equal(result[1], truth[1])
+    np.testing.assert_array_equal(result[7], truth[7])

@@ -1,0 +1,166 @@
+"""Tests of insid3_med.volume: both propagation modes, their errors, and a real hippocampus check.
+
+The synthetic checks use a stand-in backbone whose patch feature is a direction set by the patch's mean grey value,
+so that a bright structure on a dark background has a known answer without any model weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from insid3_med.backbones import IMAGENET_MEAN, IMAGENET_STD
+from insid3_med.imaging.geometry import Geometry, Volume
+from insid3_med.propagation import PropagationParams
+from insid3_med.volume import (
+    LabelGridError,
+    NoLabelledSliceError,
+    labelled_slices,
+    propagate_through_slices,
+)
+
+ROOT = Path(__file__).resolve().parents[1] / ".."
+STANDIN = ROOT / "shared" / "weights" / "dinov2-small-standin"
+HIPPOCAMPUS = ROOT / "shared" / "data" / "hippocampus"
+
+
+class GreyLevelBackbone:
+    """(B, 3, H, W) ImageNet-normalised images -> (B, 4, H/14, W/14): each patch's mean grey value as an angle."""
+
+    patch_size = 14
+
+    def encode(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        grey = images[:, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+        mean = F.avg_pool2d(grey[:, None], self.patch_size)[:, 0]
+        angle = mean.clamp(0, 1) * math.pi
+        return torch.stack([angle.cos(), angle.sin(), 0.1 * torch.ones_like(angle), torch.zeros_like(angle)], 1)
+
+
+def disk(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+
+
+def synthetic_study() -> tuple[Volume, np.ndarray]:
+    """12 slices of 64 x 72 (1 mm, 2 mm between slices): a bright disk on slices 2..8 drifting right, largest on
+    slice 5, and a second bright disk in a corner of slices 9..11 that belongs to nothing labelled."""
+    rng = np.random.default_rng(0)
+    array = 0.2 + 0.03 * rng.standard_normal((12, 64, 72))
+    truth = np.zeros((12, 64, 72), dtype=np.int64)
+    for n, radius in {2: 5, 3: 8, 4: 10, 5: 12, 6: 10, 7: 8, 8: 5}.items():
+        truth[n][disk((64, 72), (32, 30 + n), radius)] = 1
+    array[truth == 1] = 0.9
+    for n in (9, 10, 11):
+        array[n][disk((64, 72), (12, 12), 5)] = 0.9
+    volume = Volume(array.astype(np.float32), Geometry(spacing=(1.0, 1.0, 2.0)), modality="MR")
+    return volume, truth
+
+
+def only_slice(labels: np.ndarray, index: int) -> np.ndarray:
+    given = np.zeros_like(labels)
+    given[index] = labels[index]
+    return given
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum()))
+
+
+def test_volume_mode_follows_the_structure_and_leaves_the_slices_beyond_it_empty() -> None:
+    volume, truth = synthetic_study()
+    segmenter = SimpleNamespace(backbone=GreyLevelBackbone())
+    calls: list[tuple[int, int]] = []
+    output = propagate_through_slices(segmenter, volume, only_slice(truth, 5), axis="k",  # type: ignore[arg-type]
+                                      progress=lambda done, total: calls.append((done, total)))
+    assert output.shape == truth.shape and output.dtype == np.int64
+    np.testing.assert_array_equal(output[5], truth[5])  # the labelled slice is kept as given
+    assert dice(output == 1, truth == 1) > 0.9
+    assert labelled_slices(output, 0) == list(range(2, 9))  # nothing on 0, 1 nor on the look-alike of 9..11
+    assert calls and calls[-1] == (11, 11) and all(total == 11 for _, total in calls)
+
+
+def test_volume_mode_respects_the_slice_range_and_carries_label_values() -> None:
+    volume, truth = synthetic_study()
+    segmenter = SimpleNamespace(backbone=GreyLevelBackbone())
+    output = propagate_through_slices(segmenter, volume, only_slice(truth, 5) * 7, axis=0,  # type: ignore[arg-type]
+                                      slice_range=(4, 7), params=PropagationParams(image_size=112))
+    assert set(np.unique(output)) == {0, 7}
+    assert labelled_slices(output, 0) == [4, 5, 6]
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    volume, truth = synthetic_study()
+    segmenter = SimpleNamespace(backbone=GreyLevelBackbone())
+    with pytest.raises(NoLabelledSliceError):
+        propagate_through_slices(segmenter, volume, np.zeros_like(truth))  # type: ignore[arg-type]
+    with pytest.raises(LabelGridError, match="shape"):
+        propagate_through_slices(segmenter, volume, truth[:5])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown propagation mode"):
+        propagate_through_slices(segmenter, volume, truth, mode="video")  # type: ignore[arg-type]
+
+
+# -- the real stand-in backbone on real hippocampus volumes -------------------------------------------------------
+
+needs_real = pytest.mark.skipif(not (STANDIN.is_dir() and HIPPOCAMPUS.is_dir()),
+                                reason="needs ../shared/weights/dinov2-small-standin and ../shared/data/hippocampus")
+
+
+@pytest.fixture(scope="module")
+def segmenter():  # noqa: ANN201 - OneShotSegmenter, imported lazily
+    from insid3_med.backbones import load_backbone
+    from insid3_med.predictor import OneShotSegmenter
+
+    return OneShotSegmenter(load_backbone(STANDIN, device="cpu"), image_size=112)
+
+
+def hippocampus_case(name: str) -> tuple[Volume, np.ndarray]:
+    from insid3_med.imaging.readers import read_label_volume, read_volume
+
+    volume = read_volume(HIPPOCAMPUS / "images" / f"{name}.nii.gz")
+    return volume, read_label_volume(HIPPOCAMPUS / "labels" / f"{name}.nii.gz", volume).astype(np.int64)
+
+
+def largest_slice(mask: np.ndarray, axis: int) -> int:
+    other = tuple(a for a in range(3) if a != axis)
+    return int(np.argmax(np.count_nonzero(mask, axis=other)))
+
+
+@needs_real
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "structure", "floor"), [("hippocampus_007", 1, 0.65), ("hippocampus_017", 2, 0.65)])
+def test_real_hippocampus_volume_mode_beats_copying_the_slice(segmenter, name: str, structure: int,
+                                                              floor: float) -> None:
+    volume, labels = hippocampus_case(name)
+    truth = labels == structure
+    index = largest_slice(truth, 0)
+    given = only_slice(truth.astype(np.int64), index)
+    started = time.perf_counter()
+    output = propagate_through_slices(segmenter, volume, given, axis=0)
+    seconds = time.perf_counter() - started
+    copied = np.repeat(truth[index : index + 1], truth.shape[0], axis=0)
+    score = dice(output > 0, truth)
+    assert score >= floor, f"3D Dice {score:.3f} below the measured floor {floor}"
+    assert score >= dice(copied, truth) + 0.15
+    extent = labelled_slices(truth.astype(np.int64), 0)
+    beyond = [n for n in labelled_slices(output, 0) if not extent[0] <= n <= extent[-1]]
+    assert len(beyond) <= 2, f"slices labelled beyond the structure: {beyond}"
+    assert seconds < 60
+
+
+@needs_real
+def test_published_mode_segments_each_slice_from_the_shots(segmenter) -> None:
+    volume, labels = hippocampus_case("hippocampus_007")
+    truth = (labels == 1).astype(np.int64)
+    index = largest_slice(truth, 0)
+    output = propagate_through_slices(segmenter, volume, only_slice(truth, index), axis=0, mode="published",
+                                      slice_range=(index - 2, index + 3))
+    np.testing.assert_array_equal(output[index], truth[index])
+    assert labelled_slices(output, 0)[0] >= index - 2 and labelled_slices(output, 0)[-1] <= index + 2
+    assert dice(output[index - 2 : index + 3] > 0, truth[index - 2 : index + 3] > 0) > 0.2
