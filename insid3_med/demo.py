@@ -43,6 +43,8 @@ from insid3_med.jobs import ModelOptions, model_description
 from insid3_med.outputs import machine_description, output_set, write_json
 from insid3_med.volume import ProgressCallback, propagate_through_slices
 
+DEMO_MODE = "published"
+
 TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
     "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
@@ -352,8 +354,10 @@ def run_demo(output_dir: Path, model: ModelOptions, force: bool = False, progres
             claimed = {name: outputs.claim(output_dir / name) for name in OUTPUT_FILES}
             volume, reference = case.volume, case.reference
             first, stop = case.slice_range(margin)
+            # The published per-slice mode: on these thin, branching ventricles it measured a 3D Dice of 0.55 with
+            # the stand-in, the chained volume mode (the library default, better on every evaluation set) 0.39.
             propagated = propagate_through_slices(segmenter, volume, case.clinician_label(), axis=0,
-                                                  slice_range=(first, stop), progress=progress)
+                                                  slice_range=(first, stop), progress=progress, mode=DEMO_MODE)
             propagated = propagated.astype(np.uint8)
             finished = time.perf_counter()
 
