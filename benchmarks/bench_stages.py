@@ -18,7 +18,9 @@ a synthetic pair where that is absent), run stage by stage with the library's ow
 
 Printed: best (minimum over ``--repeats``) seconds per stage and its share of the episode; the backbone's FLOP count
 (matrix products of the blocks actually run) and achieved FLOP/s as a fraction of a square matmul of the same
-precision and of about the size of the MLP product (best of 3, measured between the repeats); slices per second,
+precision and of about the size of the MLP product: each episode's encoding against the mean of the matmul rates
+sustained just before and after it (over a quarter of the backbone's FLOPs), the median over repeats (the machine
+may be shared: paired figures see the same load); slices per second,
 from the stages (half the episode's encoding, resizing and debiasing plus the per-target stages) and, with
 ``--slices``, measured (targets against the same reference, encoded ``--batch`` at a time); peak memory.
 Random-weight DINOv3 models give honest timings but meaningless features, so their clustering stage is not
@@ -28,6 +30,7 @@ representative; the stand-in's is.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -143,12 +146,15 @@ def measure(model: str, size: int, precision: str, device: str, repeats: int, sl
     if warmup:
         run_episode(segmenter, reference, mask, target, common.StageTimer(device))
     yardstick = common.MatmulYardstick(common.yardstick_side(backbone.spec, side, 2), precision, device)
-    rates = []
+    flops = common.backbone_flops(backbone.spec, side, backbone.feature_block, batch=2)
+    # Matmul rates sustained over a quarter of the backbone's FLOPs, before, between and after the episodes.
+    rates = [yardstick.sustained_rate(flops / 4)]
     for _ in range(repeats):
-        rates.append(yardstick.rate())
         labels, encoded_reference, encoded_target = run_episode(segmenter, reference, mask, target, timer)
         timer.end_repeat()
-    rates.append(yardstick.rate())
+        rates.append(yardstick.sustained_rate(flops / 4))
+    encode_times = timer.samples["encode"]
+    paired = [flops / seconds / ((rates[r] + rates[r + 1]) / 2) for r, seconds in enumerate(encode_times)]
 
     segmenter.set_reference(encoded_reference, mask)
     if not np.array_equal(segmenter.segment(encoded_target), labels):
@@ -156,7 +162,6 @@ def measure(model: str, size: int, precision: str, device: str, repeats: int, sl
 
     best = timer.best()
     total = sum(best.values())
-    flops = common.backbone_flops(backbone.spec, side, backbone.feature_block, batch=2)
     achieved = flops / best["encode"]
     matmul = max(rates)
     # One more target slice costs half the batch's encoding and resizing, and every per-target stage.
@@ -176,7 +181,9 @@ def measure(model: str, size: int, precision: str, device: str, repeats: int, sl
         "matmul_side": yardstick.n,
         "matmul_gflops": matmul / 1e9,
         "matmul_gflops_all": [r / 1e9 for r in rates],
-        "backbone_fraction_of_matmul": achieved / matmul,
+        "backbone_fraction_of_matmul": statistics.median(paired),
+        "backbone_fraction_of_matmul_per_repeat": paired,
+        "backbone_fraction_best_over_best": achieved / matmul,
         "slices_per_second_from_episode": 1.0 / per_slice,
         "load_seconds": load_seconds,
         "rss_after_load_mib": rss_loaded,
@@ -212,9 +219,11 @@ def report(result: dict) -> str:
     lines += [
         f"{'episode':<12}{total:>10.4f}   everything but the backbone: {100 * result['non_backbone_fraction']:.1f}%",
         f"basis, first computation: {result['basis_first_seconds']:.3f} s (once per backbone and size)",
-        f"backbone: {result['backbone_gflop']:.1f} GFLOP for 2 images, {result['backbone_gflops']:.1f} GFLOP/s = "
+        f"backbone: {result['backbone_gflop']:.1f} GFLOP for 2 images, best {result['backbone_gflops']:.1f} GFLOP/s; "
         f"{100 * result['backbone_fraction_of_matmul']:.0f}% of a {result['matmul_side']}^2 {result['precision']} "
-        f"matmul ({result['matmul_gflops']:.1f} GFLOP/s, best of "
+        f"matmul (median over repeats of each episode against the matmul rates around it: "
+        f"{', '.join(f'{100 * r:.0f}%' for r in result['backbone_fraction_of_matmul_per_repeat'])}; best against "
+        f"best {100 * result['backbone_fraction_best_over_best']:.0f}%; matmul GFLOP/s "
         f"{', '.join(f'{r:.0f}' for r in result['matmul_gflops_all'])})",
     ]
     throughput_text = f"throughput: {result['slices_per_second_from_episode']:.2f} slices/s from the episode's stages"

@@ -3,7 +3,7 @@
     python benchmarks/bench_volume.py acdc [--case patient001_frame01] [--model standin] [--size 448]
     python benchmarks/bench_volume.py ct [--slices 300] [--side 512] [--model standin] [--size 512]
     python benchmarks/bench_volume.py ct --slices 100 300 [--json PATH]     # one subprocess per slice count
-    common options: [--precision fp32|bf16] [--device cpu] [--profile] [--threads N]
+    common options: [--precision fp32|bf16] [--device cpu] [--mode M] [--crop-size S] [--profile] [--threads N]
 
 Both cases run ``insid3_med.volume.propagate_through_slices`` with its default mode and settings, from one labelled
 slice (the labelled slice holding the most foreground; along array axis 0, the CLI's default ``k``):
@@ -15,9 +15,9 @@ slice (the labelled slice holding the most foreground; along array axis 0, the C
   with the number of slices shows as equal peaks once the volume's own arrays (image, labels in, labels out) are
   subtracted.
 
-``--profile`` adds a second, profiled run (cProfile) and prints the cumulative time of the library functions that
-take the time (backbone, slice preparation, clustering, engine steps, label transfer...), per processed slice;
-parts nest (for example the backbone inside a crop encoder), so they do not add up.
+``--profile`` adds a second, profiled run (cProfile) and prints, per processed slice, the cumulative time of every
+library function taking at least 1% of it (parts nest, for example the backbone inside a crop encoder, so they do
+not add up), then the ten functions of any module with the most time of their own (torch operations, scipy...).
 """
 
 from __future__ import annotations
@@ -40,25 +40,9 @@ from insid3_med.predictor import OneShotSegmenter
 from insid3_med.volume import labelled_slices, propagate_through_slices
 
 JSON_MARK = "FIGURES-JSON "
-# Library functions reported by --profile when they appear in the profile (module path fragment, function name).
-PARTS = (
-    ("backbones", "encode"),
-    ("volume", "image"),
-    ("volume", "encode_slices"),
-    ("volume", "to_native"),
-    ("predictor", "encode"),
-    ("predictor", "segment"),
-    ("predictor", "patch_masks_to_labels"),
-    ("clustering", "average_linkage_clusters"),
-    ("engine", "segment_patches"),
-    ("engine", "debias"),
-    ("propagation", "encode_crops"),
-    ("propagation", "transfer_labels"),
-    ("propagation", "propagate_crops"),
-    ("propagation", "spatial_gate"),
-    ("slice_registration", "warp_labels_between"),
-    ("intensity", "__call__"),
-)
+# --profile lists library functions above this share of the profiled run, and this many hot leaf functions.
+PROFILE_MIN_SHARE = 0.01
+PROFILE_LEAVES = 10
 
 
 def synthetic_ct(slices: int, side: int, seed: int = 0) -> tuple[Volume, np.ndarray]:
@@ -112,16 +96,36 @@ def one_labelled_slice(labels: np.ndarray, axis: int = 0) -> tuple[np.ndarray, i
     return kept, index
 
 
-def profile_parts(profile: cProfile.Profile, slices: int) -> list[dict]:
-    """Cumulative seconds and calls of the :data:`PARTS` found in ``profile``."""
-    stats = pstats.Stats(profile)
+def profile_parts(profile: cProfile.Profile, slices: int, total: float) -> list[dict]:
+    """From ``profile``: every insid3_med function taking at least ``PROFILE_MIN_SHARE`` of ``total`` seconds
+    (cumulative: parts nest), then the ``PROFILE_LEAVES`` functions with the most time of their own (any module)."""
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
     rows = []
-    for (filename, _, function), (_, calls, _, cumulative, _) in stats.stats.items():  # type: ignore[attr-defined]
-        for module, name in PARTS:
-            if function == name and f"insid3_med/{module}" in filename.replace("\\", "/"):
-                rows.append({"part": f"{module}.{name}", "seconds": cumulative, "calls": calls,
-                             "ms_per_slice": 1000.0 * cumulative / max(1, slices)})
-    return sorted(rows, key=lambda row: -row["seconds"])
+    for (filename, line, function), (_, calls, _own, cumulative, _) in stats.items():
+        path = filename.replace("\\", "/")
+        if "insid3_med/" in path and cumulative >= PROFILE_MIN_SHARE * total:
+            module = path.split("insid3_med/", 1)[1].removesuffix(".py").replace("/", ".")
+            rows.append({"part": f"{module}.{function} (line {line})", "kind": "library, cumulative",
+                         "seconds": cumulative, "calls": calls, "ms_per_slice": 1000.0 * cumulative / max(1, slices)})
+    rows.sort(key=lambda row: -row["seconds"])
+    leaves = sorted(stats.items(), key=lambda item: -item[1][2])[:PROFILE_LEAVES]
+    for (filename, line, function), (_, calls, own, _, _) in leaves:
+        where = Path(filename).name if filename != "~" else "builtin"
+        rows.append({"part": f"{where}:{function} (line {line})", "kind": "own time", "seconds": own,
+                     "calls": calls, "ms_per_slice": 1000.0 * own / max(1, slices)})
+    return rows
+
+
+def propagation_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of ``propagate_through_slices`` that differ from its defaults (--mode, --crop-size)."""
+    options: dict = {}
+    if args.mode:
+        options["mode"] = args.mode
+    if args.crop_size:
+        from insid3_med.propagation import PropagationParams
+
+        options["params"] = PropagationParams(image_size=args.crop_size)
+    return options
 
 
 def run_case(case: str, args: argparse.Namespace, slices: int) -> dict:
@@ -141,16 +145,18 @@ def run_case(case: str, args: argparse.Namespace, slices: int) -> dict:
         description = f"synthetic CT {volume.shape} int16, labelled slice {labelled_slices(labels, 0)}"
     prepare_seconds = time.perf_counter() - start
     rss_volume = common.current_rss_mib()
+    options = propagation_options(args)
     processed: list[int] = []
     start = time.perf_counter()
     output = propagate_through_slices(segmenter, volume, labels, axis=0,
-                                      progress=lambda done, total: processed.append(done))
+                                      progress=lambda done, total: processed.append(done), **options)
     propagate_seconds = time.perf_counter() - start
     peak = common.peak_rss_mib()
     arrays_mib = (volume.array.nbytes + labels.nbytes + output.nbytes) / 2**20
     result = {
         "case": case, "volume": description, "model": args.model, "backbone": backbone.spec.name,
         "precision": args.precision, "device": args.device, "image_size": segmenter.image_size,
+        "options": {k: (repr(v) if k == "params" else v) for k, v in options.items()},
         "load_seconds": load_seconds, "prepare_seconds": prepare_seconds, "propagate_seconds": propagate_seconds,
         "end_to_end_seconds": propagate_seconds + (prepare_seconds if case == "acdc" else 0.0),
         "slices_in_volume": volume.shape[0], "slices_processed": len(processed),
@@ -165,18 +171,18 @@ def run_case(case: str, args: argparse.Namespace, slices: int) -> dict:
         profile = cProfile.Profile()
         start = time.perf_counter()
         profile.enable()
-        propagate_through_slices(segmenter, volume, labels, axis=0)
+        propagate_through_slices(segmenter, volume, labels, axis=0, **options)
         profile.disable()
         result["profiled_seconds"] = time.perf_counter() - start
-        result["parts"] = profile_parts(profile, max(1, len(processed)))
+        result["parts"] = profile_parts(profile, max(1, len(processed)), result["profiled_seconds"])
     result["machine"] = common.machine(args.device)
     return result
 
 
 def report(result: dict) -> str:
     lines = [
-        f"{result['volume']}; {result['model']} ({result['backbone']}) at {result['image_size']} px, "
-        f"{result['precision']}, {result['device']}",
+        f"{result['volume']}; {result['model']} ({result['backbone']}), segmenter at {result['image_size']} px, "
+        f"{result['precision']}, {result['device']}; propagate_through_slices options {result['options'] or 'default'}",
         f"machine: {common.describe_machine(result['machine'])}",
         f"model load {result['load_seconds']:.2f} s (not counted); volume read/built "
         f"{result['prepare_seconds']:.2f} s; "
@@ -189,10 +195,11 @@ def report(result: dict) -> str:
         f"{result['peak_minus_arrays_mib']:.0f} MiB",
     ]
     if "parts" in result:
-        lines.append(f"profiled run {result['profiled_seconds']:.2f} s; cumulative time per part (parts nest):")
+        lines.append(f"profiled run {result['profiled_seconds']:.2f} s; library functions (cumulative: parts nest), "
+                     "then the hottest functions by their own time:")
         for row in result["parts"]:
-            lines.append(f"  {row['part']:<42}{row['seconds']:>8.2f} s {row['calls']:>6} calls "
-                         f"{row['ms_per_slice']:>9.1f} ms/slice")
+            lines.append(f"  {row['part']:<56}{row['seconds']:>8.2f} s {row['calls']:>7} calls "
+                         f"{row['ms_per_slice']:>9.1f} ms/slice  ({row['kind']})")
     return "\n".join(lines)
 
 
@@ -206,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     parser.add_argument("--size", type=int, default=None, help="model input side (default: acdc 448, ct 512)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mode", help="propagate_through_slices mode (default: its own default)")
+    parser.add_argument("--crop-size", type=int, help="PropagationParams.image_size of the crops (default: its own)")
     parser.add_argument("--profile", action="store_true", help="add a profiled run and print the cost per part")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path)
@@ -242,6 +251,10 @@ def run_in_subprocess(args: argparse.Namespace, slices: int) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "ct", "--slices", str(slices), "--side", str(args.side),
                "--model", args.model, "--size", str(args.size), "--precision", args.precision,
                "--device", args.device, "--json-line"]
+    if args.mode:
+        command += ["--mode", args.mode]
+    if args.crop_size:
+        command += ["--crop-size", str(args.crop_size)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.profile:

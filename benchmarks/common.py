@@ -96,7 +96,12 @@ def synchronise(device: torch.device | str) -> None:
 
 
 class MatmulYardstick:
-    """A square n x n matrix product at a precision on a device; ``rate()`` times one and returns FLOP/s."""
+    """A square n x n matrix product at a precision on a device, the yardstick of achieved FLOP/s.
+
+    ``rate()``: the best of ``repeats`` single products, FLOP/s. ``sustained_rate(flops)``: products back to back
+    for about ``flops`` operations (at least 3), total FLOP / total seconds: on a shared machine this sees the same
+    mix of quiet and busy moments as a backbone call of similar length, which a single short product does not.
+    """
 
     def __init__(self, n: int, precision: str, device: torch.device | str) -> None:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -107,6 +112,10 @@ class MatmulYardstick:
         self.b = torch.randn(n, n, generator=generator).to(self.device, dtype)
         self.rate()  # warm-up
 
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.n**3
+
     def rate(self, repeats: int = 3) -> float:
         best = math.inf
         for _ in range(repeats):
@@ -115,7 +124,16 @@ class MatmulYardstick:
             torch.mm(self.a, self.b)
             synchronise(self.device)
             best = min(best, time.perf_counter() - start)
-        return 2.0 * self.n**3 / best
+        return self.flops / best
+
+    def sustained_rate(self, flops: float) -> float:
+        count = max(3, math.ceil(flops / self.flops))
+        synchronise(self.device)
+        start = time.perf_counter()
+        for _ in range(count):
+            torch.mm(self.a, self.b)
+        synchronise(self.device)
+        return count * self.flops / (time.perf_counter() - start)
 
 
 class StageTimer:

@@ -6,8 +6,10 @@
 
 Each configuration runs ``bench_stages.py`` in its own process (so its peak memory is its own) and leaves
 ``<out>/stages_<model>_<size>_<precision>.json``; existing files are kept unless ``--force`` (an interrupted suite
-resumes). Then ``<out>/table.md`` is written: per configuration, the stage times of one 2D episode, the backbone's
-share of a same-precision matmul, slices per second and peak memory.
+resumes). Then ``<out>/table.md`` is written: per configuration, the best stage times (seconds) of one 2D episode
+(reference and target), the share of everything but the backbone, the backbone's best GFLOP/s and its fraction of
+a same-precision matmul (median of paired measurements; the best matmul rate in brackets), slices per second
+(measured with ``--slices``, else estimated from the stages) and the process's peak memory.
 
 On a GPU machine: ``python benchmarks/run_suite.py --device cuda --models dinov3_vits16 dinov3_vitb16 dinov3_vitl16
 --sizes 512 1024 --precisions bf16 fp32 --slices 32 --out reports/performance/gpu``.
@@ -54,7 +56,7 @@ def run_one(args: argparse.Namespace, model: str, size: int, precision: str) -> 
 def table(results: list[dict]) -> str:
     """Markdown table of bench_stages results."""
     header = ("| backbone | s | precision | resize | encode | basis | debias | candidates | clustering | merge | "
-              "episode s | not backbone | backbone GFLOP/s | of matmul | slices/s | peak RSS MiB |")
+              "episode s | not backbone | backbone GFLOP/s | of matmul (GFLOP/s) | slices/s | peak RSS MiB |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
         stages = r["stage_seconds"]
@@ -66,7 +68,7 @@ def table(results: list[dict]) -> str:
             + " | ".join(f"{stages[name]:.3f}" for name in
                          ("resize", "encode", "basis", "debias", "candidates", "clustering", "merge"))
             + f" | {r['episode_seconds']:.2f} | {100 * r['non_backbone_fraction']:.1f}% | {r['backbone_gflops']:.0f} | "
-            f"{100 * r['backbone_fraction_of_matmul']:.0f}% of {r['matmul_gflops']:.0f} | {slices} | {memory} |")
+            f"{100 * r['backbone_fraction_of_matmul']:.0f}% (mm {r['matmul_gflops']:.0f}) | {slices} | {memory} |")
     return "\n".join(lines)
 
 

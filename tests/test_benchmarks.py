@@ -63,7 +63,8 @@ def test_stage_benchmark_prints_every_stage_and_the_matmul_fraction(bench, tmp_p
     assert saved["stage_seconds"]["encode"] > 0 and saved["episode_seconds"] >= saved["stage_seconds"]["encode"]
     assert 0 <= saved["non_backbone_fraction"] < 1
     assert saved["backbone_gflops"] > 0 and saved["matmul_gflops"] > 0
-    assert math.isclose(saved["backbone_fraction_of_matmul"], saved["backbone_gflops"] / saved["matmul_gflops"])
+    assert math.isclose(saved["backbone_fraction_best_over_best"], saved["backbone_gflops"] / saved["matmul_gflops"])
+    assert saved["backbone_fraction_of_matmul"] == saved["backbone_fraction_of_matmul_per_repeat"][0] > 0
     assert saved["slices_per_second"] > 0 and saved["peak_rss_mib"] > 0
     assert result["size"] == 64 and result["grid"] == [4, 4]
 
@@ -100,7 +101,7 @@ def test_volume_benchmark_on_a_small_ct_reports_memory_and_parts(bench, tmp_path
     saved = json.loads(out.read_text())
     assert saved["slices_in_volume"] == 6 and saved["slices_processed"] >= 1
     assert saved["peak_rss_mib"] >= saved["rss_after_model_mib"] > 0
-    assert any(row["part"] == "backbones.encode" for row in saved["parts"])
+    assert any(row["part"].startswith("backbones.encode ") for row in saved["parts"])
     assert result["propagate_seconds"] > 0
 
 
