@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         print("no results to tabulate")
         return 1
     text = table(results)
-    machines = sorted({common.describe_machine(r["machine"]) for r in results})
-    body = "\n".join(["Machine(s): " + "; ".join(machines), "", text, ""])
+    machines = sorted({common.describe_machine({**r["machine"], "load_average": "L"}) for r in results})
+    loads = [r["machine"]["load_average"][0] for r in results]
+    body = "\n".join(["Machine: " + "; ".join(machines).replace("load L", "load (1 min) "
+                       f"{min(loads):.1f} to {max(loads):.1f} over the runs"), "", text, ""])
     temporary = args.out / ".table.md.tmp"
     temporary.write_text(body)
     temporary.replace(args.out / "table.md")
