@@ -46,6 +46,8 @@ class PropagationParams:
     """Settings of the volume propagation (see the module docstring); the defaults are the measured best.
 
     image_size: side in pixels of the crop fed to the backbone (a multiple of its patch size after rounding).
+    max_image_size, patches_across: the side grows up to ``max_image_size`` until the thinnest labelled structure
+        is ``patches_across`` patches thick (:func:`model_input_size`); equal sizes fix it.
     crop_scale: crop side = this times the larger side of the labelled structures' bounding box.
     min_crop_fraction: the crop side is at least this fraction of the slice's larger side.
     top_k, temperature, neighbourhood (patches, Chebyshev radius): the label transfer.
@@ -64,6 +66,8 @@ class PropagationParams:
     """
 
     image_size: int = 224
+    max_image_size: int = 224
+    patches_across: float = 2.0
     crop_scale: float = 2.0
     min_crop_fraction: float = 0.0
     top_k: int = 10
@@ -155,6 +159,31 @@ def paste_square(crop: np.ndarray, box: SquareBox, shape: tuple[int, int]) -> np
 # ------------------------------------------------------------------------------------------------------------
 # features of crops
 # ------------------------------------------------------------------------------------------------------------
+
+
+def structure_thickness(labels: np.ndarray, values: Sequence[int]) -> float:
+    """The thinnest structure's thickness in pixels: twice its largest inscribed radius (min over ``values``
+    present in the (S, S) ``labels``); inf if none is present."""
+    from scipy.ndimage import distance_transform_edt
+
+    thickness = np.inf
+    for value in values:
+        mask = labels == value
+        if mask.any():
+            thickness = min(thickness, 2.0 * float(distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1].max()))
+    return thickness
+
+
+def model_input_size(crops: Sequence[np.ndarray], values: Sequence[int], patch: int, params: PropagationParams) -> int:
+    """The crop's side at the backbone: ``params.image_size``, raised (up to ``params.max_image_size``) until the
+    thinnest labelled structure spans ``params.patches_across`` patches. crops: the labelled (S, S) label maps."""
+    thickness = min(structure_thickness(crop, values) for crop in crops)
+    side = crops[0].shape[0]
+    wanted = params.image_size
+    if np.isfinite(thickness) and thickness > 0:
+        wanted = max(wanted, int(math.ceil(params.patches_across * patch * side / thickness)))
+    size = min(max(params.image_size, params.max_image_size), wanted)
+    return max(patch, int(math.ceil(size / patch)) * patch)
 
 
 def patch_side(backbone: Backbone, image_size: int) -> int:

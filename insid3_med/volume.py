@@ -34,6 +34,7 @@ from insid3_med.propagation import (
     crop_square,
     encode_crops,
     label_slice,
+    model_input_size,
     neighbourhood_mask,
     paste_square,
     patch_label_fractions,
@@ -249,11 +250,12 @@ class CropFeatures:
     """
 
     def __init__(self, segmenter: OneShotSegmenter, stack: SliceStack, box: SquareBox, params: PropagationParams,
-                 batch_size: int = 4) -> None:
+                 batch_size: int = 4, image_size: int | None = None) -> None:
         self.backbone = segmenter.backbone
         self.stack, self.box, self.params = stack, box, params
+        self.image_size = patch_side(self.backbone, image_size or params.image_size)
         self.batch_size = max(1, batch_size)
-        side = patch_side(self.backbone, params.image_size) // self.backbone.patch_size
+        side = self.image_size // self.backbone.patch_size
         self.grid = (side, side)
         self._features: dict[int, torch.Tensor] = {}
         self._crops: dict[int, np.ndarray] = {}
@@ -273,8 +275,8 @@ class CropFeatures:
             step = -1 if index < self._last else 1
             batch = [n for n in range(index, index + step * self.batch_size, step)
                      if 0 <= n < len(self.stack) and n not in self._features]
-            encoded = encode_crops(self.backbone, [self.crop(n) for n in batch], self.params.image_size,
-                                   self.params.flip, self.batch_size)
+            encoded = encode_crops(self.backbone, [self.crop(n) for n in batch], self.image_size, self.params.flip,
+                                   self.batch_size)
             self._features.update(zip(batch, encoded, strict=True))
         self._last = index
         return self._features[index]
@@ -292,8 +294,9 @@ def _propagate_volume_mode(segmenter: OneShotSegmenter, stack: SliceStack, label
     anchors_model = {n: stack.labels(labels, n) for n in references}
     values = sorted({int(v) for lab in anchors_model.values() for v in np.unique(lab) if v > 0})
     box = region_of_interest(list(anchors_model.values()), params.crop_scale, params.min_crop_fraction)
-    source = CropFeatures(segmenter, stack, box, params, batch_size)
     anchors = {n: crop_square(lab, box) for n, lab in anchors_model.items()}
+    size = model_input_size(list(anchors.values()), values, segmenter.backbone.patch_size, params)
+    source = CropFeatures(segmenter, stack, box, params, batch_size, size)
     total = len([n for n in range(start, stop) if n not in set(references)])
     done = 0
 
@@ -411,14 +414,16 @@ def _transfer_volume_mode(segmenter: OneShotSegmenter, ref_stack: SliceStack, re
     ref_model = {n: ref_stack.labels(reference_labels, n) for n in shots}
     values = sorted({int(v) for lab in ref_model.values() for v in np.unique(lab) if v > 0})
     ref_box = region_of_interest(list(ref_model.values()), params.crop_scale, params.min_crop_fraction)
-    ref_source = CropFeatures(segmenter, ref_stack, ref_box, params, batch_size)
+    size = model_input_size([crop_square(lab, ref_box) for lab in ref_model.values()], values,
+                            segmenter.backbone.patch_size, params)
+    ref_source = CropFeatures(segmenter, ref_stack, ref_box, params, batch_size, size)
     grid = ref_source.grid
     context = [ContextSlice(ref_source.features(n), patch_label_fractions(crop_square(lab, ref_box), values, grid))
                for n, lab in ref_model.items()]
     first_index, prior = registered_first_slice(ref_stack, reference_labels, shots, tgt_stack)
     tgt_box = region_of_interest([prior if prior.any() else ref_model[shots[0]]], params.crop_scale,
                                  params.min_crop_fraction)
-    tgt_source = CropFeatures(segmenter, tgt_stack, tgt_box, params, batch_size)
+    tgt_source = CropFeatures(segmenter, tgt_stack, tgt_box, params, batch_size, size)
     prior_crop = crop_square(prior, tgt_box)
     allowed = neighbourhood_mask(grid, params.transfer_neighbourhood)
     first_index = most_similar_slice(tgt_source, context, allowed, first_index, params.transfer_search)
