@@ -273,8 +273,9 @@ class OneShotNetwork(nn.Module):
                  reference_transform: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
                  weights: str | Path | None = None, image_size: int = 448, axis: str | int = "axial",
                  feature_block: int | None = None, precision: str = "fp32", fit: str = "stretch",
-                 max_shots: int = 8, tau: float = 0.6, merge_threshold: float = 0.2, basis_rank: int | None = None,
-                 probe: str = "black", batch_size: int = 4, device: str | torch.device = "cpu") -> None:
+                 max_shots: int = 8, mode: str = "published", tau: float = 0.6, merge_threshold: float = 0.2,
+                 basis_rank: int | None = None, probe: str = "black", batch_size: int = 4,
+                 device: str | torch.device = "cpu") -> None:
         super().__init__()
         if max_shots < 1:
             raise ValueError(f"max_shots must be at least 1, not {max_shots}")
@@ -283,6 +284,10 @@ class OneShotNetwork(nn.Module):
         self.segmenter = _NetworkSegmenter(backbone, image_size=image_size, params=params, fit=fit)
         self.axis = axis
         self.max_shots = int(max_shots)
+        # The published per-slice mode: its output is the same whether intensities arrive raw (the library's
+        # readers) or already scaled to [0, 1] by MONAI's preprocessing. The volume mode's registration and
+        # refinement steps see the scaled intensities and may differ by a few voxels from a library run.
+        self.mode = mode
         self.batch_size = int(batch_size)
         self.register_buffer("positional_basis", self.segmenter.basis().detach().clone())
         self.register_buffer("state_fingerprint", self.expected_fingerprint().to(self.positional_basis.device))
@@ -370,10 +375,10 @@ class OneShotNetwork(nn.Module):
         reference = self.reference
         if _same_file(volume.source, reference.image_path) and volume.shape == reference.volume.shape:
             return propagate_through_slices(self.segmenter, volume, reference.labels, axis=self.axis,
-                                            preset=UNIT_PRESET, batch_size=self.batch_size)
+                                            preset=UNIT_PRESET, batch_size=self.batch_size, mode=self.mode)
         return transfer_to_study(self.segmenter, reference.volume, reference.labels, volume, axis=self.axis,
                                  preset=UNIT_PRESET, target_preset=UNIT_PRESET, max_shots=self.max_shots,
-                                 batch_size=self.batch_size)
+                                 batch_size=self.batch_size, mode=self.mode)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, X, Y, Z) float in [0, 1] -> (B, 1, X, Y, Z) uint8 label map (a MetaTensor for a MetaTensor)."""

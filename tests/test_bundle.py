@@ -97,7 +97,8 @@ def expected_labels(standin: Path, hippocampus: Path) -> dict[str, np.ndarray]:
     reference = read_volume(hippocampus / "images" / f"{REFERENCE}.nii.gz")
     labels = read_label_volume(hippocampus / "labels" / f"{REFERENCE}.nii.gz", reference)
     targets = {name: read_volume(hippocampus / "images" / f"{name}.nii.gz") for name in TARGETS}
-    return {name: transfer_to_study(segmenter, reference, labels, target, axis="axial", max_shots=MAX_SHOTS)
+    return {name: transfer_to_study(segmenter, reference, labels, target, axis="axial", max_shots=MAX_SHOTS,
+                                    mode="published")
             for name, target in targets.items()}
 
 
