@@ -59,6 +59,12 @@ class PropagationParams:
         the previous slice; sigma is this fraction of the crop side (None: no gate).
     refine_band, refine_strength: boundary refinement with the slice's grey values within this fraction of the crop
         side from the boundaries (None: none); see :func:`refine_with_intensity`.
+    gate_union: with several structures chained together, each may take any place inside the union of the previous
+        slice's structures (not only near its own mask).
+    area_calibration: weigh each structure so that the patch-grid round trip keeps its area on the labelled slice
+        (:func:`area_preserving_weights`); helps structures thinner than a patch, hurts others (measured: off).
+    independent_structures: chain each structure on its own, the others as background, and merge by confidence
+        (measured: a joint chain did better on ACDC's three structures, 0.814 against 0.780 mean Dice).
     transfer_gate_sigma, transfer_neighbourhood: the gate and neighbourhood that place a reference study's labels on
         the target's first slice (looser than between adjacent slices: two studies differ more).
     transfer_search: the target's first slice is the one, within this many slices of where registration puts the
@@ -66,7 +72,7 @@ class PropagationParams:
     """
 
     image_size: int = 224
-    max_image_size: int = 224
+    max_image_size: int = 336
     patches_across: float = 2.0
     crop_scale: float = 2.0
     min_crop_fraction: float = 0.0
@@ -82,6 +88,7 @@ class PropagationParams:
     refine_strength: float = 1.0
     gate_union: bool = False
     area_calibration: bool = False
+    independent_structures: bool = False
     transfer_gate_sigma: float | None = 0.1
     transfer_neighbourhood: int = 5
     transfer_search: int = 3
@@ -356,14 +363,15 @@ def label_slice(target: torch.Tensor, context: Sequence[ContextSlice], values: S
                 side: int, params: PropagationParams, allowed: torch.Tensor, *, prior: np.ndarray | None = None,
                 gate_sigma: float | None = None, image: np.ndarray | None = None,
                 warped: torch.Tensor | None = None, active: Sequence[int] | None = None,
-                class_weights: torch.Tensor | None = None) -> np.ndarray:
+                class_weights: torch.Tensor | None = None, confidence: list[np.ndarray] | None = None) -> np.ndarray:
     """One slice's (S, S) int64 label map from its (N, C) features and the context slices.
 
     prior: the (S, S) labels it should stay near (the previous slice's), gated with ``gate_sigma`` (a fraction of
     the side; default ``params.gate_sigma``); image: its (S, S) grey crop (for the refinement); warped: (L + 1, S, S)
     registration-carried labels (blended with ``params.registration_weight``); active: the label values still
     allowed (default: all); class_weights: (L + 1,) multipliers of the probabilities before the decision
-    (:func:`area_preserving_weights`).
+    (:func:`area_preserving_weights`); confidence: if given, the (S, S) probability of each pixel's decision is
+    appended to it.
     """
     probabilities = transfer_labels(target, [c.features for c in context], [c.labels for c in context], allowed,
                                     params.top_k, params.temperature)
@@ -389,6 +397,9 @@ def label_slice(target: torch.Tensor, context: Sequence[ContextSlice], values: S
     labels = np.zeros((side, side), dtype=np.int64)
     for i, value in enumerate(values):
         labels[winner == i + 1] = value
+    if confidence is not None:
+        positive = pixels.clamp_min(0)
+        confidence.append((positive.max(dim=0).values / positive.sum(dim=0).clamp_min(1e-12)).numpy())
     return labels
 
 
@@ -415,13 +426,50 @@ def propagate_crops(anchors: Mapping[int, np.ndarray], features: FeatureSource, 
     features: slice index -> (N, C) features of its crop; images: slice index -> (S, S) grey crop (for the
     refinement and the registration prior; without it neither is used); extra_context: more labelled slices kept in
     every slice's context (for example another study's). Between two anchors each serves the slices nearer to it.
-    Returns slice index -> (S, S) int64 label map for every slice reached (anchors included, unchanged); slices
-    beyond a structure's end are absent or hold only the other structures.
+    With ``params.independent_structures`` each structure is chained on its own (the others count as background)
+    and a pixel claimed by several goes to the most confident. Returns slice index -> (S, S) int64 label map for
+    every slice reached (anchors included, unchanged); beyond a structure's end it is absent from the slices.
     """
     if not anchors:
         raise ValueError("propagate_crops needs at least one labelled slice")
-    side = next(iter(anchors.values())).shape[0]
     values = list(values)
+    if not params.independent_structures or len(values) < 2:
+        return _propagate_chain(anchors, features, values, grid, params, start, stop, images, extra_context,
+                                progress)[0]
+    merged: dict[int, np.ndarray] = {}
+    best: dict[int, np.ndarray] = {}
+    visited: set[int] = set()
+    for i, value in enumerate(values):
+        binary = {n: (np.asarray(lab) == value).astype(np.int64) * value for n, lab in anchors.items()}
+        if not any(lab.any() for lab in binary.values()):
+            continue
+        extra = [ContextSlice(c.features, torch.stack([1.0 - c.labels[:, i + 1], c.labels[:, i + 1]], dim=1))
+                 for c in extra_context]
+        labels, confidence = _propagate_chain(binary, features, [value], grid, params, start, stop, images, extra,
+                                              None)
+        for n, lab in labels.items():
+            if n not in merged:
+                merged[n] = np.zeros_like(lab)
+                best[n] = np.zeros(lab.shape, dtype=np.float32)
+            score = confidence.get(n, np.ones(lab.shape, dtype=np.float32))
+            take = (lab == value) & (score > best[n])
+            merged[n][take] = value
+            best[n][take] = score[take]
+            if progress is not None and n not in anchors and n not in visited:
+                visited.add(n)
+                progress(n)
+    for n, lab in anchors.items():
+        merged[n] = np.asarray(lab, dtype=np.int64)
+    return merged
+
+
+def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource, values: list[int],
+                     grid: tuple[int, int], params: PropagationParams, start: int, stop: int,
+                     images: ImageSource | None, extra_context: Sequence[ContextSlice],
+                     progress: Callable[[int], None] | None) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """:func:`propagate_crops` for all ``values`` at once; also returns each slice's (S, S) decision confidence."""
+    confidences: dict[int, np.ndarray] = {}
+    side = next(iter(anchors.values())).shape[0]
     allowed = neighbourhood_mask(grid, params.neighbourhood)
     anchor_context = {n: ContextSlice(features(n), patch_label_fractions(lab, values, grid))
                       for n, lab in anchors.items()}
@@ -451,8 +499,11 @@ def propagate_crops(anchors: Mapping[int, np.ndarray], features: FeatureSource, 
             warped = None
             if register:
                 warped = warp_labels_between(images(previous_index), image, previous_labels, values)  # type: ignore[misc]
+            decided: list[np.ndarray] = []
             labels = label_slice(target, context, values, grid, side, params, allowed, prior=previous_labels,
-                                 image=image, warped=warped, active=active, class_weights=class_weights)
+                                 image=image, warped=warped, active=active, class_weights=class_weights,
+                                 confidence=decided)
+            confidences[index] = decided[0]
             for v in list(active):
                 if v not in keep_going and np.count_nonzero(labels == v) < params.stop_ratio * anchor_area[v]:
                     labels[labels == v] = 0
@@ -463,4 +514,4 @@ def propagate_crops(anchors: Mapping[int, np.ndarray], features: FeatureSource, 
             recent.append(ContextSlice(target, patch_label_fractions(labels, values, grid)))
             previous_index, previous_labels = index, labels
             index += step
-    return results
+    return results, confidences

@@ -18,7 +18,7 @@ Two modes (``mode=``):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -199,6 +199,15 @@ def set_references_from_slices(segmenter: OneShotSegmenter, stack: SliceStack, l
     return encodings
 
 
+def propagation_description(mode: str = "volume", params: PropagationParams | None = None) -> dict[str, object]:
+    """What determines :func:`propagate_through_slices`'s and :func:`transfer_to_study`'s output beyond the segmenter:
+    the mode and, in ``"volume"`` mode, every :class:`PropagationParams` field (for reports and result caches)."""
+    _check_mode(mode)
+    if mode == "published":
+        return {"mode": mode}
+    return {"mode": mode, **asdict(params or PropagationParams())}
+
+
 def _check_mode(mode: str) -> None:
     if mode not in PROPAGATION_MODES:
         raise ValueError(f"unknown propagation mode {mode!r}; choose from {', '.join(PROPAGATION_MODES)}")
@@ -364,26 +373,32 @@ def registered_first_slice(ref_stack: SliceStack, reference_labels: np.ndarray, 
                            tgt_stack: SliceStack) -> tuple[int, np.ndarray]:
     """Where the reference's labelled anatomy lies in the target: (target slice index, its (H', W') model-grid labels).
 
-    The shots' labels (each one slice, thickened by a slice on both sides so that a scaled sheet has no holes) are
-    carried onto the target by affine registration of the two studies; the target slice holding most of them is
-    returned with them. If registration carries nothing, the labels of the middle shot are placed on the target
-    slice at the same relative height, resized to its slice.
+    The shots' labels are carried onto the target by affine registration of the two studies: the target slice
+    holding most of them is returned, with the labels that a copy thickened by a slice on each side (so that a
+    scaled sheet has no holes) carries onto it. If registration carries nothing, the labels of the middle shot are
+    placed on the target slice at the same relative height, resized to its slice.
     """
-    from insid3_med.registration import carry_labels_to_study
+    from insid3_med.registration import affine_study_transform, carry_labels_to_study
 
     axis, length = ref_stack.axis, len(ref_stack)
-    sheet = np.zeros_like(reference_labels)
+    sheet, thick = np.zeros_like(reference_labels), np.zeros_like(reference_labels)
     for n in shots:
+        take_slice(sheet, axis, n)[...] = take_slice(reference_labels, axis, n)
         for m in (n - 1, n, n + 1):
             if 0 <= m < length:
-                slab = take_slice(sheet, axis, m)
+                slab = take_slice(thick, axis, m)
                 slab[...] = np.where(slab > 0, slab, take_slice(reference_labels, axis, n))
+    other = tuple(a for a in range(3) if a != tgt_stack.axis)
     try:
-        carried = carry_labels_to_study(ref_stack.volume, sheet, tgt_stack.volume)
+        transform = affine_study_transform(tgt_stack.volume, ref_stack.volume)
+        areas = np.count_nonzero(carry_labels_to_study(ref_stack.volume, sheet, tgt_stack.volume, transform),
+                                 axis=other)
+        carried = carry_labels_to_study(ref_stack.volume, thick, tgt_stack.volume, transform)
     except RuntimeError:  # SimpleITK failed to register (for example too few overlapping samples)
         carried = np.zeros(tgt_stack.volume.shape, dtype=np.int64)
-    other = tuple(a for a in range(3) if a != tgt_stack.axis)
-    areas = np.count_nonzero(carried, axis=other)
+        areas = np.zeros(len(tgt_stack), dtype=np.int64)
+    if not areas.any():
+        areas = np.count_nonzero(carried, axis=other)
     if areas.any():
         index = int(np.argmax(areas))
         return index, tgt_stack.to_model(take_slice(carried, tgt_stack.axis, index))
@@ -394,14 +409,20 @@ def registered_first_slice(ref_stack: SliceStack, reference_labels: np.ndarray, 
 
 def most_similar_slice(source: CropFeatures, context: Sequence[ContextSlice], allowed: torch.Tensor, around: int,
                        reach: int) -> int:
-    """The slice within ``reach`` of ``around`` whose crop looks most like the context slices' crops: the highest
-    mean, over its patches, of the best cosine similarity to a context patch within the neighbourhood ``allowed``."""
+    """The slice within ``reach`` of ``around`` that best holds what the context slices label: the highest mean, over
+    the context's structure patches (soft label of a structure > 0.5), of their best cosine similarity to one of the
+    slice's patches within the neighbourhood ``allowed``."""
     best, best_score = around, -np.inf
     for index in range(max(0, around - reach), min(len(source.stack), around + reach + 1)):
         target = source.features(index)
-        scores = [(target @ shot.features.transpose(0, 1)).masked_fill(~allowed, -torch.inf).max(dim=1).values.mean()
-                  for shot in context]
-        score = float(max(scores))
+        scores = []
+        for shot in context:
+            structure = shot.labels[:, 1:].sum(dim=1) > 0.5
+            if bool(structure.any()):
+                similarity = (shot.features[structure] @ target.transpose(0, 1)).masked_fill(~allowed[structure],
+                                                                                            -torch.inf)
+                scores.append(float(similarity.max(dim=1).values.mean()))
+        score = max(scores, default=-np.inf)
         if score > best_score:
             best, best_score = index, score
     return best
@@ -441,8 +462,10 @@ def _transfer_volume_mode(segmenter: OneShotSegmenter, ref_stack: SliceStack, re
             progress(min(done, total), total)
 
     step(first_index)
-    crops = propagate_crops({first_index: first}, tgt_source.features, values, grid, params, start=0, stop=total,
-                            images=tgt_source.image, progress=step)
+    # Chained jointly, free to trade places inside their union: the first slice places them only roughly.
+    chain_params = replace(params, independent_structures=False, gate_union=True)
+    crops = propagate_crops({first_index: first}, tgt_source.features, values, grid, chain_params, start=0,
+                            stop=total, images=tgt_source.image, progress=step)
     output = np.zeros(tgt_stack.volume.shape, dtype=np.int64)
     for n, crop in crops.items():
         take_slice(output, tgt_stack.axis, n)[...] = tgt_stack.to_native(paste_square(crop, tgt_box,

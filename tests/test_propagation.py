@@ -175,7 +175,8 @@ def test_chain_follows_a_moving_structure_and_stops_where_it_ends() -> None:
     assert max(visited) <= 11 and min(visited) >= 1  # the chain stopped soon after the structure ended
 
 
-def test_chain_keeps_two_structures_apart_and_each_stops_on_its_own() -> None:
+@pytest.mark.parametrize("independent", [False, True])
+def test_chain_keeps_two_structures_apart_and_each_stops_on_its_own(independent: bool) -> None:
     truth = {}
     for n in range(10):
         labels = np.zeros((SIDE, SIDE), dtype=np.int64)
@@ -183,7 +184,7 @@ def test_chain_keeps_two_structures_apart_and_each_stops_on_its_own() -> None:
         if 2 <= n <= 6:
             labels[disk((SIDE, SIDE), (22, 22), 6)] = 4  # structure 4 only on slices 2..6
         truth[n] = labels
-    result = run_chain(truth, [4], 10, [1, 4])
+    result = run_chain(truth, [4], 10, [1, 4], PropagationParams(refine_band=None, independent_structures=independent))
     for n in range(10):
         for value in (1, 4):
             predicted, expected = result[n] == value, truth[n] == value

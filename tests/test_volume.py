@@ -24,6 +24,7 @@ from insid3_med.volume import (
     NoLabelledSliceError,
     labelled_slices,
     propagate_through_slices,
+    transfer_to_study,
 )
 
 ROOT = Path(__file__).resolve().parents[1] / ".."
@@ -48,14 +49,17 @@ def disk(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> 
     return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
 
 
-def synthetic_study() -> tuple[Volume, np.ndarray]:
+def synthetic_study(shift: tuple[int, int, int] = (0, 0, 0), seed: int = 0) -> tuple[Volume, np.ndarray]:
     """12 slices of 64 x 72 (1 mm, 2 mm between slices): a bright disk on slices 2..8 drifting right, largest on
-    slice 5, and a second bright disk in a corner of slices 9..11 that belongs to nothing labelled."""
-    rng = np.random.default_rng(0)
+    slice 5, and a second bright disk in a corner of slices 9..11 that belongs to nothing labelled. ``shift``
+    moves the disk by (slices, rows, columns); the brain-like frame around it stays."""
+    rng = np.random.default_rng(seed)
     array = 0.2 + 0.03 * rng.standard_normal((12, 64, 72))
+    rows, cols = slice(4 + shift[1], 60 + shift[1]), slice(4 + shift[2], 68 + shift[2])
+    array[max(0, shift[0]):, rows, cols] += 0.2  # anatomy around the structure, moving with it
     truth = np.zeros((12, 64, 72), dtype=np.int64)
     for n, radius in {2: 5, 3: 8, 4: 10, 5: 12, 6: 10, 7: 8, 8: 5}.items():
-        truth[n][disk((64, 72), (32, 30 + n), radius)] = 1
+        truth[n + shift[0]][disk((64, 72), (32 + shift[1], 30 + n + shift[2]), radius)] = 1
     array[truth == 1] = 0.9
     for n in (9, 10, 11):
         array[n][disk((64, 72), (12, 12), 5)] = 0.9
@@ -93,6 +97,29 @@ def test_volume_mode_respects_the_slice_range_and_carries_label_values() -> None
                                       slice_range=(4, 7), params=PropagationParams(image_size=112))
     assert set(np.unique(output)) == {0, 7}
     assert labelled_slices(output, 0) == [4, 5, 6]
+
+
+def test_volume_mode_transfer_finds_the_structure_in_another_study() -> None:
+    reference, reference_truth = synthetic_study()
+    target, target_truth = synthetic_study(shift=(1, 3, -4), seed=1)
+    segmenter = SimpleNamespace(backbone=GreyLevelBackbone())
+    calls: list[tuple[int, int]] = []
+    output = transfer_to_study(segmenter, reference, only_slice(reference_truth, 5), target,  # type: ignore[arg-type]
+                               axis="k", progress=lambda done, total: calls.append((done, total)))
+    assert output.shape == target.shape
+    assert dice(output == 1, target_truth == 1) > 0.8
+    assert labelled_slices(output, 0) == labelled_slices(target_truth, 0)
+    assert calls[-1] == (12, 12)
+
+
+def test_propagation_description_names_the_mode_and_every_setting() -> None:
+    from insid3_med.volume import propagation_description
+
+    assert propagation_description("published") == {"mode": "published"}
+    described = propagation_description(params=PropagationParams(top_k=3))
+    assert described["mode"] == "volume" and described["top_k"] == 3 and "gate_sigma" in described
+    with pytest.raises(ValueError, match="unknown propagation mode"):
+        propagation_description("video")
 
 
 def test_bad_inputs_raise_clear_errors() -> None:
@@ -134,9 +161,12 @@ def largest_slice(mask: np.ndarray, axis: int) -> int:
 
 @needs_real
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "structure", "floor"), [("hippocampus_007", 1, 0.65), ("hippocampus_017", 2, 0.65)])
-def test_real_hippocampus_volume_mode_beats_copying_the_slice(segmenter, name: str, structure: int,
-                                                              floor: float) -> None:
+@pytest.mark.parametrize(("name", "structure", "floor", "beyond_at_most"),
+                         # measured with the defaults (stand-in backbone): 0.802 with 0 slices beyond the structure,
+                         # 0.788 with 1 (reports/accuracy); floors leave room for CPU rounding differences
+                         [("hippocampus_007", 1, 0.75, 1), ("hippocampus_017", 2, 0.73, 2)])
+def test_real_hippocampus_volume_mode_beats_copying_the_slice(segmenter, name: str, structure: int, floor: float,
+                                                              beyond_at_most: int) -> None:
     volume, labels = hippocampus_case(name)
     truth = labels == structure
     index = largest_slice(truth, 0)
@@ -150,7 +180,7 @@ def test_real_hippocampus_volume_mode_beats_copying_the_slice(segmenter, name: s
     assert score >= dice(copied, truth) + 0.15
     extent = labelled_slices(truth.astype(np.int64), 0)
     beyond = [n for n in labelled_slices(output, 0) if not extent[0] <= n <= extent[-1]]
-    assert len(beyond) <= 2, f"slices labelled beyond the structure: {beyond}"
+    assert len(beyond) <= beyond_at_most, f"slices labelled beyond the structure: {beyond}"
     assert seconds < 60
 
 
