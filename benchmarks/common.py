@@ -1,7 +1,8 @@
 """Shared helpers of the benchmark scripts: models, FLOP counts, a matmul yardstick, timers, memory, machine facts.
 
 The scripts in this folder import it as ``common`` (Python puts a script's own folder on ``sys.path``), before
-torch: it sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment says otherwise. With OpenMP's default (spinning)
+torch. It puts this checkout's root on ``sys.path`` (the benchmarks measure the code they sit beside, installed or
+not), and it sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment says otherwise. With OpenMP's default (spinning)
 policy, every parallel region waits for threads the OS has descheduled once the cores are shared with other work:
 small operations ran 30 to 50 times slower on this 2-core machine under load (debiasing 80 ms instead of 2 ms).
 """
@@ -17,16 +18,20 @@ import math  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
+
 import torch  # noqa: E402
 
 from insid3_med.backbones import BACKBONES, Backbone, BackboneSpec, DINOv3ViT, load_backbone  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared"
 STANDIN = SHARED / "weights" / "dinov2-small-standin"
 MODEL_CHOICES = ("standin", "dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16")
