@@ -52,6 +52,12 @@ def add_model_options(parser: argparse.ArgumentParser, image_size: int = 448) ->
                         help="progress as a bar on stderr, as 'PROGRESS done total' lines on stdout, or none")
 
 
+def add_mode_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=("volume", "published"), default="volume",
+                        help="volume: chain the labels slice to slice around the structure (default); published: "
+                        "segment every slice on its own, as the INSID3 paper does")
+
+
 def model_options(args: argparse.Namespace):  # noqa: ANN201 - imported lazily to keep --help fast
     from insid3_med.engine import EngineParams
     from insid3_med.jobs import ModelOptions
@@ -111,7 +117,8 @@ def command_propagate(args: argparse.Namespace) -> int:
 
     summary = propagate_file(args.volume, args.labels, volume_outputs(args), model_options(args), axis=args.axis,
                              slice_range=args.slices, preset=args.preset, force=args.force,
-                             series_uid=args.series_uid, progress=progress_reporter(args.progress, "propagate"))
+                             series_uid=args.series_uid, mode=args.mode,
+                             progress=progress_reporter(args.progress, "propagate"))
     print(f"wrote {args.output} ({summary['timings_s']['propagate']:.1f} s)")
     return 0
 
@@ -122,7 +129,8 @@ def command_transfer(args: argparse.Namespace) -> int:
     summaries = transfer_files(args.reference_volume, args.reference_labels, args.targets, args.output,
                                model_options(args), axis=args.axis, preset=args.preset, force=args.force,
                                seg_nrrd=args.seg_nrrd, dicom_seg=args.dicom_seg, overlay=args.overlay,
-                               summary=args.summary, progress=progress_reporter(args.progress, "transfer"))
+                               summary=args.summary, mode=args.mode,
+                               progress=progress_reporter(args.progress, "transfer"))
     for record in summaries:
         print(f"{record['target']}: done in {record['timings_s']['transfer']:.1f} s")
     return 0
@@ -142,7 +150,8 @@ def command_evaluate(args: argparse.Namespace) -> int:
                              seed=args.seed, model=model_options(args), limit_cases=args.limit_cases,
                              resume=not args.restart, overwrite=args.force, progress=args.progress != "none",
                              kinds=tuple(args.kinds.split(",")), reference_mode=args.reference_mode,
-                             shots=args.shots, threads=args.threads, command=" ".join(["insid3-med", *sys.argv[1:]]))
+                             shots=args.shots, threads=args.threads, mode=args.mode,
+                             command=" ".join(["insid3-med", *sys.argv[1:]]))
     print(json.dumps(summary.get("headline", summary), indent=2, default=str)[:4000])
     return 0
 
@@ -181,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--dicom-seg", type=Path, help="also write a DICOM SEG (DICOM input only)")
             sub.add_argument("--overlay", type=Path, help="also write a PNG overlay montage")
             sub.add_argument("--summary", type=Path, help="also write a JSON summary")
+        add_mode_option(sub)
         sub.add_argument("--axis", default="k", help="slice axis: k/j/i (array), axial/coronal/sagittal (default k)")
         sub.add_argument("--preset", help="intensity preset (default: from the modality): soft_tissue, abdomen, "
                          "lung, bone, brain, dicom, mr, radiograph, rgb")
@@ -223,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--limit-cases", type=int, help="only the first N volumes (slices task)")
     evaluate.add_argument("--restart", action="store_true", help="ignore finished episodes of an earlier run")
+    add_mode_option(evaluate)
     add_model_options(evaluate)
     evaluate.set_defaults(handler=command_evaluate)
 

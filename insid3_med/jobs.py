@@ -30,6 +30,7 @@ from insid3_med.volume import (
     ProgressCallback,
     labelled_slices,
     propagate_through_slices,
+    propagation_description,
     slicing_axis,
     transfer_to_study,
 )
@@ -124,9 +125,13 @@ def write_volume_outputs(labels: np.ndarray, volume: Volume, claimed: dict[str, 
 
 def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs, model: ModelOptions, *,
                    axis: int | str = "k", slice_range: tuple[int, int] | None = None, preset: str | None = None,
-                   force: bool = False, series_uid: str | None = None,
+                   force: bool = False, series_uid: str | None = None, mode: str = "volume",
                    progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """``insid3-med propagate``: labelled slices of ``labels_path`` through ``volume_path``; returns the summary."""
+    """``insid3-med propagate``: labelled slices of ``labels_path`` through ``volume_path``; returns the summary.
+
+    mode: ``volume`` (chained, the default) or ``published`` (each slice on its own), see :mod:`insid3_med.volume`.
+    """
+    propagation = propagation_description(mode)  # a bad mode fails before anything is read
     started = time.perf_counter()
     volume = read_volume(volume_path, series_uid=series_uid)
     labels = read_label_volume(labels_path, volume)
@@ -138,12 +143,12 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
         segmenter = model.build()
         loaded = time.perf_counter()
         result = propagate_through_slices(segmenter, volume, labels, axis=array_axis, slice_range=slice_range,
-                                          preset=preset, progress=progress)
+                                          preset=preset, progress=progress, mode=mode)
         finished = time.perf_counter()
         summary = {
             "command": "propagate", "volume": str(volume_path), "labels_input": str(labels_path),
             "axis": array_axis, "labelled_slices": references, "slice_range": slice_range,
-            "model": model_description(segmenter),
+            "model": model_description(segmenter), "propagation": propagation,
             "timings_s": {"read_and_load": round(loaded - started, 3), "propagate": round(finished - loaded, 3)},
         }
         write_volume_outputs(result, volume, claimed, references, array_axis, summary)
@@ -153,11 +158,13 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
 def transfer_files(reference_path: Path, reference_labels_path: Path, targets: Sequence[Path], output_dir: Path,
                    model: ModelOptions, *, axis: int | str = "k", preset: str | None = None, force: bool = False,
                    seg_nrrd: bool = False, dicom_seg: bool = False, overlay: bool = False, summary: bool = False,
-                   progress: ProgressCallback | None = None) -> list[dict[str, Any]]:
+                   mode: str = "volume", progress: ProgressCallback | None = None) -> list[dict[str, Any]]:
     """``insid3-med transfer``: one output set per target in ``output_dir`` (``<stem>_seg.nii.gz`` and friends).
 
     Every target is read and every output path claimed before any work; outputs are committed together at the end.
+    mode: ``volume`` or ``published``, as in :func:`propagate_file`.
     """
+    propagation = propagation_description(mode)
     reference = read_volume(reference_path)
     reference_labels = read_label_volume(reference_labels_path, reference)
     if not labelled_slices(reference_labels, slicing_axis(reference, axis)):
@@ -184,11 +191,12 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
         for path, study, claimed in plans:
             started = time.perf_counter()
             result = transfer_to_study(segmenter, reference, reference_labels, study, axis=axis, preset=preset,
-                                       progress=progress)
+                                       progress=progress, mode=mode)
             target_axis = slicing_axis(study, axis)
             record = {
                 "command": "transfer", "reference": str(reference_path), "reference_labels": str(reference_labels_path),
                 "target": str(path), "axis": target_axis, "model": model_description(segmenter),
+                "propagation": propagation,
                 "timings_s": {"transfer": round(time.perf_counter() - started, 3)},
             }
             write_volume_outputs(result, study, claimed, [], target_axis, record)

@@ -82,6 +82,23 @@ def test_propagate_writes_every_format_on_the_input_grid(hippocampus: dict[str, 
     assert summary["labelled_slices"] == [best] and summary["model"]["backbone"] == "dinov2_vits14_standin"
     assert summary["model"]["weights_sha256"].startswith("8b38fc0f")
     assert summary["labels"]["1"]["volume_ml"] > 0 and "propagate" in summary["timings_s"]
+    assert summary["propagation"]["mode"] == "volume"
+
+
+def test_propagate_published_mode_segments_every_slice(hippocampus: dict[str, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "published.nii.gz"
+    code, _, stderr = run_cli(["propagate", str(hippocampus["image"]), str(hippocampus["one"]), "-o", str(out),
+                               "--mode", "published", "--summary", str(tmp_path / "s.json"), *FAST], capsys)
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "s.json").read_text())["propagation"] == {"mode": "published"}
+    labels = np.asarray(nib.load(out).dataobj)
+    assert (labels > 0).sum() > (np.asarray(nib.load(hippocampus["one"]).dataobj) > 0).sum()
+    with pytest.raises(SystemExit) as exited:
+        main(["propagate", str(hippocampus["image"]), str(hippocampus["one"]), "-o", str(tmp_path / "x.nii.gz"),
+              "--mode", "chained", *FAST])
+    assert exited.value.code == 2 and "--mode" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
 
 
 def test_propagate_dicom_series_writes_dicom_seg(ct_series, data_file: Callable[[str], Path], tmp_path: Path,

@@ -482,3 +482,5 @@ def test_bad_inputs_raise_clear_errors(tmp_path: Path) -> None:
         run_evaluation("movies", tmp_path, tmp_path / "report", method="copy")
     with pytest.raises(ValueError, match="unknown method"):
         run_evaluation("slices", tmp_path, tmp_path / "report", method="magic")
+    with pytest.raises(ValueError, match="unknown propagation mode"):
+        run_evaluation("slices", tmp_path, tmp_path / "report", method="ours", mode="sideways")

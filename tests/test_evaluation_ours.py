@@ -30,6 +30,7 @@ def test_ours_slices_and_transfer_on_hippocampus(tmp_path: Path, options: dict) 
                           kinds=["largest"], **options)
     config = ours["config"]["method"]
     assert config["method"] == "ours" and len(config["weights_sha256"]) == 64 and config["image_size"] == 224
+    assert config["propagation"]["mode"] == "volume" and "stop_ratio" in config["propagation"]
     overall = ours["summary"]["overall"]["largest"]
     assert overall["episodes"] == 2 and overall["predicted_empty"] == 0
     # the labelled slice is kept and some of the structure is found beyond it

@@ -135,11 +135,16 @@ class OursMethod(EvaluationMethod):
 
     name = "ours"
 
-    def __init__(self, segmenter: Any, preset: str | None = None, weights: str | Path | None = None) -> None:
+    def __init__(self, segmenter: Any, preset: str | None = None, weights: str | Path | None = None,
+                 mode: str = "volume") -> None:
+        from insid3_med.volume import propagation_description
+
+        self.propagation = propagation_description(mode)  # also checks the mode
         self.segmenter = segmenter
         self.backbone = segmenter.backbone
         self.preset = preset
         self.weights = weights
+        self.mode = mode
 
     def describe(self) -> dict[str, Any]:
         backbone = self.backbone
@@ -157,6 +162,7 @@ class OursMethod(EvaluationMethod):
             "engine_params": _as_dict(self.segmenter.params),
             "basis_rank": getattr(self.segmenter, "basis_rank", None),
             "preset": self.preset,
+            "propagation": self.propagation,
         }
 
     def segment_image(self, references: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -173,13 +179,14 @@ class OursMethod(EvaluationMethod):
         from insid3_med.volume import propagate_through_slices
 
         labelled_slice_index(labels, axis)  # the episode labels exactly one slice
-        return np.asarray(propagate_through_slices(self.segmenter, volume, labels, axis=axis, preset=self.preset))
+        return np.asarray(propagate_through_slices(self.segmenter, volume, labels, axis=axis, preset=self.preset,
+                                                    mode=self.mode))
 
     def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int) -> np.ndarray:
         from insid3_med.volume import transfer_to_study
 
         return np.asarray(transfer_to_study(self.segmenter, reference, reference_labels, target, axis=axis,
-                                            preset=self.preset))
+                                            preset=self.preset, mode=self.mode))
 
 
 def weights_sha256(backbone: Any, weights: str | Path | None = None) -> str | None:
@@ -217,14 +224,20 @@ def _as_dict(params: Any) -> dict[str, Any]:
 
 def build_method(name: str, *, model: Any = None, backbone_options: dict[str, Any] | None = None,
                  image_size: int | None = None, engine_params: dict[str, Any] | None = None,
-                 registration: RegistrationParams | None = None, preset: str | None = None) -> EvaluationMethod:
+                 registration: RegistrationParams | None = None, preset: str | None = None,
+                 mode: str = "volume") -> EvaluationMethod:
     """The method called ``name`` (one of :data:`METHODS`).
 
     For ``ours`` the segmenter comes from ``model`` (an object whose ``build()`` returns a ``OneShotSegmenter``,
     such as :class:`insid3_med.jobs.ModelOptions`) or else from ``backbone_options`` (keywords of
     ``load_backbone``: weights, device, precision, feature_block), ``image_size`` and ``engine_params``
-    (``EngineParams`` fields).
+    (``EngineParams`` fields); ``mode`` is the propagation mode of volumes (``volume`` or ``published``, see
+    :mod:`insid3_med.volume`), recorded in the method's description.
     """
+    from insid3_med.volume import PROPAGATION_MODES
+
+    if mode not in PROPAGATION_MODES:
+        raise ValueError(f"unknown propagation mode {mode!r}; choose from {', '.join(PROPAGATION_MODES)}")
     if name == "copy":
         return CopyMethod()
     if name == "registration":
@@ -232,7 +245,7 @@ def build_method(name: str, *, model: Any = None, backbone_options: dict[str, An
     if name != "ours":
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     if model is not None:
-        return OursMethod(model.build(), preset, getattr(model, "weights", None))
+        return OursMethod(model.build(), preset, getattr(model, "weights", None), mode)
     from insid3_med.backbones import load_backbone
     from insid3_med.engine import EngineParams
     from insid3_med.predictor import OneShotSegmenter
@@ -242,4 +255,4 @@ def build_method(name: str, *, model: Any = None, backbone_options: dict[str, An
     kwargs: dict[str, Any] = {"params": EngineParams(**(engine_params or {}))}
     if image_size is not None:
         kwargs["image_size"] = int(image_size)
-    return OursMethod(OneShotSegmenter(backbone, **kwargs), preset, options.get("weights"))
+    return OursMethod(OneShotSegmenter(backbone, **kwargs), preset, options.get("weights"), mode)

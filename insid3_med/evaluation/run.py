@@ -58,6 +58,7 @@ def run_evaluation(
     preset: str | None = None,
     threads: int | None = None,
     command: str | None = None,
+    mode: str = "volume",
 ) -> dict[str, Any]:
     """Run (or resume) an evaluation and write its reports; returns the results document (results.json).
 
@@ -72,12 +73,17 @@ def run_evaluation(
     a folder holding another configuration (or any episodes when ``resume`` is False) raises
     :class:`ReportExistsError` unless ``overwrite``. threads: torch and SimpleITK threads (default: SimpleITK 1,
     torch unchanged). kinds (slices): ``largest`` and/or ``random``. reference_mode (transfer): ``volume`` or
-    ``slice``. shots (images): references per episode.
+    ``slice``. shots (images): references per episode. mode (ours, volumes): propagation mode, ``volume`` or
+    ``published``.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    from insid3_med.volume import PROPAGATION_MODES
+
+    if mode not in PROPAGATION_MODES:
+        raise ValueError(f"unknown propagation mode {mode!r}; choose from {', '.join(PROPAGATION_MODES)}")
     data_dir, report_dir = Path(data_dir), Path(report_dir)
     if threads is not None:
         import torch
@@ -93,7 +99,8 @@ def run_evaluation(
         _limit_cases(dataset, limit_cases)
 
     evaluator = build_method(method, model=model, backbone_options=backbone_options, image_size=image_size,
-                             engine_params=engine_params, registration=registration, preset=preset)
+                             engine_params=engine_params, registration=registration, preset=preset,
+                             mode=mode)
     if task == "images":
         size = image_size or getattr(getattr(evaluator, "segmenter", None), "image_size", None) or DEFAULT_IMAGE_SIZE
         runner: Any = ImageTask(dataset, size, shots)
