@@ -7,8 +7,9 @@ Variants (each on the same ``--batch`` images of side ``--size``):
 - fp32: the library's fp32 path (torch's fused attention, ``F.scaled_dot_product_attention``);
 - bf16 autocast: fp32 weights cast by autocast on every call (the library's bf16 path before it held its matrix
   weights in bf16; bit-identical results);
-- bf16 (library): matrix weights held in bf16, autocast, torch's fused attention;
-- bf16, blocked attention: the same with :func:`blocked_attention` (bf16 logits; faster, less accurate);
+- bf16 (library): matrix weights held in bf16, autocast; torch's fused attention below
+  ``backbones.BLOCKED_ATTENTION_MIN_TOKENS`` tokens, blocked bf16 attention from there on;
+- bf16, blocked attention / bf16, fused attention: the same with one attention forced at every length;
 - bf16 everything: the whole network and its input in bf16 (residual stream and norms too), no autocast;
 - bf16 (library), channels-last input: the patch-embedding convolution on a channels-last tensor;
 - with ``--compile``: ``torch.compile`` of the library's fp32 and bf16 networks (compile time in "first").
@@ -34,26 +35,15 @@ import torch.nn.functional as F
 
 import insid3_med.backbones as backbones
 
-CPU_ATTENTION_BLOCK = 128
+blocked_attention = backbones.blocked_attention
+"""bf16 attention by blocks of queries (bf16 logits): the library's bf16 CPU path from
+``backbones.BLOCKED_ATTENTION_MIN_TOKENS`` tokens on, forced at every length by the "blocked" variants."""
 
 
-def blocked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      scale: float | None = None) -> torch.Tensor:
-    """Softmax attention in blocks of ``CPU_ATTENTION_BLOCK`` queries through two bf16 matmuls and a bf16 softmax:
-    (B, heads, T, d) -> (B, heads, T, d) bf16. Faster than torch's fused bf16 kernel on this CPU, but the logits are
-    rounded to bf16 (relative error of the output about 2e-2 against 1e-2)."""
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    with torch.autocast(query.device.type, enabled=False):
-        query = (query * scale).to(torch.bfloat16).contiguous()
-        keys_t = key.to(torch.bfloat16).transpose(-2, -1).contiguous()
-        value = value.to(torch.bfloat16).contiguous()
-        # Written as (B, T, heads, d), returned as a (B, heads, T, d) view: heads merge without a copy.
-        out = torch.empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1], dtype=torch.bfloat16,
-                          device=query.device).transpose(1, 2)
-        for start in range(0, query.shape[-2], CPU_ATTENTION_BLOCK):
-            stop = start + CPU_ATTENTION_BLOCK
-            out[..., start:stop, :] = torch.softmax(query[..., start:stop, :] @ keys_t, dim=-1) @ value
-    return out
+def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    scale: float | None = None) -> torch.Tensor:
+    """torch's fused kernel at every length (the library's bf16 path below the blocked threshold)."""
+    return F.scaled_dot_product_attention(query, key, value, scale=scale)
 
 
 @contextlib.contextmanager
@@ -85,11 +75,11 @@ def variants(model: str, device: str, compile_too: bool) -> dict[str, tuple[str,
                 return backbone.network(images.to(device), num_blocks=blocks).float()
         return run
 
-    def with_blocked(run: Encoder) -> Encoder:
-        def blocked(images: torch.Tensor) -> torch.Tensor:
-            with swapped_attention(blocked_attention):
+    def with_attention(run: Encoder, function: Callable[..., torch.Tensor]) -> Encoder:
+        def swapped(images: torch.Tensor) -> torch.Tensor:
+            with swapped_attention(function):
                 return run(images)
-        return blocked
+        return swapped
 
     def all_bf16(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -99,8 +89,10 @@ def variants(model: str, device: str, compile_too: bool) -> dict[str, tuple[str,
         "fp32": ("fp32", lambda images: fp32.encode(images, batch_size=images.shape[0])),
         "bf16 autocast": ("bf16", under_autocast(autocast_only)),
         "bf16 (library)": ("bf16", lambda images: bf16.encode(images, batch_size=images.shape[0])),
-        "bf16, blocked attention": ("bf16", with_blocked(lambda images: bf16.encode(images,
-                                                                                batch_size=images.shape[0]))),
+        "bf16, blocked attention": ("bf16", with_attention(lambda images: bf16.encode(
+            images, batch_size=images.shape[0]), blocked_attention)),
+        "bf16, fused attention": ("bf16", with_attention(lambda images: bf16.encode(
+            images, batch_size=images.shape[0]), fused_attention)),
         "bf16 everything": ("bf16", all_bf16),
         "bf16 (library), channels-last": (
             "bf16", lambda images: bf16.encode(images.contiguous(memory_format=torch.channels_last),

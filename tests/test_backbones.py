@@ -189,3 +189,22 @@ def test_real_dinov3_vits16_reference_values() -> None:
     features = backbone.encode(normalise_for_backbone(tensor))  # (1, C, 14, 14); token 5 is patch (0, 0)
     values = features[0, :5, 0, 0].tolist()
     assert np.allclose(values, REFERENCE_VITS16, atol=2e-2), values
+
+
+def test_bf16_attention_on_long_sequences_runs_by_blocks_and_matches_fp32() -> None:
+    from insid3_med import backbones
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = backbones.BLOCKED_ATTENTION_MIN_TOKENS + 5  # not a multiple of the query block
+    query, key, value = (torch.randn(1, 2, tokens, 32, generator=generator) for _ in range(3))
+    exact = torch.nn.functional.scaled_dot_product_attention(query, key, value)
+    blocked = backbones.attention(query.bfloat16(), key.bfloat16(), value.bfloat16())
+    assert blocked.dtype == torch.bfloat16 and blocked.shape == exact.shape
+    assert torch.equal(blocked, backbones.blocked_attention(query.bfloat16(), key.bfloat16(), value.bfloat16()))
+    error = (blocked.float() - exact).norm() / exact.norm()
+    assert error < 2e-2, error  # bf16 rounding of inputs and logits
+    short = backbones.attention(query[:, :, :64].bfloat16(), key[:, :, :64].bfloat16(), value[:, :, :64].bfloat16())
+    fused = torch.nn.functional.scaled_dot_product_attention(query[:, :, :64].bfloat16(), key[:, :, :64].bfloat16(),
+                                                             value[:, :, :64].bfloat16())
+    assert torch.equal(short, fused)  # shorter sequences keep torch's fused kernel
+    assert torch.equal(backbones.attention(query, key, value), exact)  # fp32 is always fused
