@@ -53,6 +53,8 @@ class PropagationParams:
     top_k, temperature, neighbourhood (patches, Chebyshev radius): the label transfer.
     recent_slices: predicted slices kept as context beside the labelled slice(s).
     stop_ratio: a structure ends where its area falls below this fraction of its labelled area.
+    stop_confidence: a structure also ends where the mean decision confidence over its predicted pixels falls below
+        this fraction of the highest such mean on the slices before it in that direction (None: area rule only).
     registration_weight: weight of the demons-warped previous labels against the feature evidence (0: features only).
     flip: average the features of each crop with those of its left-right mirror image (test-time flip).
     gate_sigma: a structure's probability is multiplied by exp(-d^2 / 2 sigma^2) at distance d outside its mask on
@@ -81,6 +83,7 @@ class PropagationParams:
     neighbourhood: int = 3
     recent_slices: int = 2
     stop_ratio: float = 0.1
+    stop_confidence: float | None = 0.85
     registration_weight: float = 0.0
     flip: bool = False
     gate_sigma: float | None = 0.03
@@ -106,6 +109,8 @@ class PropagationParams:
             raise ValueError(f"registration_weight must be in [0, 1], not {self.registration_weight}")
         if not 0.0 <= self.stop_ratio < 1.0:
             raise ValueError(f"stop_ratio must be in [0, 1), not {self.stop_ratio}")
+        if self.stop_confidence is not None and not 0.0 < self.stop_confidence <= 1.0:
+            raise ValueError(f"stop_confidence must be in (0, 1] or None, not {self.stop_confidence}")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -487,6 +492,7 @@ def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource,
         keep_going = set(values) & (set(np.unique(anchors[neighbour])) if neighbour is not None else set())
         active = [v for v in values if np.any(anchors[anchor] == v)]
         recent: list[ContextSlice] = []
+        peak: dict[int, float] = {}  # per structure: the highest mean confidence so far in this direction
         previous_index, previous_labels = anchor, results[anchor]
         index = anchor + step
         while active and (last - index) * step >= 0:
@@ -505,9 +511,15 @@ def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource,
                                  confidence=decided)
             confidences[index] = decided[0]
             for v in list(active):
-                if v not in keep_going and np.count_nonzero(labels == v) < params.stop_ratio * anchor_area[v]:
+                area = np.count_nonzero(labels == v)
+                confidence = float(decided[0][labels == v].mean()) if area else 0.0
+                ended = area < params.stop_ratio * anchor_area[v] or (
+                    params.stop_confidence is not None and confidence < params.stop_confidence * peak.get(v, 0.0))
+                if v not in keep_going and ended:
                     labels[labels == v] = 0
                     active.remove(v)
+                else:
+                    peak[v] = max(peak.get(v, 0.0), confidence)
             results[index] = labels
             if progress is not None:
                 progress(index)
