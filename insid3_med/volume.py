@@ -255,7 +255,9 @@ class CropFeatures:
     """Backbone features of every slice's crop, encoded on first use, ``batch_size`` slices at a time onwards in the
     direction of the last request (a chain walks outwards slice by slice).
 
-    ``features(n)``: (N, C) plain L2-normalised patch features; ``image(n)``: (S, S) grey crop in [0, 1].
+    ``features(n)``: (N, C) plain L2-normalised patch features; ``image(n)``: (S, S) grey crop in [0, 1]. Only the
+    slices within ``2 * batch_size`` of the last request stay cached (a slice further away is encoded again if asked
+    for), so memory does not grow with the number of slices.
     """
 
     def __init__(self, segmenter: OneShotSegmenter, stack: SliceStack, box: SquareBox, params: PropagationParams,
@@ -269,6 +271,7 @@ class CropFeatures:
         self._features: dict[int, torch.Tensor] = {}
         self._crops: dict[int, np.ndarray] = {}
         self._last = -1
+        self._encoded = 0
 
     def crop(self, index: int) -> np.ndarray:
         """(S, S, 3) float32 crop of slice ``index``."""
@@ -287,12 +290,21 @@ class CropFeatures:
             encoded = encode_crops(self.backbone, [self.crop(n) for n in batch], self.image_size, self.params.flip,
                                    self.batch_size)
             self._features.update(zip(batch, encoded, strict=True))
+            self._encoded += len(batch)
         self._last = index
+        self._forget_far_from(index)
         return self._features[index]
+
+    def _forget_far_from(self, index: int) -> None:
+        keep = 2 * self.batch_size
+        for cache in (self._features, self._crops):
+            for n in [n for n in cache if abs(n - index) > keep]:
+                del cache[n]
 
     @property
     def encoded(self) -> int:
-        return len(self._features)
+        """Slices encoded so far (a slice encoded again counts again)."""
+        return self._encoded
 
 
 def _propagate_volume_mode(segmenter: OneShotSegmenter, stack: SliceStack, labels: np.ndarray,

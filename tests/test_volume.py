@@ -194,3 +194,23 @@ def test_published_mode_segments_each_slice_from_the_shots(segmenter) -> None:
     np.testing.assert_array_equal(output[index], truth[index])
     assert labelled_slices(output, 0)[0] >= index - 2 and labelled_slices(output, 0)[-1] <= index + 2
     assert dice(output[index - 2 : index + 3] > 0, truth[index - 2 : index + 3] > 0) > 0.2
+
+
+def test_crop_features_keep_only_a_window_of_slices_in_memory() -> None:
+    from insid3_med.imaging.intensity import intensity_mapping
+    from insid3_med.propagation import SquareBox
+    from insid3_med.volume import CropFeatures, SliceStack
+
+    volume, _ = synthetic_study()
+    stack = SliceStack(volume, 0, intensity_mapping(volume, None))
+    segmenter = SimpleNamespace(backbone=GreyLevelBackbone())
+    source = CropFeatures(segmenter, stack, SquareBox(0, 0, 28), PropagationParams(), batch_size=2,  # type: ignore[arg-type]
+                          image_size=28)
+    first = source.features(0).clone()
+    for index in range(len(stack)):
+        source.features(index)
+        source.image(index)
+        assert len(source._features) <= 9 and len(source._crops) <= 9  # within 2 * batch_size either side
+    assert source.encoded == len(stack)  # walking onwards, each slice was encoded once
+    assert torch.equal(source.features(0), first)  # a forgotten slice is encoded again, the same
+    assert source.encoded == len(stack) + 2
