@@ -2,12 +2,17 @@
 
 Exit codes: 0 success; 2 bad input (the message names the file and the problem); 3 backbone weights missing or
 unreadable (the message says how to get DINOv3 weights); 130 interrupted.
+
+The command sets ``OMP_WAIT_POLICY=PASSIVE`` (unless the environment sets it) before torch loads: with OpenMP's
+spinning default, the many small parallel regions of an episode ran 30 to 50 times slower whenever the CPU was
+shared with other work (reports/performance/README.md); on an idle machine the difference is within noise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -246,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``insid3-med``; returns the exit code."""
+    if "torch" not in sys.modules:  # read once, when torch's OpenMP runtime loads
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     from insid3_med.backbones import WeightsFormatError, WeightsNotFoundError
 

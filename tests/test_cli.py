@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -248,3 +249,16 @@ def test_progress_lines_are_machine_readable(hippocampus: dict[str, Path], tmp_p
     assert code == 0, stderr
     lines = [line for line in stdout.splitlines() if line.startswith("PROGRESS")]
     assert lines[-1] == f"PROGRESS {len(lines)} {len(lines)}" and len(lines) >= 3
+
+
+def test_command_sets_a_passive_openmp_wait_policy_before_torch_loads() -> None:
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import os, sys\nfrom insid3_med.cli import main\ntry:\n    main(['info', sys.argv[1]])\n"
+            "finally:\n    print('POLICY', os.environ.get('OMP_WAIT_POLICY'))")
+    result = subprocess.run([sys.executable, "-c", code, str(Path(__file__))], capture_output=True, text=True,
+                            env=environment, timeout=120)
+    assert "POLICY PASSIVE" in result.stdout, result.stdout + result.stderr
+    environment["OMP_WAIT_POLICY"] = "ACTIVE"  # the user's own setting wins
+    result = subprocess.run([sys.executable, "-c", code, str(Path(__file__))], capture_output=True, text=True,
+                            env=environment, timeout=120)
+    assert "POLICY ACTIVE" in result.stdout, result.stdout + result.stderr
