@@ -13,8 +13,10 @@ one study are treated as a sequence, as video object segmentation treats frames:
 - **Registration prior.** Optionally, the previous slice's labels are also carried onto the slice by deformable
   registration (demons, :mod:`insid3_med.registration`), and that warped label map is blended with the feature
   evidence (``registration_weight``): registration says where the structure moved, features say what it is.
-- **Stop.** A structure whose predicted area falls below ``stop_ratio`` times its area on the labelled slice has
-  ended: it is removed from that slice and from every slice further out in that direction.
+- **Stop.** A structure has ended where its predicted area falls below ``stop_ratio`` times its area on the
+  labelled slice, or where the mean decision confidence over its predicted pixels falls below ``stop_confidence``
+  times the highest such mean on the slices before it in that direction (a look-alike beyond its end is matched
+  less surely than the structure was): it is removed from that slice and from every slice further out that way.
 
 Shapes: a crop is (S, S) pixels of the square-pixel slice; the backbone's patch grid is (g, g) with
 g = image_size / patch; N = g * g patches, C feature channels, L structures (label values) plus background.
@@ -55,6 +57,10 @@ class PropagationParams:
     stop_ratio: a structure ends where its area falls below this fraction of its labelled area.
     stop_confidence: a structure also ends where the mean decision confidence over its predicted pixels falls below
         this fraction of the highest such mean on the slices before it in that direction (None: area rule only).
+        Measured on every volume (one structure per episode, largest slice labelled, DINOv2 stand-in): 0.85 took
+        the FP slices beyond the extent from 5.8% to 1.3% on hippocampus (Dice 0.757 -> 0.767), 46% -> 41% on ACDC
+        (Dice 0.837 -> 0.833), BraTS unchanged (0.863, 0.2%); 0.8 / 0.9 cut fewer / more true slices. Cutting on
+        an absolute cosine similarity to the labelled slice instead halves ACDC's FP slices but costs 0.02-0.1 Dice.
     registration_weight: weight of the demons-warped previous labels against the feature evidence (0: features only).
     flip: average the features of each crop with those of its left-right mirror image (test-time flip).
     gate_sigma: a structure's probability is multiplied by exp(-d^2 / 2 sigma^2) at distance d outside its mask on

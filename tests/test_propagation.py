@@ -128,6 +128,8 @@ def test_params_reject_bad_values() -> None:
         PropagationParams(temperature=0)
     with pytest.raises(ValueError, match="registration_weight"):
         PropagationParams(registration_weight=2.0)
+    with pytest.raises(ValueError, match="stop_confidence"):
+        PropagationParams(stop_confidence=0.0)
 
 
 # -- the chain on slices with exactly known features ---------------------------------------------------------
@@ -206,3 +208,38 @@ def test_between_two_labelled_slices_each_anchor_serves_its_half() -> None:
     assert all(result[n].any() for n in range(9))
     np.testing.assert_array_equal(result[1], truth[1])
     np.testing.assert_array_equal(result[7], truth[7])
+
+
+def test_chain_stops_where_its_confidence_drops_though_a_look_alike_keeps_the_area() -> None:
+    # A disk on slices 2..7 (largest on slice 5); on slices 8..11 a disk of the same size at the same place whose
+    # patches look as much like the structure as like the background. The area rule keeps part of it on slice 8
+    # (more than stop_ratio of the labelled area, but decided with low confidence); the confidence rule ends the
+    # structure there, and cuts nothing inside it.
+    truth, looks = {}, {}
+    for n in range(12):
+        labels = np.zeros((SIDE, SIDE), dtype=np.int64)
+        radius = {2: 6, 3: 7, 4: 8, 5: 9, 6: 8, 7: 8}.get(n, 0)
+        if radius:
+            labels[disk((SIDE, SIDE), (16, 16), radius)] = 1
+        truth[n] = labels
+        looks[n] = disk((SIDE, SIDE), (16, 16), 8) if n >= 8 else np.zeros((SIDE, SIDE), dtype=bool)
+
+    def features(n: int) -> torch.Tensor:
+        fractions = patch_label_fractions(truth[n], [1], GRID)
+        one_hot = F.one_hot(fractions.argmax(dim=1), 2).float()
+        alike = patch_label_fractions(looks[n].astype(np.int64), [1], GRID)[:, 1] > 0.5
+        one_hot[alike] = 0.5
+        return F.normalize(one_hot + 0.05, dim=1)
+
+    def run(params: PropagationParams) -> dict[int, np.ndarray]:
+        return propagate_crops({5: truth[5]}, features, [1], GRID, params, start=0, stop=12)
+
+    area_only = run(PropagationParams(refine_band=None, stop_confidence=None))
+    assert (area_only[8] == 1).sum() > 0.1 * truth[5].sum()  # the area rule keeps the look-alike on slice 8
+    result = run(PropagationParams(refine_band=None))
+    for n in range(2, 8):
+        dice = 2 * np.logical_and(result[n] == 1, truth[n] == 1).sum() / ((result[n] == 1).sum() + truth[n].sum())
+        assert dice > 0.75, f"slice {n}: Dice {dice:.2f}"
+        np.testing.assert_array_equal(result[n], area_only[n])  # inside the structure nothing is cut
+    for n in (0, 1, 8, 9, 10, 11):
+        assert n not in result or not result[n].any(), f"slice {n} beyond the structure is labelled"
