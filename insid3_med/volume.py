@@ -163,7 +163,11 @@ def encode_slices(segmenter: OneShotSegmenter, stack: SliceStack, indices: Itera
 
 
 def check_label_grid(volume: Volume, labels: np.ndarray) -> np.ndarray:
-    """Labels as an int64 (K, J, I) array on ``volume``'s grid, or :class:`LabelGridError`."""
+    """Labels as a (K, J, I) integer array on ``volume``'s grid, or :class:`LabelGridError`.
+
+    The dtype is the smallest of uint8, int32 and int64 that holds the labels (no copy when the input already has
+    it): a 512 x 512 x 300 label map takes 79 MB in uint8 instead of 629 MB in int64.
+    """
     labels = np.asarray(labels)
     if labels.shape != volume.shape:
         raise LabelGridError(f"label volume shape {labels.shape} differs from the image's {volume.shape}")
@@ -171,7 +175,9 @@ def check_label_grid(volume: Volume, labels: np.ndarray) -> np.ndarray:
         raise LabelGridError("label volume holds non-integer values; expected a label map")
     if np.any(labels < 0):
         raise LabelGridError("label volume holds negative values; expected a label map")
-    return labels.astype(np.int64)
+    top = float(labels.max()) if labels.size else 0.0
+    compact = np.uint8 if top <= np.iinfo(np.uint8).max else np.int32 if top <= np.iinfo(np.int32).max else np.int64
+    return labels.astype(compact, copy=False)
 
 
 def _slice_range(length: int, slice_range: tuple[int, int] | None) -> tuple[int, int]:
@@ -239,7 +245,7 @@ def propagate_through_slices(segmenter: OneShotSegmenter, volume: Volume, labels
         return _propagate_volume_mode(segmenter, stack, labels, references, start, stop, params or
                                       PropagationParams(), progress, batch_size)
     set_references_from_slices(segmenter, stack, labels, references, batch_size)
-    output = np.zeros_like(labels)
+    output = np.zeros(labels.shape, dtype=np.int64)
     targets = [n for n in range(start, stop) if n not in set(references)]
     total = len(targets)
     for done, (n, encoded) in enumerate(encode_slices(segmenter, stack, targets, batch_size), start=1):
@@ -331,7 +337,7 @@ def _propagate_volume_mode(segmenter: OneShotSegmenter, stack: SliceStack, label
     chain_start, chain_stop = min(start, min(references)), max(stop, max(references) + 1)
     crops = propagate_crops(anchors, source.features, values, source.grid, params, start=chain_start,
                             stop=chain_stop, images=source.image, progress=step)
-    output = np.zeros_like(labels)
+    output = np.zeros(labels.shape, dtype=np.int64)
     for n, crop in crops.items():
         if start <= n < stop and n not in anchors:
             take_slice(output, axis, n)[...] = stack.to_native(paste_square(crop, box, stack.model_shape))

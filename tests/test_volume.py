@@ -214,3 +214,17 @@ def test_crop_features_keep_only_a_window_of_slices_in_memory() -> None:
     assert source.encoded == len(stack)  # walking onwards, each slice was encoded once
     assert torch.equal(source.features(0), first)  # a forgotten slice is encoded again, the same
     assert source.encoded == len(stack) + 1  # walking down from the top, slice 0 is the last of its batch
+
+
+def test_label_maps_are_kept_in_a_compact_dtype_and_outputs_stay_int64() -> None:
+    from insid3_med.volume import check_label_grid
+
+    volume, truth = synthetic_study()
+    small = truth.astype(np.uint8)
+    assert check_label_grid(volume, small) is small  # no copy when already compact
+    assert check_label_grid(volume, truth.astype(np.float32)).dtype == np.uint8
+    assert check_label_grid(volume, truth.astype(np.int64) * 300).dtype == np.int32
+    segmenter = SimpleNamespace(backbone=GreyLevelBackbone())
+    output = propagate_through_slices(segmenter, volume, only_slice(truth, 5).astype(np.uint16) * 300,  # type: ignore[arg-type]
+                                      axis="k")
+    assert output.dtype == np.int64 and set(np.unique(output)) == {0, 300}
