@@ -76,7 +76,13 @@ class PropagationParams:
     transfer_gate_sigma, transfer_neighbourhood: the gate and neighbourhood that place a reference study's labels on
         the target's first slice (looser than between adjacent slices: two studies differ more).
     transfer_search: the target's first slice is the one, within this many slices of where registration puts the
-        reference slice, that looks most like it.
+        reference slice, that looks most like it (used where registration carries nothing).
+    transfer_self_propagation: chain the reference's labelled slices through the reference study first, register
+        the whole pseudo-labelled reference onto the target, and label each target slice the carried labels reach
+        from the reference slices at its height (False: only the shots, one registered first slice, then a chain).
+    transfer_deformable_iterations: 3D demons iterations after the affine registration of the two studies (0: none).
+    transfer_context_span: a target slice is labelled from the reference slices within this many of its height.
+    transfer_registration_weight: weight of the carried reference labels against the feature evidence there.
     """
 
     image_size: int = 224
@@ -101,6 +107,10 @@ class PropagationParams:
     transfer_gate_sigma: float | None = 0.1
     transfer_neighbourhood: int = 5
     transfer_search: int = 3
+    transfer_self_propagation: bool = True
+    transfer_deformable_iterations: int = 50
+    transfer_context_span: int = 1
+    transfer_registration_weight: float = 0.3
 
     def __post_init__(self) -> None:
         if self.image_size < 14:

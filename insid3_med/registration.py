@@ -3,7 +3,8 @@
 - :func:`warp_labels_between`: demons registration of one slice onto its neighbour, to carry a label map across
   (images: (S, S) float arrays in [0, 1] on the same square-pixel grid).
 - :func:`carry_labels_to_study`: affine registration of one study onto another (Mattes mutual information), to put
-  a reference's labels where the target's anatomy is.
+  a reference's labels where the target's anatomy is; :func:`deformable_study_transform` refines that affine with
+  3D demons.
 """
 
 from __future__ import annotations
@@ -93,11 +94,37 @@ def affine_study_transform(fixed: Volume, moving: Volume, iterations: int = 100,
     return method.Execute(sitk.Cast(fixed_image, sitk.sitkFloat32), sitk.Cast(moving_image, sitk.sitkFloat32))
 
 
+STUDY_DEMONS_SIGMA = 2.0  # voxels, smoothing of the 3D displacement field between two studies
+
+
+def deformable_study_transform(fixed: Volume, moving: Volume, affine: sitk.Transform, iterations: int = 50,
+                               sigma: float = STUDY_DEMONS_SIGMA) -> sitk.Transform:
+    """``affine`` (``fixed`` -> ``moving`` physical points) refined by 3D demons on ``fixed``'s grid.
+
+    The moving study is resampled through ``affine`` onto the fixed grid, its grey values matched to the fixed
+    study's histogram, and a displacement field (smoothed with ``sigma`` voxels) registers the two. Returns the
+    composite transform (displacement first, then ``affine``), usable as :func:`carry_labels_to_study`'s transform.
+    """
+    fixed_image = sitk.Cast(volume_to_sitk(fixed, unit_intensity(fixed.array)), sitk.sitkFloat32)
+    moving_image = sitk.Resample(volume_to_sitk(moving, unit_intensity(moving.array)), fixed_image, affine,
+                                 sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    moving_image = sitk.HistogramMatching(moving_image, fixed_image, numberOfHistogramLevels=64,
+                                          numberOfMatchPoints=7, thresholdAtMeanIntensity=False)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(iterations)
+    demons.SetSmoothDisplacementField(True)
+    demons.SetStandardDeviations(sigma)
+    field = demons.Execute(fixed_image, moving_image)
+    displacement = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    return sitk.CompositeTransform([affine, displacement])  # applied last to first: displacement, then affine
+
+
 def carry_labels_to_study(reference: Volume, labels: np.ndarray, target: Volume,
                           transform: sitk.Transform | None = None) -> np.ndarray:
-    """The reference's (K, J, I) label map moved onto the target's grid by affine registration (nearest neighbour).
+    """The reference's (K, J, I) label map moved onto the target's grid by registration (nearest neighbour).
 
-    transform: target -> reference physical points (default: :func:`affine_study_transform` of the two studies).
+    transform: target -> reference physical points (default: :func:`affine_study_transform` of the two studies;
+    :func:`deformable_study_transform` refines one).
     Returns the target's (K', J', I') int64 label map.
     """
     transform = transform if transform is not None else affine_study_transform(target, reference)

@@ -446,10 +446,121 @@ def most_similar_slice(source: CropFeatures, context: Sequence[ContextSlice], al
     return best
 
 
+def reference_self_propagation(ref_source: CropFeatures, reference_labels: np.ndarray, shots: Sequence[int],
+                               values: Sequence[int], params: PropagationParams) -> np.ndarray:
+    """The reference's labelled slices chained through the reference study itself (as
+    :func:`propagate_through_slices` does): its (K, J, I) int64 label map, shots kept as given, so that every
+    reference slice the structures reach holds (pseudo-)labels."""
+    stack, box = ref_source.stack, ref_source.box
+    anchors = {n: crop_square(stack.labels(reference_labels, n), box) for n in shots}
+    crops = propagate_crops(anchors, ref_source.features, values, ref_source.grid, params, start=0, stop=len(stack),
+                            images=ref_source.image)
+    output = np.zeros(stack.volume.shape, dtype=np.int64)
+    for n, crop in crops.items():
+        take_slice(output, stack.axis, n)[...] = stack.to_native(paste_square(crop, box, stack.model_shape))
+    for n in shots:
+        take_slice(output, stack.axis, n)[...] = take_slice(reference_labels, stack.axis, n)
+    return output
+
+
+def registered_reference(ref_stack: SliceStack, reference_labels: np.ndarray, tgt_stack: SliceStack,
+                         deformable_iterations: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The reference's labels and slice heights on the target's grid, by registration of the two studies.
+
+    Returns ((K', J', I') int64 labels, (K', J', I') int64 index of the reference slice each target voxel comes
+    from, -1 outside the reference), or None where SimpleITK cannot register them. Affine (Mattes MI), then
+    ``deformable_iterations`` of 3D demons (0: affine only).
+    """
+    from insid3_med.registration import affine_study_transform, carry_labels_to_study, deformable_study_transform
+
+    target, reference = tgt_stack.volume, ref_stack.volume
+    try:
+        transform = affine_study_transform(target, reference)
+        if deformable_iterations > 0:
+            transform = deformable_study_transform(target, reference, transform, deformable_iterations)
+    except RuntimeError:  # SimpleITK failed to register (for example too few overlapping samples)
+        return None
+    shape = [1, 1, 1]
+    shape[ref_stack.axis] = -1
+    heights = np.broadcast_to((np.arange(len(ref_stack)) + 1).reshape(shape), reference.shape)
+    carried = carry_labels_to_study(reference, reference_labels, target, transform)
+    return carried, carry_labels_to_study(reference, heights, target, transform) - 1
+
+
+def matching_reference_slices(carried: np.ndarray, heights: np.ndarray, tgt_stack: SliceStack) -> dict[int, int]:
+    """Target slice index -> the reference slice at its height: the median reference slice index carried onto the
+    target slice's structure voxels (onto all its voxels inside the reference where it holds none)."""
+    matches: dict[int, int] = {}
+    for n in range(len(tgt_stack)):
+        height, labels = take_slice(heights, tgt_stack.axis, n), take_slice(carried, tgt_stack.axis, n)
+        inside = height >= 0
+        chosen = height[inside & (labels > 0)] if np.any(inside & (labels > 0)) else height[inside]
+        if chosen.size:
+            matches[n] = int(round(float(np.median(chosen))))
+    return matches
+
+
+def _transfer_by_height(segmenter: OneShotSegmenter, ref_source: CropFeatures, pseudo: np.ndarray,
+                        registered: tuple[np.ndarray, np.ndarray], tgt_stack: SliceStack, values: Sequence[int],
+                        params: PropagationParams, progress: ProgressCallback | None,
+                        batch_size: int) -> np.ndarray:
+    """Label every target slice that the registered reference labels reach from the reference slices at its height.
+
+    pseudo: the reference's (K, J, I) self-propagated labels; registered: :func:`registered_reference` of them.
+    Each slice's patches take the labels of their nearest patches (within ``params.transfer_neighbourhood``) in the
+    reference slices within ``params.transfer_context_span`` of its height, gated with
+    ``params.transfer_gate_sigma`` around the carried labels and blended with them
+    (``params.transfer_registration_weight``). Returns the target's (K', J', I') int64 label map.
+    """
+    carried, heights = registered
+    ref_stack, ref_box, grid = ref_source.stack, ref_source.box, ref_source.grid
+    matches = matching_reference_slices(carried, heights, tgt_stack)
+    priors = {n: tgt_stack.labels(carried, n) for n in range(len(tgt_stack))}
+    present = [n for n, prior in priors.items() if prior.any()]
+    tgt_box = region_of_interest([priors[n] for n in present], params.crop_scale, params.min_crop_fraction)
+    tgt_source = CropFeatures(segmenter, tgt_stack, tgt_box, params, batch_size,
+                              ref_source.image_size)
+    labelled_reference = labelled_slices(pseudo, ref_stack.axis)
+    contexts: dict[int, ContextSlice] = {}
+
+    def context_at(height: int) -> list[ContextSlice]:
+        span = params.transfer_context_span
+        chosen = [r for r in labelled_reference if abs(r - height) <= span]
+        chosen = chosen or [min(labelled_reference, key=lambda r: abs(r - height))]
+        for r in chosen:
+            if r not in contexts:
+                lab = crop_square(ref_stack.labels(pseudo, r), ref_box)
+                contexts[r] = ContextSlice(ref_source.features(r), patch_label_fractions(lab, values, grid))
+        return [contexts[r] for r in chosen]
+
+    allowed = neighbourhood_mask(grid, params.transfer_neighbourhood)
+    slice_params = replace(params, registration_weight=params.transfer_registration_weight)
+    output = np.zeros(tgt_stack.volume.shape, dtype=np.int64)
+    total = len(tgt_stack)
+    for done, n in enumerate(range(total), start=1):
+        if n in present:
+            prior = crop_square(priors[n], tgt_box)
+            carried_soft = torch.from_numpy(np.stack([prior == 0] + [prior == v for v in values]).astype(np.float32))
+            crop = label_slice(tgt_source.features(n), context_at(matches[n]), values, grid, tgt_box.side,
+                               slice_params, allowed, prior=prior, gate_sigma=params.transfer_gate_sigma,
+                               image=tgt_source.image(n), warped=carried_soft)
+            take_slice(output, tgt_stack.axis, n)[...] = tgt_stack.to_native(paste_square(crop, tgt_box,
+                                                                                           tgt_stack.model_shape))
+        if progress is not None:
+            progress(done, total)
+    return output
+
+
 def _transfer_volume_mode(segmenter: OneShotSegmenter, ref_stack: SliceStack, reference_labels: np.ndarray,
                           shots: Sequence[int], tgt_stack: SliceStack, params: PropagationParams,
                           progress: ProgressCallback | None, batch_size: int) -> np.ndarray:
-    """``mode="volume"`` of :func:`transfer_to_study`."""
+    """``mode="volume"`` of :func:`transfer_to_study`.
+
+    The shots are first chained through the reference study (:func:`reference_self_propagation`); the whole
+    (pseudo-)labelled reference is registered onto the target (:func:`registered_reference`), and each target slice
+    the carried labels reach is labelled from the reference slices at its height, kept near the carried labels. If
+    registration carries nothing, the target's slice that looks most like the shots is labelled and chained.
+    """
     ref_model = {n: ref_stack.labels(reference_labels, n) for n in shots}
     values = sorted({int(v) for lab in ref_model.values() for v in np.unique(lab) if v > 0})
     ref_box = region_of_interest(list(ref_model.values()), params.crop_scale, params.min_crop_fraction)
@@ -457,6 +568,12 @@ def _transfer_volume_mode(segmenter: OneShotSegmenter, ref_stack: SliceStack, re
                             segmenter.backbone.patch_size, params)
     ref_source = CropFeatures(segmenter, ref_stack, ref_box, params, batch_size, size)
     grid = ref_source.grid
+    if params.transfer_self_propagation:
+        pseudo = reference_self_propagation(ref_source, reference_labels, shots, values, params)
+        registered = registered_reference(ref_stack, pseudo, tgt_stack, params.transfer_deformable_iterations)
+        if registered is not None and registered[0].any():
+            return _transfer_by_height(segmenter, ref_source, pseudo, registered, tgt_stack, values, params, progress,
+                                       batch_size)
     context = [ContextSlice(ref_source.features(n), patch_label_fractions(crop_square(lab, ref_box), values, grid))
                for n, lab in ref_model.items()]
     first_index, prior = registered_first_slice(ref_stack, reference_labels, shots, tgt_stack)
