@@ -238,7 +238,9 @@ def encode_crops(backbone: Backbone, crops: Sequence[np.ndarray], image_size: in
     if flip:
         mirrored = backbone.encode(batch.flip(-1), batch_size=batch_size).flip(-1)
         maps = F.normalize(maps, dim=1) + F.normalize(mirrored, dim=1)
-    return [flatten_features(feature_map) for feature_map in maps]
+    # The chain's arithmetic (N x M similarities, gates, refinement) is small and runs on the CPU beside its
+    # numpy label maps, whatever device the backbone runs on.
+    return [flatten_features(feature_map).cpu() for feature_map in maps.float()]
 
 
 # ------------------------------------------------------------------------------------------------------------
