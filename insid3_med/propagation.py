@@ -450,15 +450,16 @@ def propagate_crops(anchors: Mapping[int, np.ndarray], features: FeatureSource, 
     refinement and the registration prior; without it neither is used); extra_context: more labelled slices kept in
     every slice's context (for example another study's). Between two anchors each serves the slices nearer to it.
     With ``params.independent_structures`` each structure is chained on its own (the others count as background)
-    and a pixel claimed by several goes to the most confident. Returns slice index -> (S, S) int64 label map for
-    every slice reached (anchors included, unchanged); beyond a structure's end it is absent from the slices.
+    and a pixel claimed by several goes to the most confident. Returns slice index -> (S, S) label map for every
+    slice reached (anchors included, unchanged; uint8 when every value is below 256, else int32, so that a long
+    chain of large crops stays small in memory); beyond a structure's end it is absent from the slices.
     """
     if not anchors:
         raise ValueError("propagate_crops needs at least one labelled slice")
     values = list(values)
     if not params.independent_structures or len(values) < 2:
         return _propagate_chain(anchors, features, values, grid, params, start, stop, images, extra_context,
-                                progress)[0]
+                                progress, keep_confidence=False)[0]
     merged: dict[int, np.ndarray] = {}
     best: dict[int, np.ndarray] = {}
     visited: set[int] = set()
@@ -469,7 +470,7 @@ def propagate_crops(anchors: Mapping[int, np.ndarray], features: FeatureSource, 
         extra = [ContextSlice(c.features, torch.stack([1.0 - c.labels[:, i + 1], c.labels[:, i + 1]], dim=1))
                  for c in extra_context]
         labels, confidence = _propagate_chain(binary, features, [value], grid, params, start, stop, images, extra,
-                                              None)
+                                              None, keep_confidence=True)
         for n, lab in labels.items():
             if n not in merged:
                 merged[n] = np.zeros_like(lab)
@@ -482,22 +483,30 @@ def propagate_crops(anchors: Mapping[int, np.ndarray], features: FeatureSource, 
                 visited.add(n)
                 progress(n)
     for n, lab in anchors.items():
-        merged[n] = np.asarray(lab, dtype=np.int64)
+        merged[n] = np.asarray(lab, dtype=label_dtype(values))
     return merged
+
+
+def label_dtype(values: Sequence[int]) -> type[np.integer]:
+    """The smallest of uint8 and int32 that holds every label value."""
+    return np.uint8 if max(values, default=0) <= np.iinfo(np.uint8).max else np.int32
 
 
 def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource, values: list[int],
                      grid: tuple[int, int], params: PropagationParams, start: int, stop: int,
                      images: ImageSource | None, extra_context: Sequence[ContextSlice],
-                     progress: Callable[[int], None] | None) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """:func:`propagate_crops` for all ``values`` at once; also returns each slice's (S, S) decision confidence."""
+                     progress: Callable[[int], None] | None,
+                     keep_confidence: bool) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """:func:`propagate_crops` for all ``values`` at once; also returns each slice's (S, S) decision confidence
+    (if ``keep_confidence``, else an empty dict)."""
     confidences: dict[int, np.ndarray] = {}
     side = next(iter(anchors.values())).shape[0]
     allowed = neighbourhood_mask(grid, params.neighbourhood)
     anchor_context = {n: ContextSlice(features(n), patch_label_fractions(lab, values, grid))
                       for n, lab in anchors.items()}
     anchor_area = {v: max(1, max(int(np.count_nonzero(lab == v)) for lab in anchors.values())) for v in values}
-    results: dict[int, np.ndarray] = {n: np.asarray(lab, dtype=np.int64) for n, lab in anchors.items()}
+    compact = label_dtype(values)
+    results: dict[int, np.ndarray] = {n: np.asarray(lab, dtype=compact) for n, lab in anchors.items()}
     class_weights = None
     if params.area_calibration:
         class_weights = torch.stack([area_preserving_weights(lab, values, grid) for lab in anchors.values()]).mean(0)
@@ -527,7 +536,8 @@ def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource,
             labels = label_slice(target, context, values, grid, side, params, allowed, prior=previous_labels,
                                  image=image, warped=warped, active=active, class_weights=class_weights,
                                  confidence=decided)
-            confidences[index] = decided[0]
+            if keep_confidence:
+                confidences[index] = decided[0]
             for v in list(active):
                 area = np.count_nonzero(labels == v)
                 confidence = float(decided[0][labels == v].mean()) if area else 0.0
@@ -538,7 +548,7 @@ def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource,
                     active.remove(v)
                 else:
                     peak[v] = max(peak.get(v, 0.0), confidence)
-            results[index] = labels
+            results[index] = labels.astype(compact)
             if progress is not None:
                 progress(index)
             recent.append(ContextSlice(target, patch_label_fractions(labels, values, grid)))
