@@ -510,17 +510,20 @@ def _transfer_by_height(segmenter: OneShotSegmenter, ref_source: CropFeatures, p
     Each slice's patches take the labels of their nearest patches (within ``params.transfer_neighbourhood``) in the
     reference slices within ``params.transfer_context_span`` of its height, gated with
     ``params.transfer_gate_sigma`` around the carried labels and blended with them
-    (``params.transfer_registration_weight``). Returns the target's (K', J', I') int64 label map.
+    (``params.transfer_registration_weight``). Both studies are cut around all their (carried) labelled slices, so
+    that both are seen at the same scale. Returns the target's (K', J', I') int64 label map.
     """
     carried, heights = registered
-    ref_stack, ref_box, grid = ref_source.stack, ref_source.box, ref_source.grid
+    ref_stack, grid = ref_source.stack, ref_source.grid
     matches = matching_reference_slices(carried, heights, tgt_stack)
     priors = {n: tgt_stack.labels(carried, n) for n in range(len(tgt_stack))}
     present = [n for n, prior in priors.items() if prior.any()]
     tgt_box = region_of_interest([priors[n] for n in present], params.crop_scale, params.min_crop_fraction)
-    tgt_source = CropFeatures(segmenter, tgt_stack, tgt_box, params, batch_size,
-                              ref_source.image_size)
+    tgt_source = CropFeatures(segmenter, tgt_stack, tgt_box, params, batch_size, ref_source.image_size)
     labelled_reference = labelled_slices(pseudo, ref_stack.axis)
+    ref_box = region_of_interest([ref_stack.labels(pseudo, r) for r in labelled_reference], params.crop_scale,
+                                 params.min_crop_fraction)
+    ref_source = CropFeatures(segmenter, ref_stack, ref_box, params, batch_size, ref_source.image_size)
     contexts: dict[int, ContextSlice] = {}
 
     def context_at(height: int) -> list[ContextSlice]:
