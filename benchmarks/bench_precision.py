@@ -11,6 +11,9 @@ attention of :func:`bench_backbone.blocked_attention`). Printed per dataset:
   episodes, at the images' own size), and the number of episodes whose masks are identical;
 - the mIoU of each precision against the ground truth (per class, pooled; then the mean over classes, x 100);
 - seconds per episode of each precision (encoding reference and target in one batch, then segmenting).
+Volume sets (``--datasets acdc hippocampus brats``; ``--episodes``: volumes per set, the first ones by name) run
+the library's default volume propagation (``propagate_through_slices``) from each structure's largest slice, with
+the fp32 and the bf16 backbone: pooled IoU between the two outputs, 3D Dice of each against the labels, seconds.
 Only the stand-in has meaningful features; random-weight models would compare noise.
 """
 
@@ -27,9 +30,12 @@ import numpy as np
 import torch
 from bench_backbone import blocked_attention, swapped_attention
 
-from insid3_med.evaluation.datasets import open_image_dataset, read_mask, read_rgb_image
+from insid3_med.evaluation.datasets import open_image_dataset, open_volume_dataset, read_mask, read_rgb_image
 from insid3_med.evaluation.episodes import sample_image_episodes
 from insid3_med.predictor import OneShotSegmenter
+from insid3_med.volume import propagate_through_slices, take_slice
+
+VOLUME_SETS = ("acdc", "hippocampus", "brats")
 
 
 def predict(segmenter: OneShotSegmenter, reference: np.ndarray, mask: np.ndarray, target: np.ndarray,
@@ -84,6 +90,43 @@ def compare_dataset(name: str, episodes: int, segmenters: dict[str, OneShotSegme
     }
 
 
+def compare_volumes(name: str, volumes: int, segmenters: dict[str, OneShotSegmenter]) -> dict:
+    """fp32 against bf16 on the volume propagation of the first ``volumes`` volumes of a set (module docstring)."""
+    dataset = open_volume_dataset(common.SHARED / "data" / name)
+    agreement, same, episodes = [0, 0], 0, 0
+    dice = {p: [] for p in segmenters}
+    seconds = {p: 0.0 for p in segmenters}
+    for case in dataset.cases[:volumes]:
+        for structure in dataset.structures:
+            volume = dataset.load_image(case, structure)
+            truth = structure.binary(dataset.load_labels(case, volume))
+            if not truth.any():
+                continue
+            axis = dataset.slice_axis(volume)
+            other = tuple(a for a in range(3) if a != axis)
+            index = int(np.argmax(np.count_nonzero(truth, axis=other)))
+            labels = np.zeros(truth.shape, dtype=np.uint8)
+            take_slice(labels, axis, index)[...] = take_slice(truth, axis, index)
+            outputs = {}
+            for precision, segmenter in segmenters.items():
+                start = time.perf_counter()
+                outputs[precision] = propagate_through_slices(segmenter, volume, labels, axis=axis) > 0
+                seconds[precision] += time.perf_counter() - start
+                total = outputs[precision].sum() + truth.sum()
+                dice[precision].append(2.0 * float((outputs[precision] & truth).sum()) / total if total else 1.0)
+            agreement[0] += int((outputs["fp32"] & outputs["bf16"]).sum())
+            agreement[1] += int((outputs["fp32"] | outputs["bf16"]).sum())
+            same += int(np.array_equal(outputs["fp32"], outputs["bf16"]))
+            episodes += 1
+    return {
+        "dataset": name, "episodes": episodes,
+        "pooled_iou_vs_fp32": {"bf16": agreement[0] / agreement[1] if agreement[1] else 1.0},
+        "identical_masks": {"bf16": same},
+        "dice": {p: float(np.mean(d)) if d else float("nan") for p, d in dice.items()},
+        "seconds_per_episode": {p: t / max(1, episodes) for p, t in seconds.items()},
+    }
+
+
 def measure(datasets: list[str], episodes: int, size: int, model: str, variants: list[str]) -> dict:
     variants = ["fp32", *[v for v in variants if v != "fp32"]]
     segmenters = {p: OneShotSegmenter(common.load_model(model, p), image_size=size) for p in ("fp32", "bf16")}
@@ -92,9 +135,13 @@ def measure(datasets: list[str], episodes: int, size: int, model: str, variants:
         if not (common.SHARED / "data" / name).is_dir():
             print(f"{name}: ../shared/data/{name} is absent, skipped", flush=True)
             continue
-        rows.append(compare_dataset(name, episodes, segmenters, variants))
+        if name in VOLUME_SETS:
+            rows.append(compare_volumes(name, episodes, segmenters))
+        else:
+            rows.append(compare_dataset(name, episodes, segmenters, variants))
         print(report_row(rows[-1]), flush=True)
-    lowest = {v: min((r["pooled_iou_vs_fp32"][v] for r in rows), default=float("nan")) for v in variants[1:]}
+    lowest = {v: min((r["pooled_iou_vs_fp32"][v] for r in rows if v in r["pooled_iou_vs_fp32"]), default=float("nan"))
+              for v in variants[1:]}
     return {"model": model, "size": segmenters["fp32"].image_size, "datasets": rows, "min_pooled_iou": lowest,
             "machine": common.machine("cpu")}
 
@@ -104,7 +151,9 @@ def report_row(row: dict) -> str:
     for variant, iou in row["pooled_iou_vs_fp32"].items():
         parts.append(f"  {variant} vs fp32: pooled IoU {iou:.4f}, identical masks "
                      f"{row['identical_masks'][variant]}/{row['episodes']}")
-    parts.append("  mIoU " + ", ".join(f"{v} {m:.1f}" for v, m in row["miou"].items()) + "; s/episode " +
+    scores = ("  mIoU " + ", ".join(f"{v} {m:.1f}" for v, m in row["miou"].items())) if "miou" in row else (
+        "  3D Dice " + ", ".join(f"{v} {d:.3f}" for v, d in row["dice"].items()))
+    parts.append(scores + "; s/episode " +
                  ", ".join(f"{v} {s:.2f}" for v, s in row["seconds_per_episode"].items()))
     return "\n".join(parts)
 

@@ -38,12 +38,14 @@ def parse_slices(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--slices expects A:B (for example 10:40), not {text!r}") from error
 
 
-def add_model_options(parser: argparse.ArgumentParser, image_size: int = 448) -> None:
+def add_model_options(parser: argparse.ArgumentParser, image_size: int = 448, precision: str = "fp32") -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--weights", help="DINOv3 .pth file, Hugging Face model folder or hub id "
                        "(default: $INSID3_MED_WEIGHTS, then the Hugging Face cache)")
     group.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
-    group.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=precision,
+                       help=f"backbone precision (default {precision}; auto: bf16 for the volume mode on a CPU with "
+                       "native bf16, where it matched fp32 and ran 1.5x faster; fp32 otherwise)")
     group.add_argument("--image-size", type=int, default=image_size, help=f"model input side (default {image_size})")
     group.add_argument("--feature-block", type=int, help="backbone block whose features are used (default: per "
                        "backbone)")
@@ -199,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--axis", default="k", help="slice axis: k/j/i (array), axial/coronal/sagittal (default k)")
         sub.add_argument("--preset", help="intensity preset (default: from the modality): soft_tissue, abdomen, "
                          "lung, bone, brain, dicom, mr, radiograph, rgb")
-        add_model_options(sub)
+        add_model_options(sub, precision="auto")
 
     propagate = commands.add_parser("propagate", help="propagate labelled slices through a volume")
     propagate.add_argument("volume", type=Path, help="NIfTI, NRRD, MHA file or DICOM series folder")

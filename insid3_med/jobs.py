@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from insid3_med.backbones import Backbone, load_backbone
+from insid3_med.backbones import Backbone, load_backbone, resolve_precision
 from insid3_med.engine import EngineParams
 from insid3_med.imaging.errors import ImageReadError
 from insid3_med.imaging.geometry import Volume
@@ -40,7 +40,11 @@ VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nr
 
 @dataclass
 class ModelOptions:
-    """How to build the segmenter: weights, device, precision, input side, feature block and engine parameters."""
+    """How to build the segmenter: weights, device, precision, input side, feature block and engine parameters.
+
+    precision: "fp32", "bf16" or "auto" (:func:`insid3_med.backbones.resolve_precision`: bf16 for the chained volume
+    propagation on a CPU with native bf16, else fp32).
+    """
 
     weights: str | None = None
     device: str | None = None
@@ -50,8 +54,10 @@ class ModelOptions:
     fit: str = "stretch"
     params: EngineParams = field(default_factory=EngineParams)
 
-    def build(self) -> OneShotSegmenter:
-        backbone = load_backbone(self.weights, device=self.device, precision=self.precision,
+    def build(self, chained: bool = False) -> OneShotSegmenter:
+        """The segmenter; ``chained``: it serves the volume mode's chained propagation (for "auto" precision)."""
+        precision = resolve_precision(self.precision, self.device, chained=chained)
+        backbone = load_backbone(self.weights, device=self.device, precision=precision,
                                  feature_block=self.feature_block)
         return OneShotSegmenter(backbone, image_size=self.image_size, params=self.params, fit=self.fit)
 
@@ -140,7 +146,7 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
     intensity_mapping(volume, preset)  # a bad preset fails before the model loads
     with output_set(force) as outputs_set:
         claimed = check_outputs(outputs, volume, outputs_set)
-        segmenter = model.build()
+        segmenter = model.build(chained=mode == "volume")
         loaded = time.perf_counter()
         result = propagate_through_slices(segmenter, volume, labels, axis=array_axis, slice_range=slice_range,
                                           preset=preset, progress=progress, mode=mode)
@@ -187,7 +193,7 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
                 summary=output_dir / f"{stem}_summary.json" if summary else None,
             )
             plans.append((path, study, check_outputs(outputs, study, outputs_set)))
-        segmenter = model.build()
+        segmenter = model.build(chained=mode == "volume")
         for path, study, claimed in plans:
             started = time.perf_counter()
             result = transfer_to_study(segmenter, reference, reference_labels, study, axis=axis, preset=preset,

@@ -208,3 +208,19 @@ def test_bf16_attention_on_long_sequences_runs_by_blocks_and_matches_fp32() -> N
                                                              value[:, :, :64].bfloat16())
     assert torch.equal(short, fused)  # shorter sequences keep torch's fused kernel
     assert torch.equal(backbones.attention(query, key, value), exact)  # fp32 is always fused
+
+
+def test_auto_precision_is_bf16_only_for_the_chained_propagation_on_a_native_bf16_cpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from insid3_med import backbones
+
+    assert backbones.resolve_precision("fp32", "cpu", chained=True) == "fp32"
+    assert backbones.resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(backbones, "native_bf16_cpu", lambda: True)
+    assert backbones.resolve_precision("auto", "cpu", chained=True) == "bf16"
+    assert backbones.resolve_precision("auto", "cpu", chained=False) == "fp32"  # the published method stays fp32
+    assert backbones.resolve_precision("auto", "meta", chained=True) == "fp32"  # not a CPU
+    monkeypatch.setattr(backbones, "native_bf16_cpu", lambda: False)
+    assert backbones.resolve_precision("auto", "cpu", chained=True) == "fp32"
+    with pytest.raises(ValueError, match="precision must be"):
+        backbones.resolve_precision("fp16")

@@ -84,6 +84,9 @@ def test_propagate_writes_every_format_on_the_input_grid(hippocampus: dict[str, 
     assert summary["model"]["weights_sha256"].startswith("8b38fc0f")
     assert summary["labels"]["1"]["volume_ml"] > 0 and "propagate" in summary["timings_s"]
     assert summary["propagation"]["mode"] == "volume"
+    from insid3_med.backbones import native_bf16_cpu
+
+    assert summary["model"]["precision"] == ("bf16" if native_bf16_cpu() else "fp32")  # --precision auto
 
 
 def test_propagate_published_mode_segments_every_slice(hippocampus: dict[str, Path], tmp_path: Path,
@@ -92,7 +95,8 @@ def test_propagate_published_mode_segments_every_slice(hippocampus: dict[str, Pa
     code, _, stderr = run_cli(["propagate", str(hippocampus["image"]), str(hippocampus["one"]), "-o", str(out),
                                "--mode", "published", "--summary", str(tmp_path / "s.json"), *FAST], capsys)
     assert code == 0, stderr
-    assert json.loads((tmp_path / "s.json").read_text())["propagation"] == {"mode": "published"}
+    published = json.loads((tmp_path / "s.json").read_text())
+    assert published["propagation"] == {"mode": "published"} and published["model"]["precision"] == "fp32"
     labels = np.asarray(nib.load(out).dataobj)
     assert (labels > 0).sum() > (np.asarray(nib.load(hippocampus["one"]).dataobj) > 0).sum()
     with pytest.raises(SystemExit) as exited:

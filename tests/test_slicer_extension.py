@@ -281,6 +281,9 @@ def test_propagate_command_line():
         "--weights", "/w/dinov3_vits16.pth", "--slices", "3:12",
     ]  # fmt: skip
     assert "--device" not in command  # "auto" leaves the choice to the tool
+    default = validation.plan_propagation(one_slice_labels(), validation.PropagationSettings())
+    default_command = commands.propagate_command(["py"], "v.nii.gz", "l.nii.gz", "o.nii.gz", default)
+    assert default_command[default_command.index("--precision") + 1] == "auto"  # the tool picks bf16 or fp32
 
 
 def test_transfer_command_line_and_output_names(tmp_path):

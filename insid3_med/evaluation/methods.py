@@ -225,14 +225,15 @@ def _as_dict(params: Any) -> dict[str, Any]:
 def build_method(name: str, *, model: Any = None, backbone_options: dict[str, Any] | None = None,
                  image_size: int | None = None, engine_params: dict[str, Any] | None = None,
                  registration: RegistrationParams | None = None, preset: str | None = None,
-                 mode: str = "volume") -> EvaluationMethod:
+                 mode: str = "volume", chained: bool = False) -> EvaluationMethod:
     """The method called ``name`` (one of :data:`METHODS`).
 
     For ``ours`` the segmenter comes from ``model`` (an object whose ``build()`` returns a ``OneShotSegmenter``,
     such as :class:`insid3_med.jobs.ModelOptions`) or else from ``backbone_options`` (keywords of
     ``load_backbone``: weights, device, precision, feature_block), ``image_size`` and ``engine_params``
     (``EngineParams`` fields); ``mode`` is the propagation mode of volumes (``volume`` or ``published``, see
-    :mod:`insid3_med.volume`), recorded in the method's description.
+    :mod:`insid3_med.volume`), recorded in the method's description; ``chained``: the method serves the chained
+    volume propagation (passed to ``model.build`` for its "auto" precision).
     """
     from insid3_med.volume import PROPAGATION_MODES
 
@@ -245,7 +246,11 @@ def build_method(name: str, *, model: Any = None, backbone_options: dict[str, An
     if name != "ours":
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     if model is not None:
-        return OursMethod(model.build(), preset, getattr(model, "weights", None), mode)
+        import inspect
+
+        build = model.build
+        segmenter = build(chained=chained) if "chained" in inspect.signature(build).parameters else build()
+        return OursMethod(segmenter, preset, getattr(model, "weights", None), mode)
     from insid3_med.backbones import load_backbone
     from insid3_med.engine import EngineParams
     from insid3_med.predictor import OneShotSegmenter

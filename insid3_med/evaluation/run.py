@@ -100,7 +100,7 @@ def run_evaluation(
 
     evaluator = build_method(method, model=model, backbone_options=backbone_options, image_size=image_size,
                              engine_params=engine_params, registration=registration, preset=preset,
-                             mode=mode)
+                             mode=mode, chained=task != "images" and mode == "volume")
     if task == "images":
         size = image_size or getattr(getattr(evaluator, "segmenter", None), "image_size", None) or DEFAULT_IMAGE_SIZE
         runner: Any = ImageTask(dataset, size, shots)

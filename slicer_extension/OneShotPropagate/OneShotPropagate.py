@@ -94,7 +94,7 @@ class OneShotPropagateParameterNode:
     firstSlice: Annotated[int, Minimum(0)] = 0
     lastSlice: Annotated[int, Minimum(0)] = 0
     device: Annotated[str, Choice(list(validation.DEVICE_CHOICES))] = "auto"
-    precision: Annotated[str, Choice(list(validation.PRECISION_CHOICES))] = "fp32"
+    precision: Annotated[str, Choice(list(validation.PRECISION_CHOICES))] = "auto"
     imageSize: Annotated[int, WithinRange(*validation.IMAGE_SIZE_LIMITS)] = 448
 
 

@@ -17,7 +17,7 @@ from .slices import AXIS_LETTERS, SliceSelectionError, choose_propagation_axis, 
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 """Device names offered in the user interface; ``cuda:N`` picks one GPU of several."""
-PRECISION_CHOICES = ("fp32", "bf16")
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
 IMAGE_SIZE_LIMITS = (112, 2048)
 """Smallest and largest side (pixels) each slice is resized to before feature extraction."""
 
@@ -37,7 +37,7 @@ def validate_device(device: str) -> str:
 
 
 def validate_precision(precision: str) -> str:
-    """``"fp32"`` or ``"bf16"``."""
+    """``"auto"`` (bf16 on a CPU with native bf16, else fp32), ``"fp32"`` or ``"bf16"``."""
     text = str(precision).strip().lower()
     if text not in PRECISION_CHOICES:
         raise ParameterError(f"unknown precision {precision!r}: use {' or '.join(PRECISION_CHOICES)}")
@@ -92,7 +92,7 @@ class PropagationSettings:
     axis: int | None = None
     slice_range: tuple[int, int] | None = None
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     image_size: int = 448
     weights: str | None = None
 
