@@ -109,7 +109,7 @@ class PropagationParams:
     transfer_search: int = 3
     transfer_self_propagation: bool = True
     transfer_deformable_iterations: int = 50
-    transfer_context_span: int = 1
+    transfer_context_span: int = 2
     transfer_registration_weight: float = 0.3
 
     def __post_init__(self) -> None:
