@@ -121,8 +121,11 @@ class PropagationParams:
             raise ValueError("top_k must be >= 1, recent_slices and neighbourhood >= 0")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, not {self.temperature}")
-        if not 0.0 <= self.registration_weight <= 1.0:
-            raise ValueError(f"registration_weight must be in [0, 1], not {self.registration_weight}")
+        for name in ("registration_weight", "transfer_registration_weight"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
+        if self.transfer_context_span < 0 or self.transfer_deformable_iterations < 0:
+            raise ValueError("transfer_context_span and transfer_deformable_iterations must be >= 0")
         if not 0.0 <= self.stop_ratio < 1.0:
             raise ValueError(f"stop_ratio must be in [0, 1), not {self.stop_ratio}")
         if self.stop_confidence is not None and not 0.0 < self.stop_confidence <= 1.0:

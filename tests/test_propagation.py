@@ -130,6 +130,10 @@ def test_params_reject_bad_values() -> None:
         PropagationParams(registration_weight=2.0)
     with pytest.raises(ValueError, match="stop_confidence"):
         PropagationParams(stop_confidence=0.0)
+    with pytest.raises(ValueError, match="transfer_registration_weight"):
+        PropagationParams(transfer_registration_weight=-0.1)
+    with pytest.raises(ValueError, match="transfer_context_span"):
+        PropagationParams(transfer_context_span=-1)
 
 
 # -- the chain on slices with exactly known features ---------------------------------------------------------
