@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="label one slice of a bundled brain MRI, propagate it, report Dice")
     demo.add_argument("-o", "--output", type=Path, required=True, help="output folder (created)")
-    add_model_options(demo)
+    add_model_options(demo, precision="auto")
     demo.set_defaults(handler=command_demo)
     return parser
 

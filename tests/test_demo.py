@@ -30,7 +30,7 @@ from insid3_med.jobs import ModelOptions
 STANDIN = Path(__file__).resolve().parents[1] / ".." / "shared" / "weights" / "dinov2-small-standin"
 #: Measured 0.526 (0.546 at 448 px) on 2 CPU cores with the stand-in at 224 px; copying the labelled slice to
 #: every slice of the range scores 0.348. The floor leaves room for numerical differences between machines.
-DICE_FLOOR_224 = 0.45
+DICE_FLOOR_224 = 0.70  # measured 0.84 in the volume mode (0.55 in the published per-slice mode)
 
 
 @pytest.fixture()
