@@ -566,13 +566,17 @@ def _transfer_volume_mode(segmenter: OneShotSegmenter, ref_stack: SliceStack, re
     """
     ref_model = {n: ref_stack.labels(reference_labels, n) for n in shots}
     values = sorted({int(v) for lab in ref_model.values() for v in np.unique(lab) if v > 0})
-    ref_box = region_of_interest(list(ref_model.values()), params.crop_scale, params.min_crop_fraction)
+    # Every labelled slice, not only the shots, places the crop and anchors the reference's own chain: a fully
+    # labelled reference keeps its labels, and the shots (spread from end to end) may hold only the tips.
+    every = labelled_slices(reference_labels, ref_stack.axis)
+    ref_box = region_of_interest([ref_stack.labels(reference_labels, n) for n in every], params.crop_scale,
+                                 params.min_crop_fraction)
     size = model_input_size([crop_square(lab, ref_box) for lab in ref_model.values()], values,
                             segmenter.backbone.patch_size, params)
     ref_source = CropFeatures(segmenter, ref_stack, ref_box, params, batch_size, size)
     grid = ref_source.grid
     if params.transfer_self_propagation:
-        pseudo = reference_self_propagation(ref_source, reference_labels, shots, values, params)
+        pseudo = reference_self_propagation(ref_source, reference_labels, every, values, params)
         registered = registered_reference(ref_stack, pseudo, tgt_stack, params.transfer_deformable_iterations)
         if registered is not None and registered[0].any():
             return _transfer_by_height(segmenter, ref_source, pseudo, registered, tgt_stack, values, params, progress,
