@@ -26,6 +26,13 @@ def demons_displacement(fixed: np.ndarray, moving: np.ndarray, iterations: int =
     """Displacement field (on ``fixed``'s grid) that maps fixed pixels to where they lie in ``moving``."""
     fixed_image = sitk.GetImageFromArray(np.ascontiguousarray(fixed, dtype=np.float32))
     moving_image = sitk.GetImageFromArray(np.ascontiguousarray(moving, dtype=np.float32))
+    return matched_demons_field(fixed_image, moving_image, iterations, sigma)
+
+
+def matched_demons_field(fixed_image: sitk.Image, moving_image: sitk.Image, iterations: int,
+                         sigma: float) -> sitk.Image:
+    """Demons displacement field of two float32 images on one grid, after matching ``moving_image``'s grey-value
+    histogram to ``fixed_image``'s; ``sigma``: smoothing of the field in pixels (voxels)."""
     moving_image = sitk.HistogramMatching(moving_image, fixed_image, numberOfHistogramLevels=64,
                                           numberOfMatchPoints=7, thresholdAtMeanIntensity=False)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
@@ -108,13 +115,7 @@ def deformable_study_transform(fixed: Volume, moving: Volume, affine: sitk.Trans
     fixed_image = sitk.Cast(volume_to_sitk(fixed, unit_intensity(fixed.array)), sitk.sitkFloat32)
     moving_image = sitk.Resample(volume_to_sitk(moving, unit_intensity(moving.array)), fixed_image, affine,
                                  sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    moving_image = sitk.HistogramMatching(moving_image, fixed_image, numberOfHistogramLevels=64,
-                                          numberOfMatchPoints=7, thresholdAtMeanIntensity=False)
-    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
-    demons.SetNumberOfIterations(iterations)
-    demons.SetSmoothDisplacementField(True)
-    demons.SetStandardDeviations(sigma)
-    field = demons.Execute(fixed_image, moving_image)
+    field = matched_demons_field(fixed_image, moving_image, iterations, sigma)
     displacement = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
     return sitk.CompositeTransform([affine, displacement])  # applied last to first: displacement, then affine
 
