@@ -208,13 +208,14 @@ def set_references_from_slices(segmenter: OneShotSegmenter, stack: SliceStack, l
 def propagation_description(mode: str = "volume", params: PropagationParams | None = None) -> dict[str, object]:
     """What determines :func:`propagate_through_slices`'s and :func:`transfer_to_study`'s output beyond the segmenter:
     the mode and, in ``"volume"`` mode, every :class:`PropagationParams` field (for reports and result caches)."""
-    _check_mode(mode)
+    check_propagation_mode(mode)
     if mode == "published":
         return {"mode": mode}
     return {"mode": mode, **asdict(params or PropagationParams())}
 
 
-def _check_mode(mode: str) -> None:
+def check_propagation_mode(mode: str) -> None:
+    """Raise a ValueError naming the choices unless ``mode`` is one of :data:`PROPAGATION_MODES`."""
     if mode not in PROPAGATION_MODES:
         raise ValueError(f"unknown propagation mode {mode!r}; choose from {', '.join(PROPAGATION_MODES)}")
 
@@ -232,7 +233,7 @@ def propagate_through_slices(segmenter: OneShotSegmenter, volume: Volume, labels
     slices kept exactly as given and slices outside ``slice_range`` left empty; in ``"volume"`` mode the slices
     beyond a structure's end are empty too.
     """
-    _check_mode(mode)
+    check_propagation_mode(mode)
     labels = check_label_grid(volume, labels)
     axis = slicing_axis(volume, axis)
     start, stop = _slice_range(volume.shape[axis], slice_range)
@@ -363,7 +364,7 @@ def transfer_to_study(segmenter: OneShotSegmenter, reference: Volume, reference_
     :func:`propagate_through_slices`. mode ``"published"``: every target slice segmented on its own from the shots.
     Returns the target's (K', J', I') int64 label map.
     """
-    _check_mode(mode)
+    check_propagation_mode(mode)
     reference_labels = check_label_grid(reference, reference_labels)
     ref_axis = slicing_axis(reference, axis)
     tgt_axis = slicing_axis(target, axis)

@@ -235,10 +235,9 @@ def build_method(name: str, *, model: Any = None, backbone_options: dict[str, An
     :mod:`insid3_med.volume`), recorded in the method's description; ``chained``: the method serves the chained
     volume propagation (passed to ``model.build`` for its "auto" precision).
     """
-    from insid3_med.volume import PROPAGATION_MODES
+    from insid3_med.volume import check_propagation_mode
 
-    if mode not in PROPAGATION_MODES:
-        raise ValueError(f"unknown propagation mode {mode!r}; choose from {', '.join(PROPAGATION_MODES)}")
+    check_propagation_mode(mode)
     if name == "copy":
         return CopyMethod()
     if name == "registration":

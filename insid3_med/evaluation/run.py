@@ -80,10 +80,9 @@ def run_evaluation(
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    from insid3_med.volume import PROPAGATION_MODES
+    from insid3_med.volume import check_propagation_mode
 
-    if mode not in PROPAGATION_MODES:
-        raise ValueError(f"unknown propagation mode {mode!r}; choose from {', '.join(PROPAGATION_MODES)}")
+    check_propagation_mode(mode)
     data_dir, report_dir = Path(data_dir), Path(report_dir)
     if threads is not None:
         import torch
