@@ -490,9 +490,10 @@ def propagate_crops(anchors: Mapping[int, np.ndarray], features: FeatureSource, 
     return merged
 
 
-def label_dtype(values: Sequence[int]) -> type[np.integer]:
-    """The smallest of uint8 and int32 that holds every label value."""
-    return np.uint8 if max(values, default=0) <= np.iinfo(np.uint8).max else np.int32
+def label_dtype(values: Sequence[float]) -> type[np.integer]:
+    """The smallest of uint8, int32 and int64 that holds every (non-negative) label value."""
+    top = max(values, default=0)
+    return np.uint8 if top <= np.iinfo(np.uint8).max else np.int32 if top <= np.iinfo(np.int32).max else np.int64
 
 
 def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource, values: list[int],

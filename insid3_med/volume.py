@@ -33,6 +33,7 @@ from insid3_med.propagation import (
     SquareBox,
     crop_square,
     encode_crops,
+    label_dtype,
     label_slice,
     model_input_size,
     neighbourhood_mask,
@@ -175,9 +176,7 @@ def check_label_grid(volume: Volume, labels: np.ndarray) -> np.ndarray:
         raise LabelGridError("label volume holds non-integer values; expected a label map")
     if np.any(labels < 0):
         raise LabelGridError("label volume holds negative values; expected a label map")
-    top = float(labels.max()) if labels.size else 0.0
-    compact = np.uint8 if top <= np.iinfo(np.uint8).max else np.int32 if top <= np.iinfo(np.int32).max else np.int64
-    return labels.astype(compact, copy=False)
+    return labels.astype(label_dtype([float(labels.max())] if labels.size else []), copy=False)
 
 
 def _slice_range(length: int, slice_range: tuple[int, int] | None) -> tuple[int, int]:
