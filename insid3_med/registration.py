@@ -80,8 +80,14 @@ def unit_intensity(array: np.ndarray) -> np.ndarray:
     return ((np.clip(array, low, high) - low) / (high - low)).astype(np.float32)
 
 
-def affine_study_transform(fixed: Volume, moving: Volume, iterations: int = 100, seed: int = 0) -> sitk.Transform:
-    """Affine transform mapping ``fixed`` physical points to ``moving`` ones (Mattes MI, 3 levels, centred start)."""
+def affine_study_transform(fixed: Volume, moving: Volume, iterations: int = 100, seed: int = 1) -> sitk.Transform:
+    """Affine transform mapping ``fixed`` physical points to ``moving`` ones (Mattes MI, 3 levels, centred start).
+
+    seed: the metric's sampling seed, >= 1 (SimpleITK reads 0 as "seed from the wall clock", which made every run
+    differ). With a fixed thread count the result is the same run after run.
+    """
+    if seed < 1:
+        raise ValueError(f"seed must be >= 1 (SimpleITK takes 0 to mean the wall clock), got {seed}")
     fixed_image = volume_to_sitk(fixed, unit_intensity(fixed.array))
     moving_image = volume_to_sitk(moving, unit_intensity(moving.array))
     initial = sitk.CenteredTransformInitializer(fixed_image, moving_image, sitk.AffineTransform(3),

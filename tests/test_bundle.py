@@ -127,12 +127,13 @@ def check_outputs(output_dir: Path, dataset: Path, expected: dict[str, np.ndarra
         assert output.shape == image.shape
         np.testing.assert_allclose(output.affine, image.affine, atol=1e-5)
         written = np.asarray(output.dataobj).transpose(2, 1, 0)
-        # MONAI scales intensities to [0, 1] before the network; the volume mode's registration and refinement see
-        # those, a library run the raw ones: the same structures, up to a few boundary voxels.
+        # MONAI scales intensities to [0, 1] before the network, a library run sees the raw ones: every step is
+        # invariant to that up to rounding (measured: identical maps). Before the registration's sampling seed was
+        # fixed, Dice here ranged 0.89 to 1.0 from run to run.
         for value in (1, 2):
             a, b = written == value, expected[name] == value
             dice = 2.0 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b))
-            assert dice > 0.9, (name, value, dice)  # measured 0.95 to 1.0
+            assert dice > 0.99, (name, value, dice)
         assert set(np.unique(expected[name])) <= {0, 1, 2} and np.any(expected[name] > 0)
 
 
