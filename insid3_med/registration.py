@@ -2,6 +2,8 @@
 
 - :func:`warp_labels_between`: demons registration of one slice onto its neighbour, to carry a label map across
   (images: (S, S) float arrays in [0, 1] on the same square-pixel grid).
+- :func:`mattes_affine`, :func:`matched_demons_field`: the two registrations everything here (and the evaluation's
+  registration baseline) is built from, on SimpleITK images.
 - :func:`carry_labels_to_study`: affine registration of one study onto another (Mattes mutual information), to put
   a reference's labels where the target's anatomy is; :func:`deformable_study_transform` refines that affine with
   3D demons.
@@ -64,6 +66,8 @@ def warp_labels_between(moving_image: np.ndarray, fixed_image: np.ndarray, movin
 def volume_to_sitk(volume: Volume, array: np.ndarray | None = None) -> sitk.Image:
     """A SimpleITK image of ``array`` (default: the volume's (K, J, I) grey array) on the volume's grid."""
     data = volume.array if array is None else array
+    if data.shape[:3] != volume.shape:
+        raise ValueError(f"array shape {data.shape} does not match the volume's grid {volume.shape}")
     image = sitk.GetImageFromArray(np.ascontiguousarray(data))
     image.SetSpacing(tuple(float(s) for s in volume.geometry.spacing))
     image.SetOrigin(tuple(float(o) for o in volume.geometry.origin))
@@ -71,40 +75,54 @@ def volume_to_sitk(volume: Volume, array: np.ndarray | None = None) -> sitk.Imag
     return image
 
 
-def unit_intensity(array: np.ndarray) -> np.ndarray:
-    """(K, J, I) grey values clipped to their 1st..99th percentiles and scaled to [0, 1] (float32)."""
+def unit_intensity(array: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Grey values clipped to their ``low``..``high`` percentiles and scaled to [0, 1] (float32, same shape)."""
     array = np.asarray(array, dtype=np.float32)
-    low, high = np.percentile(array, [1.0, 99.0])
-    if high <= low:
+    lo, hi = np.percentile(array, [low, high]) if array.size else (0.0, 1.0)
+    if hi <= lo:
         return np.zeros_like(array)
-    return ((np.clip(array, low, high) - low) / (high - low)).astype(np.float32)
+    return ((np.clip(array, lo, hi) - lo) / (hi - lo)).astype(np.float32)
 
 
-def affine_study_transform(fixed: Volume, moving: Volume, iterations: int = 100, seed: int = 1) -> sitk.Transform:
-    """Affine transform mapping ``fixed`` physical points to ``moving`` ones (Mattes MI, 3 levels, centred start).
+def mattes_affine(fixed: sitk.Image, moving: sitk.Image, *, shrink_factors: Sequence[int],
+                  sampling: Sequence[float], iterations: int, bins: int = 32, seed: int = 1,
+                  smoothing_in_mm: bool = True) -> sitk.Transform:
+    """Affine transform (``fixed`` -> ``moving`` physical points): Mattes mutual information, regular-step gradient
+    descent, geometric centring, one pyramid level per shrink factor (smoothing sigma = factor // 2, in mm or voxels).
 
-    seed: the metric's sampling seed, >= 1 (SimpleITK reads 0 as "seed from the wall clock", which made every run
-    differ). With a fixed thread count the result is the same run after run.
+    sampling: the share of voxels the metric samples at each level. seed: the sampling seed, >= 1 (SimpleITK reads 0
+    as "seed from the wall clock", which made every run differ). With a fixed thread count the result is the same
+    run after run; with several threads the last bits may differ.
     """
     if seed < 1:
         raise ValueError(f"seed must be >= 1 (SimpleITK takes 0 to mean the wall clock), got {seed}")
-    fixed_image = volume_to_sitk(fixed, unit_intensity(fixed.array))
-    moving_image = volume_to_sitk(moving, unit_intensity(moving.array))
-    initial = sitk.CenteredTransformInitializer(fixed_image, moving_image, sitk.AffineTransform(3),
+    dimension = fixed.GetDimension()
+    initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(dimension),
                                                 sitk.CenteredTransformInitializerFilter.GEOMETRY)
-    levels = [f for f in (4, 2, 1) if min(fixed_image.GetSize()) // f >= 8] or [1]
     method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.25, seed)
+    method.SetMetricSamplingPercentagePerLevel([float(f) for f in sampling], seed)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
                                                     relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
     method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel(levels)
-    method.SetSmoothingSigmasPerLevel([float(f // 2) for f in levels])
+    method.SetShrinkFactorsPerLevel([int(f) for f in shrink_factors])
+    method.SetSmoothingSigmasPerLevel([float(f // 2) for f in shrink_factors])
+    if not smoothing_in_mm:
+        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     method.SetInitialTransform(initial, inPlace=False)
-    return method.Execute(sitk.Cast(fixed_image, sitk.sitkFloat32), sitk.Cast(moving_image, sitk.sitkFloat32))
+    return method.Execute(sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32))
+
+
+def affine_study_transform(fixed: Volume, moving: Volume, iterations: int = 100, seed: int = 1) -> sitk.Transform:
+    """Affine transform mapping ``fixed`` physical points to ``moving`` ones (:func:`mattes_affine`, 3 levels,
+    25% of the voxels sampled); seed: the sampling seed, >= 1."""
+    fixed_image = volume_to_sitk(fixed, unit_intensity(fixed.array))
+    moving_image = volume_to_sitk(moving, unit_intensity(moving.array))
+    levels = [f for f in (4, 2, 1) if min(fixed_image.GetSize()) // f >= 8] or [1]
+    return mattes_affine(fixed_image, moving_image, shrink_factors=levels, sampling=[0.25] * len(levels),
+                         iterations=iterations, seed=seed)
 
 
 STUDY_DEMONS_SIGMA = 2.0  # voxels, smoothing of the 3D displacement field between two studies

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from insid3_med.evaluation.baselines import RegistrationParams
 from insid3_med.imaging.geometry import Geometry, Volume
 from insid3_med.registration import affine_study_transform, carry_labels_to_study
 
@@ -31,6 +32,8 @@ def test_affine_registration_is_the_same_run_after_run() -> None:
         np.testing.assert_allclose(affine_study_transform(fixed, moving).GetParameters(), first, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="wall clock"):
         affine_study_transform(fixed, moving, seed=0)
+    with pytest.raises(ValueError, match="wall clock"):
+        RegistrationParams(seed=0)  # the evaluation's registration baseline shares mattes_affine
 
 
 def test_affine_registration_finds_the_shift_and_carries_the_labels_along() -> None:

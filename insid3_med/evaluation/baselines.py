@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from insid3_med.imaging.geometry import Volume
+from insid3_med.registration import matched_demons_field, mattes_affine, unit_intensity, volume_to_sitk
 
 
 @contextmanager
@@ -32,27 +33,6 @@ def sitk_threads(count: int) -> Iterator[None]:
         yield
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
-
-
-def normalise_intensity(array: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
-    """Clip to the ``low``..``high`` percentiles and scale to [0, 1] (float32, same shape)."""
-    array = np.asarray(array, dtype=np.float32)
-    lo, hi = np.percentile(array, [low, high]) if array.size else (0.0, 1.0)
-    if hi <= lo:
-        return np.zeros_like(array)
-    return ((np.clip(array, lo, hi) - lo) / (hi - lo)).astype(np.float32)
-
-
-def volume_to_sitk(volume: Volume, array: np.ndarray | None = None) -> sitk.Image:
-    """A SimpleITK image of ``array`` (default: the volume's (K, J, I) array) placed on the volume's grid."""
-    data = volume.array if array is None else array
-    if data.shape[:3] != volume.shape:
-        raise ValueError(f"array shape {data.shape} does not match the volume's grid {volume.shape}")
-    image = sitk.GetImageFromArray(np.ascontiguousarray(data))
-    image.SetSpacing(tuple(float(s) for s in volume.geometry.spacing))
-    image.SetOrigin(tuple(float(o) for o in volume.geometry.origin))
-    image.SetDirection(tuple(float(v) for v in volume.geometry.direction_matrix().ravel()))
-    return image
 
 
 def image_2d(array: np.ndarray, spacing_rows_cols: Sequence[float] = (1.0, 1.0)) -> sitk.Image:
@@ -125,9 +105,13 @@ class RegistrationParams:
     max_samples: int = 50_000  # per metric evaluation of the affine registration
     demons_iterations: int = 50
     demons_sigma_mm: float = 1.5
-    seed: int = 0
+    seed: int = 1  # the affine metric's sampling seed, >= 1 (0 would seed from the wall clock)
     max_voxels: int = 2_000_000  # larger 3D images are registered on a grid shrunk by a whole factor
     max_pixels: int = 65_536  # the same for 2D images
+
+    def __post_init__(self) -> None:
+        if self.seed < 1:
+            raise ValueError(f"seed must be >= 1 (SimpleITK takes 0 to mean the wall clock), got {self.seed}")
 
     def shrink_factor(self, image: sitk.Image) -> int:
         """The whole factor that brings ``image`` to at most ``max_voxels`` (3D) / ``max_pixels`` (2D) voxels."""
@@ -140,48 +124,26 @@ class RegistrationParams:
 
 
 def demons_field(fixed: sitk.Image, moving: sitk.Image, params: RegistrationParams) -> sitk.Image:
-    """Displacement field (fixed grid, vector float64) of fast symmetric-forces demons moving -> fixed."""
-    moving = sitk.HistogramMatching(moving, fixed, numberOfHistogramLevels=64, numberOfMatchPoints=7,
-                                    thresholdAtMeanIntensity=False)
-    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
-    demons.SetNumberOfIterations(params.demons_iterations)
-    demons.SetSmoothDisplacementField(True)
-    demons.SetStandardDeviations(params.demons_sigma_mm)
-    return demons.Execute(fixed, moving)
+    """Displacement field (fixed grid) of fast symmetric-forces demons moving -> fixed, after histogram matching."""
+    return matched_demons_field(fixed, moving, params.demons_iterations, params.demons_sigma_mm)
 
 
 def affine_registration(fixed: sitk.Image, moving: sitk.Image, params: RegistrationParams) -> sitk.Transform:
     """Affine transform (fixed -> moving physical points) by Mattes MI, multi-resolution, centred initialisation."""
-    dimension = fixed.GetDimension()
-    initial = sitk.CenteredTransformInitializer(
-        fixed, moving, sitk.AffineTransform(dimension), sitk.CenteredTransformInitializerFilter.GEOMETRY
-    )
     base = params.shrink_factor(fixed)
     levels = [f * base for f in (4, 2, 1) if min(fixed.GetSize()) // (f * base) >= 16] or [base]
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=params.histogram_bins)
-    method.SetMetricSamplingStrategy(method.RANDOM)
     voxels = float(np.prod(fixed.GetSize()))
-    fractions = [min(params.sampling_fraction, params.max_samples * f ** dimension / voxels) for f in levels]
-    method.SetMetricSamplingPercentagePerLevel(fractions, params.seed)
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=1.0, minStep=1e-4, numberOfIterations=params.affine_iterations,
-        relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8,
-    )
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel(levels)
-    method.SetSmoothingSigmasPerLevel([float(f // 2) for f in levels])
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    method.SetInitialTransform(initial, inPlace=False)
-    return method.Execute(fixed, moving)
+    fractions = [min(params.sampling_fraction, params.max_samples * f ** fixed.GetDimension() / voxels)
+                 for f in levels]
+    return mattes_affine(fixed, moving, shrink_factors=levels, sampling=fractions, iterations=params.affine_iterations,
+                         bins=params.histogram_bins, seed=params.seed, smoothing_in_mm=False)
 
 
 def register_affine_deformable(fixed: sitk.Image, moving: sitk.Image,
                                params: RegistrationParams | None = None) -> sitk.Transform:
     """Affine then demons registration; the transform maps fixed points to moving points (2D or 3D).
 
-    Both images should hold intensities normalised to [0, 1] (:func:`normalise_intensity`).
+    Both images should hold intensities normalised to [0, 1] (:func:`unit_intensity`).
     """
     params = params or RegistrationParams()
     fixed = sitk.Cast(fixed, sitk.sitkFloat32)
@@ -205,8 +167,8 @@ def warp_labels(labels: sitk.Image, fixed: sitk.Image, transform: sitk.Transform
 def register_volume_labels(reference: Volume, reference_labels: np.ndarray, target: Volume,
                            params: RegistrationParams | None = None) -> np.ndarray:
     """Reference (K, J, I) labels carried onto ``target``'s grid by affine + demons registration of the images."""
-    fixed = volume_to_sitk(target, normalise_intensity(target.array))
-    moving = volume_to_sitk(reference, normalise_intensity(reference.array))
+    fixed = volume_to_sitk(target, unit_intensity(target.array))
+    moving = volume_to_sitk(reference, unit_intensity(reference.array))
     transform = register_affine_deformable(fixed, moving, params)
     labels = volume_to_sitk(reference, reference_labels.astype(np.int16))
     return warp_labels(labels, fixed, transform).astype(reference_labels.dtype)
@@ -215,8 +177,8 @@ def register_volume_labels(reference: Volume, reference_labels: np.ndarray, targ
 def register_mask_2d(reference_image: np.ndarray, reference_mask: np.ndarray, target_image: np.ndarray,
                      params: RegistrationParams | None = None) -> np.ndarray:
     """(H, W) reference mask carried onto the (H', W') target by 2D affine + demons registration of grey images."""
-    fixed = image_2d(normalise_intensity(_grey(target_image)))
-    moving = image_2d(normalise_intensity(_grey(reference_image)))
+    fixed = image_2d(unit_intensity(_grey(target_image)))
+    moving = image_2d(unit_intensity(_grey(reference_image)))
     transform = register_affine_deformable(fixed, moving, params)
     return warp_labels(image_2d(reference_mask.astype(np.int16)), fixed, transform).astype(reference_mask.dtype)
 
@@ -269,7 +231,7 @@ class SliceChainRegistration:
             return
         spacing_kji = np.asarray(volume.geometry.spacing, dtype=float)[::-1]
         in_plane = [spacing_kji[a] for a in range(3) if a != axis]
-        normalised = np.moveaxis(normalise_intensity(volume.array), axis, 0)
+        normalised = np.moveaxis(unit_intensity(volume.array), axis, 0)
         self._slices = [image_2d(s, in_plane) for s in normalised]
         self._transforms = {}
         self._cache_key = key
