@@ -433,10 +433,29 @@ def test_resume_skips_finished_episodes(tmp_path: Path, monkeypatch: pytest.Monk
     assert len(calls) == 2 and again["summary"]["episodes"] == 6  # only the new case's two episodes ran
     with pytest.raises(ReportExistsError, match="another configuration"):
         run_evaluation("slices", data, report, method="copy", episodes=3, kinds=["largest"], progress=False)
+    # A forced rerun that is interrupted loses nothing: the earlier report and its episodes stay as they were.
+    before = {name: (report / name).read_bytes() for name in ("results.json", "results.md", "episodes.jsonl")}
+    calls.clear()
+    interrupt_at[0] = 2
+    with pytest.raises(Interrupted):
+        run_evaluation("slices", data, report, method="copy", episodes=3, kinds=["largest"], overwrite=True,
+                       progress=False)
+    interrupt_at[0] = 0
+    assert (report / "results.json").read_bytes() == before["results.json"]
+    assert (report / "results.md").read_bytes() == before["results.md"]
+    assert (report / "episodes.jsonl").read_bytes().startswith(before["episodes.jsonl"])  # one new line after them
     calls.clear()
     replaced = run_evaluation("slices", data, report, method="copy", episodes=3, kinds=["largest"],
                               overwrite=True, progress=False)
-    assert len(calls) == 3 and replaced["summary"]["episodes"] == 3
+    assert len(calls) == 2 and replaced["summary"]["episodes"] == 3  # the episode finished before is kept
+    records = [json.loads(line) for line in (report / "episodes.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and {r["config"] for r in records} == {replaced["config"]["config_hash"]}
+    assert json.loads((report / "results.json").read_text())["summary"]["episodes"] == 3
+    calls.clear()
+    restarted = run_evaluation("slices", data, report, method="copy", episodes=3, kinds=["largest"], resume=False,
+                               overwrite=True, progress=False)
+    assert len(calls) == 3 and restarted["summary"]["episodes"] == 3
+    assert len((report / "episodes.jsonl").read_text().splitlines()) == 3
 
 
 def test_images_task_pools_iou_over_episodes(tmp_path: Path) -> None:

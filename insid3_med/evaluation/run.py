@@ -121,7 +121,7 @@ def run_evaluation(
     }
     key = config_hash(config)
     store = EpisodeStore(report_dir, key)
-    _check_report_folder(report_dir, store, resume, overwrite)
+    replacing = _check_report_folder(report_dir, store, resume, overwrite)
 
     with sitk_threads(threads or 1):
         pending = [e for e in planned if e.episode_id not in store]
@@ -146,7 +146,12 @@ def run_evaluation(
         "headline": headline(task, summary),
         "episode_ids": [e.episode_id for e in planned],
     }
-    write_reports(report_dir, document)
+    if replacing:
+        store.compact()  # an earlier evaluation's records go only now that this one is complete
+    written = write_reports(report_dir, document)
+    for name in (RESULTS_JSON, RESULTS_MD, *PLOT_FILES):  # a plot of the earlier evaluation's task, not redrawn
+        if report_dir / name not in written:
+            (report_dir / name).unlink(missing_ok=True)
     return document
 
 
@@ -161,20 +166,22 @@ def _limit_cases(dataset: Any, limit: int) -> None:
                 raise ValueError(f"limit_cases={limit} leaves class {image_class.name!r} fewer than 2 images")
 
 
-def _check_report_folder(report_dir: Path, store: EpisodeStore, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix evaluations in one folder unless ``overwrite``; with it, clear the folder's reports."""
+def _check_report_folder(report_dir: Path, store: EpisodeStore, resume: bool, overwrite: bool) -> bool:
+    """Refuse to mix evaluations in one folder unless ``overwrite``. With it, the earlier reports stay in place until
+    the new ones replace them (an interrupted rerun loses nothing); without ``resume`` every episode runs again.
+    Returns whether the folder's earlier evaluation is being replaced."""
     foreign = bool(store.other_configs) or (not resume and len(store) > 0)
     orphan = (report_dir / RESULTS_JSON).exists() and len(store) == 0 and not store.other_configs
     if not (foreign or orphan):
-        return
+        return False
     if not overwrite:
         reason = ("holds an evaluation with another configuration" if store.other_configs
                   else "holds finished episodes and resume is off" if len(store)
                   else "holds a results.json without its episodes")
         raise ReportExistsError(f"{report_dir}: {reason}; choose another folder or overwrite it (--force)")
-    store.clear()
-    for name in (RESULTS_JSON, RESULTS_MD, *PLOT_FILES):
-        (report_dir / name).unlink(missing_ok=True)
+    if not resume:
+        store.forget()
+    return True
 
 
 class _NoBar:

@@ -67,11 +67,18 @@ class EpisodeStore:
             os.fsync(handle.fileno())
         self._done[episode_id] = json.loads(line)["result"]
 
-    def clear(self) -> None:
-        """Forget every record (the file is removed)."""
-        if self.path.exists():
-            self.path.unlink()
+    def forget(self) -> None:
+        """Start afresh in memory: this configuration's records are run again. The file is left as it is until
+        :meth:`compact` rewrites it, so an interrupted rerun loses nothing of the earlier evaluation."""
         self._done.clear()
+
+    def compact(self) -> None:
+        """Rewrite the file (atomically) with this configuration's records only: other configurations' go."""
+        lines = [json.dumps({"config": self.config_key, "id": i, "result": result}, default=_json_default)
+                 for i, result in self._done.items()]
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in lines))
+        os.replace(temporary, self.path)
         self.other_configs.clear()
 
 
