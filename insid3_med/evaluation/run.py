@@ -71,7 +71,8 @@ def run_evaluation(
     448). limit_cases: keep only the first N cases of the set (sorted
     by name) before sampling. resume: reuse finished episodes of the same configuration in ``report_dir``;
     a folder holding another configuration (or any episodes when ``resume`` is False) raises
-    :class:`ReportExistsError` unless ``overwrite``. threads: torch and SimpleITK threads (default: SimpleITK 1,
+    :class:`ReportExistsError` unless ``overwrite`` (the earlier reports are then replaced once the new ones are
+    complete). threads: torch and SimpleITK threads (default: SimpleITK 1,
     torch unchanged). kinds (slices): ``largest`` and/or ``random``. reference_mode (transfer): ``volume`` or
     ``slice``. shots (images): references per episode. mode (ours, volumes): propagation mode, ``volume`` or
     ``published``.
