@@ -21,7 +21,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from insid3_med.imaging.geometry import Volume
-from insid3_med.registration import matched_demons_field, mattes_affine, unit_intensity, volume_to_sitk
+from insid3_med.registration import (
+    check_sampling_seed,
+    matched_demons_field,
+    mattes_affine,
+    unit_intensity,
+    volume_to_sitk,
+)
 
 
 @contextmanager
@@ -110,8 +116,7 @@ class RegistrationParams:
     max_pixels: int = 65_536  # the same for 2D images
 
     def __post_init__(self) -> None:
-        if self.seed < 1:
-            raise ValueError(f"seed must be >= 1 (SimpleITK takes 0 to mean the wall clock), got {self.seed}")
+        check_sampling_seed(self.seed)
 
     def shrink_factor(self, image: sitk.Image) -> int:
         """The whole factor that brings ``image`` to at most ``max_voxels`` (3D) / ``max_pixels`` (2D) voxels."""

@@ -19,7 +19,6 @@ from insid3_med.evaluation.methods import METHODS, build_method
 from insid3_med.evaluation.report import (
     PLOT_FILES,
     RESULTS_JSON,
-    RESULTS_MD,
     ReportExistsError,
     machine_description,
     now_iso,
@@ -150,9 +149,10 @@ def run_evaluation(
     if replacing:
         store.compact()  # an earlier evaluation's records go only now that this one is complete
     written = write_reports(report_dir, document)
-    for name in (RESULTS_JSON, RESULTS_MD, *PLOT_FILES):  # a plot of the earlier evaluation's task, not redrawn
-        if report_dir / name not in written:
-            (report_dir / name).unlink(missing_ok=True)
+    if replacing:
+        for name in PLOT_FILES:  # a plot of the earlier evaluation's task that this one does not draw
+            if report_dir / name not in written:
+                (report_dir / name).unlink(missing_ok=True)
     return document
 
 

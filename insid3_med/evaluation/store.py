@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from insid3_med.evaluation.report import write_text
+
 EPISODES_FILE = "episodes.jsonl"
 
 
@@ -76,9 +78,7 @@ class EpisodeStore:
         """Rewrite the file (atomically) with this configuration's records only: other configurations' go."""
         lines = [json.dumps({"config": self.config_key, "id": i, "result": result}, default=_json_default)
                  for i, result in self._done.items()]
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text("".join(line + "\n" for line in lines))
-        os.replace(temporary, self.path)
+        write_text(self.path, "".join(line + "\n" for line in lines))
         self.other_configs.clear()
 
 
