@@ -84,6 +84,12 @@ def unit_intensity(array: np.ndarray, low: float = 1.0, high: float = 99.0) -> n
     return ((np.clip(array, lo, hi) - lo) / (hi - lo)).astype(np.float32)
 
 
+def check_sampling_seed(seed: int) -> None:
+    """Raise a ValueError unless ``seed`` >= 1: SimpleITK reads a sampling seed of 0 as "seed from the wall clock"."""
+    if seed < 1:
+        raise ValueError(f"seed must be >= 1 (SimpleITK takes 0 to mean the wall clock), got {seed}")
+
+
 def mattes_affine(fixed: sitk.Image, moving: sitk.Image, *, shrink_factors: Sequence[int],
                   sampling: Sequence[float], iterations: int, bins: int = 32, seed: int = 1,
                   smoothing_in_mm: bool = True) -> sitk.Transform:
@@ -94,8 +100,7 @@ def mattes_affine(fixed: sitk.Image, moving: sitk.Image, *, shrink_factors: Sequ
     as "seed from the wall clock", which made every run differ). With a fixed thread count the result is the same
     run after run; with several threads the last bits may differ.
     """
-    if seed < 1:
-        raise ValueError(f"seed must be >= 1 (SimpleITK takes 0 to mean the wall clock), got {seed}")
+    check_sampling_seed(seed)
     dimension = fixed.GetDimension()
     initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(dimension),
                                                 sitk.CenteredTransformInitializerFilter.GEOMETRY)
@@ -115,11 +120,23 @@ def mattes_affine(fixed: sitk.Image, moving: sitk.Image, *, shrink_factors: Sequ
     return method.Execute(sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32))
 
 
-def affine_study_transform(fixed: Volume, moving: Volume, iterations: int = 100, seed: int = 1) -> sitk.Transform:
+AFFINE_ITERATIONS = 100  # per pyramid level, between two studies
+SAMPLING_SEED = 1  # of the affine metric's random sampling (SimpleITK reads 0 as the wall clock)
+
+
+def study_image(volume: Volume) -> sitk.Image:
+    """The volume's grey values as :func:`unit_intensity` float32 on its grid: what the study registrations see."""
+    return volume_to_sitk(volume, unit_intensity(volume.array))
+
+
+def affine_study_transform(fixed: Volume, moving: Volume, iterations: int = AFFINE_ITERATIONS,
+                           seed: int = SAMPLING_SEED) -> sitk.Transform:
     """Affine transform mapping ``fixed`` physical points to ``moving`` ones (:func:`mattes_affine`, 3 levels,
     25% of the voxels sampled); seed: the sampling seed, >= 1."""
-    fixed_image = volume_to_sitk(fixed, unit_intensity(fixed.array))
-    moving_image = volume_to_sitk(moving, unit_intensity(moving.array))
+    return _affine_of_images(study_image(fixed), study_image(moving), iterations, seed)
+
+
+def _affine_of_images(fixed_image: sitk.Image, moving_image: sitk.Image, iterations: int, seed: int) -> sitk.Transform:
     levels = [f for f in (4, 2, 1) if min(fixed_image.GetSize()) // f >= 8] or [1]
     return mattes_affine(fixed_image, moving_image, shrink_factors=levels, sampling=[0.25] * len(levels),
                          iterations=iterations, seed=seed)
@@ -128,18 +145,20 @@ def affine_study_transform(fixed: Volume, moving: Volume, iterations: int = 100,
 STUDY_DEMONS_SIGMA = 2.0  # voxels, smoothing of the 3D displacement field between two studies
 
 
-def deformable_study_transform(fixed: Volume, moving: Volume, affine: sitk.Transform, iterations: int = 50,
-                               sigma: float = STUDY_DEMONS_SIGMA) -> sitk.Transform:
-    """``affine`` (``fixed`` -> ``moving`` physical points) refined by 3D demons on ``fixed``'s grid.
+def deformable_study_transform(fixed: Volume, moving: Volume, affine: sitk.Transform | None = None,
+                               iterations: int = 50, sigma: float = STUDY_DEMONS_SIGMA) -> sitk.Transform:
+    """``affine`` (``fixed`` -> ``moving`` physical points; default: :func:`affine_study_transform` of the two,
+    from the same intensity-scaled images) refined by 3D demons on ``fixed``'s grid.
 
     The moving study is resampled through ``affine`` onto the fixed grid, its grey values matched to the fixed
     study's histogram, and a displacement field (smoothed with ``sigma`` voxels) registers the two. Returns the
     composite transform (displacement first, then ``affine``), usable as :func:`carry_labels_to_study`'s transform.
     """
-    fixed_image = sitk.Cast(volume_to_sitk(fixed, unit_intensity(fixed.array)), sitk.sitkFloat32)
-    moving_image = sitk.Resample(volume_to_sitk(moving, unit_intensity(moving.array)), fixed_image, affine,
-                                 sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    field = matched_demons_field(fixed_image, moving_image, iterations, sigma)
+    fixed_image, moving_image = study_image(fixed), study_image(moving)
+    if affine is None:
+        affine = _affine_of_images(fixed_image, moving_image, AFFINE_ITERATIONS, SAMPLING_SEED)
+    moved = sitk.Resample(moving_image, fixed_image, affine, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    field = matched_demons_field(fixed_image, moved, iterations, sigma)
     displacement = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
     return sitk.CompositeTransform([affine, displacement])  # applied last to first: displacement, then affine
 

@@ -475,9 +475,10 @@ def registered_reference(ref_stack: SliceStack, reference_labels: np.ndarray, tg
 
     target, reference = tgt_stack.volume, ref_stack.volume
     try:
-        transform = affine_study_transform(target, reference)
-        if deformable_iterations > 0:
-            transform = deformable_study_transform(target, reference, transform, deformable_iterations)
+        if deformable_iterations > 0:  # one intensity scaling of each study serves both registrations
+            transform = deformable_study_transform(target, reference, iterations=deformable_iterations)
+        else:
+            transform = affine_study_transform(target, reference)
     except RuntimeError:  # SimpleITK failed to register (for example too few overlapping samples)
         return None
     shape = [1, 1, 1]
