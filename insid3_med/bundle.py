@@ -284,9 +284,9 @@ class OneShotNetwork(nn.Module):
         self.segmenter = _NetworkSegmenter(backbone, image_size=image_size, params=params, fit=fit)
         self.axis = axis
         self.max_shots = int(max_shots)
-        # The library's default volume mode (mode="published": each slice on its own, as the paper). Its
-        # registration and refinement steps see MONAI's [0, 1]-scaled intensities, not the raw ones a library run
-        # reads, so outputs may differ from a library run by a few boundary voxels (the tests bound the difference).
+        # The library's default volume mode (mode="published" segments each slice on its own, as the paper). Its
+        # registration and refinement steps see MONAI's [0, 1]-scaled intensities instead of the raw ones a library
+        # run reads; every step is invariant to that scaling up to rounding (the outputs measured identical).
         self.mode = mode
         self.batch_size = int(batch_size)
         self.register_buffer("positional_basis", self.segmenter.basis().detach().clone())

@@ -228,8 +228,8 @@ def build_method(name: str, *, model: Any = None, backbone_options: dict[str, An
                  mode: str = "volume", chained: bool = False) -> EvaluationMethod:
     """The method called ``name`` (one of :data:`METHODS`).
 
-    For ``ours`` the segmenter comes from ``model`` (an object whose ``build()`` returns a ``OneShotSegmenter``,
-    such as :class:`insid3_med.jobs.ModelOptions`) or else from ``backbone_options`` (keywords of
+    For ``ours`` the segmenter comes from ``model`` (an object whose ``build(chained=...)`` returns a
+    ``OneShotSegmenter``, such as :class:`insid3_med.jobs.ModelOptions`) or else from ``backbone_options`` (keywords of
     ``load_backbone``: weights, device, precision, feature_block), ``image_size`` and ``engine_params``
     (``EngineParams`` fields); ``mode`` is the propagation mode of volumes (``volume`` or ``published``, see
     :mod:`insid3_med.volume`), recorded in the method's description; ``chained``: the method serves the chained
@@ -245,11 +245,7 @@ def build_method(name: str, *, model: Any = None, backbone_options: dict[str, An
     if name != "ours":
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     if model is not None:
-        import inspect
-
-        build = model.build
-        segmenter = build(chained=chained) if "chained" in inspect.signature(build).parameters else build()
-        return OursMethod(segmenter, preset, getattr(model, "weights", None), mode)
+        return OursMethod(model.build(chained=chained), preset, getattr(model, "weights", None), mode)
     from insid3_med.backbones import load_backbone
     from insid3_med.engine import EngineParams
     from insid3_med.predictor import OneShotSegmenter
