@@ -63,6 +63,21 @@ def add_mode_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("volume", "published"), default="volume",
                         help="volume: chain the labels slice to slice around the structure (default); published: "
                         "segment every slice on its own, as the INSID3 paper does")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="a volume-mode setting (repeatable), e.g. --set gate_sigma=0.05 --set "
+                        "stop_confidence=none; keys: the fields of insid3_med.propagation.PropagationParams")
+
+
+def propagation_params(args: argparse.Namespace):  # noqa: ANN201 - imported lazily to keep --help fast
+    """The volume mode's settings from ``--set`` (None when none is given: the defaults)."""
+    if not args.settings:
+        return None
+    from insid3_med.propagation import PropagationParams, with_overrides
+
+    try:
+        return with_overrides(PropagationParams(), args.settings)
+    except ValueError as error:
+        raise CommandError(f"--set: {error}") from None
 
 
 def model_options(args: argparse.Namespace):  # noqa: ANN201 - imported lazily to keep --help fast
@@ -124,7 +139,7 @@ def command_propagate(args: argparse.Namespace) -> int:
 
     summary = propagate_file(args.volume, args.labels, volume_outputs(args), model_options(args), axis=args.axis,
                              slice_range=args.slices, preset=args.preset, force=args.force,
-                             series_uid=args.series_uid, mode=args.mode,
+                             series_uid=args.series_uid, mode=args.mode, params=propagation_params(args),
                              progress=progress_reporter(args.progress, "propagate"))
     print(f"wrote {args.output} ({summary['timings_s']['propagate']:.1f} s)")
     return 0
@@ -136,7 +151,7 @@ def command_transfer(args: argparse.Namespace) -> int:
     summaries = transfer_files(args.reference_volume, args.reference_labels, args.targets, args.output,
                                model_options(args), axis=args.axis, preset=args.preset, force=args.force,
                                seg_nrrd=args.seg_nrrd, dicom_seg=args.dicom_seg, overlay=args.overlay,
-                               summary=args.summary, mode=args.mode,
+                               summary=args.summary, mode=args.mode, params=propagation_params(args),
                                progress=progress_reporter(args.progress, "transfer"))
     for record in summaries:
         print(f"{record['target']}: done in {record['timings_s']['transfer']:.1f} s")
@@ -158,6 +173,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
                              resume=not args.restart, overwrite=args.force, progress=args.progress != "none",
                              kinds=tuple(args.kinds.split(",")), reference_mode=args.reference_mode,
                              shots=args.shots, threads=args.threads, mode=args.mode,
+                             propagation=propagation_params(args),
                              command=" ".join(["insid3-med", *sys.argv[1:]]))
     print(json.dumps(summary.get("headline", summary), indent=2, default=str)[:4000])
     return 0

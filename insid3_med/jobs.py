@@ -26,6 +26,7 @@ from insid3_med.imaging.readers import read_image_2d, read_label_volume, read_vo
 from insid3_med.imaging.writers import write_dicom_seg, write_nifti_labels, write_seg_nrrd
 from insid3_med.outputs import OutputSet, label_statistics, output_set, write_json
 from insid3_med.predictor import OneShotSegmenter
+from insid3_med.propagation import PropagationParams
 from insid3_med.volume import (
     ProgressCallback,
     labelled_slices,
@@ -132,12 +133,14 @@ def write_volume_outputs(labels: np.ndarray, volume: Volume, claimed: dict[str, 
 def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs, model: ModelOptions, *,
                    axis: int | str = "k", slice_range: tuple[int, int] | None = None, preset: str | None = None,
                    force: bool = False, series_uid: str | None = None, mode: str = "volume",
+                   params: PropagationParams | None = None,
                    progress: ProgressCallback | None = None) -> dict[str, Any]:
     """``insid3-med propagate``: labelled slices of ``labels_path`` through ``volume_path``; returns the summary.
 
-    mode: ``volume`` (chained, the default) or ``published`` (each slice on its own), see :mod:`insid3_med.volume`.
+    mode: ``volume`` (chained, the default) or ``published`` (each slice on its own), see :mod:`insid3_med.volume`;
+    params: the volume mode's settings (default: the measured defaults).
     """
-    propagation = propagation_description(mode)  # a bad mode fails before anything is read
+    propagation = propagation_description(mode, params)  # a bad mode fails before anything is read
     started = time.perf_counter()
     volume = read_volume(volume_path, series_uid=series_uid)
     labels = read_label_volume(labels_path, volume)
@@ -149,7 +152,7 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
         segmenter = model.build(chained=mode == "volume")
         loaded = time.perf_counter()
         result = propagate_through_slices(segmenter, volume, labels, axis=array_axis, slice_range=slice_range,
-                                          preset=preset, progress=progress, mode=mode)
+                                          preset=preset, progress=progress, mode=mode, params=params)
         finished = time.perf_counter()
         summary = {
             "command": "propagate", "volume": str(volume_path), "labels_input": str(labels_path),
@@ -164,13 +167,14 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
 def transfer_files(reference_path: Path, reference_labels_path: Path, targets: Sequence[Path], output_dir: Path,
                    model: ModelOptions, *, axis: int | str = "k", preset: str | None = None, force: bool = False,
                    seg_nrrd: bool = False, dicom_seg: bool = False, overlay: bool = False, summary: bool = False,
-                   mode: str = "volume", progress: ProgressCallback | None = None) -> list[dict[str, Any]]:
+                   mode: str = "volume", params: PropagationParams | None = None,
+                   progress: ProgressCallback | None = None) -> list[dict[str, Any]]:
     """``insid3-med transfer``: one output set per target in ``output_dir`` (``<stem>_seg.nii.gz`` and friends).
 
     Every target is read and every output path claimed before any work; outputs are committed together at the end.
-    mode: ``volume`` or ``published``, as in :func:`propagate_file`.
+    mode, params: as in :func:`propagate_file`.
     """
-    propagation = propagation_description(mode)
+    propagation = propagation_description(mode, params)
     reference = read_volume(reference_path)
     reference_labels = read_label_volume(reference_labels_path, reference)
     if not labelled_slices(reference_labels, slicing_axis(reference, axis)):
@@ -197,7 +201,7 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
         for path, study, claimed in plans:
             started = time.perf_counter()
             result = transfer_to_study(segmenter, reference, reference_labels, study, axis=axis, preset=preset,
-                                       progress=progress, mode=mode)
+                                       progress=progress, mode=mode, params=params)
             target_axis = slicing_axis(study, axis)
             record = {
                 "command": "transfer", "reference": str(reference_path), "reference_labels": str(reference_labels_path),

@@ -25,8 +25,9 @@ g = image_size / patch; N = g * g patches, C feature channels, L structures (lab
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -130,6 +131,43 @@ class PropagationParams:
             raise ValueError(f"stop_ratio must be in [0, 1), not {self.stop_ratio}")
         if self.stop_confidence is not None and not 0.0 < self.stop_confidence <= 1.0:
             raise ValueError(f"stop_confidence must be in (0, 1] or None, not {self.stop_confidence}")
+
+
+def with_overrides(params: PropagationParams, overrides: Iterable[str]) -> PropagationParams:
+    """``params`` with ``KEY=VALUE`` settings as typed on a command line (``gate_sigma=0.05``, ``flip=true``,
+    ``stop_confidence=none``): each value is read as its field's type; an unknown key or a value of the wrong type
+    raises a ValueError naming it and the choices."""
+    hints = typing.get_type_hints(PropagationParams)
+    names = [f.name for f in fields(PropagationParams)]
+    changes: dict[str, object] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key, text = key.strip().replace("-", "_"), text.strip()
+        if not sep or not key:
+            raise ValueError(f"propagation setting {item!r}: expected KEY=VALUE (keys: {', '.join(names)})")
+        if key not in names:
+            raise ValueError(f"unknown propagation setting {key!r}; choose from {', '.join(names)}")
+        changes[key] = _setting_value(key, text, hints[key])
+    return replace(params, **changes)
+
+
+def _setting_value(key: str, text: str, hint: object) -> object:
+    options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    if text.lower() in ("none", "null"):
+        if type(None) in typing.get_args(hint):
+            return None
+        raise ValueError(f"propagation setting {key} cannot be none")
+    kind = options[0]
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError(text)
+            return lowered in ("true", "1", "yes", "on")
+        return kind(text)  # type: ignore[operator]
+    except ValueError:
+        raise ValueError(f"propagation setting {key}={text!r}: expected {getattr(kind, '__name__', kind)}"
+                         + (" or none" if len(typing.get_args(hint)) > 1 else "")) from None
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -206,9 +206,12 @@ def set_references_from_slices(segmenter: OneShotSegmenter, stack: SliceStack, l
 
 def propagation_description(mode: str = "volume", params: PropagationParams | None = None) -> dict[str, object]:
     """What determines :func:`propagate_through_slices`'s and :func:`transfer_to_study`'s output beyond the segmenter:
-    the mode and, in ``"volume"`` mode, every :class:`PropagationParams` field (for reports and result caches)."""
+    the mode and, in ``"volume"`` mode, every :class:`PropagationParams` field (for reports and result caches).
+    Settings (``params``) for the published mode raise a ValueError: it has none."""
     check_propagation_mode(mode)
     if mode == "published":
+        if params is not None:
+            raise ValueError("propagation settings apply to the volume mode only; the published mode has none")
         return {"mode": mode}
     return {"mode": mode, **asdict(params or PropagationParams())}
 

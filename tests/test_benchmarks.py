@@ -177,3 +177,23 @@ def test_hugging_face_models_use_the_own_attention_with_identical_results() -> N
         hidden = reference(pixel_values=images, output_hidden_states=True).hidden_states[backbone.feature_block]
         expected = reference.layernorm(hidden)[:, 1:].transpose(1, 2).reshape(1, -1, 4, 4)
     assert torch.equal(backbone.encode(images), expected)
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "hippocampus").is_dir() or not STANDIN.is_dir(),
+                    reason="needs ../shared/data/hippocampus and the stand-in weights in ../shared/weights")
+def test_ablation_runs_the_harness_per_variant_and_compares_with_the_defaults(bench, tmp_path, capsys) -> None:
+    ablation = bench("ablate_propagation")
+    rows = ablation.main(["--sets", "hippocampus", "--volumes", "1", "--variants", "no_gate",
+                          "--output", str(tmp_path), "--json", str(tmp_path / "rows.json")])
+    printed = capsys.readouterr().out
+    assert [row["variant"] for row in rows] == ["default", "no_gate"]  # the defaults always run first
+    assert "\ndefault " in printed and "\nno_gate " in printed
+    assert rows[0]["dice_vs_default"] == 0 and rows[1]["dice_vs_default"] == rows[1]["dice"] - rows[0]["dice"]
+    assert all(row["episodes"] == 2 and 0 < row["dice"] <= 1 for row in rows)  # anterior and posterior
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows
+    # each variant is an ordinary harness report, its settings in the recorded configuration
+    configs = [json.loads((tmp_path / f"hippocampus_{name}" / "results.json").read_text())["config"]
+               for name in ("default", "no_gate")]
+    assert configs[0]["method"]["propagation"]["gate_sigma"] == 0.03
+    assert configs[1]["method"]["propagation"]["gate_sigma"] is None
+    assert configs[0]["config_hash"] != configs[1]["config_hash"]

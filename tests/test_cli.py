@@ -106,6 +106,31 @@ def test_propagate_published_mode_segments_every_slice(hippocampus: dict[str, Pa
     assert not (tmp_path / "x.nii.gz").exists()
 
 
+def test_propagate_set_changes_a_volume_mode_setting_and_records_it(hippocampus: dict[str, Path], tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "strict.nii.gz"
+    code, _, stderr = run_cli(["propagate", str(hippocampus["image"]), str(hippocampus["one"]), "-o", str(out),
+                               "--set", "stop_ratio=0.99", "--set", "stop_confidence=none",
+                               "--summary", str(tmp_path / "s.json"), *FAST], capsys)
+    assert code == 0, stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["propagation"]["stop_ratio"] == 0.99 and summary["propagation"]["stop_confidence"] is None
+    default = tmp_path / "default.nii.gz"
+    assert run_cli(["propagate", str(hippocampus["image"]), str(hippocampus["one"]), "-o", str(default), *FAST],
+                   capsys)[0] == 0
+    # a structure ends where its area falls below 99% of its labelled area: a few slices from the labelled one
+    # instead of at the hippocampus's ends
+    # labelled slices along k, the last axis of nibabel's (I, J, K) arrays
+    strict, loose = (np.count_nonzero(np.asarray(nib.load(path).dataobj).any(axis=(0, 1))) for path in (out, default))
+    assert strict < loose, (strict, loose)
+    for bad, message in ((["--set", "stop_ratio=high"], "stop_ratio='high': expected float"),
+                         (["--set", "stop_ratio=0.5", "--mode", "published"], "volume mode only")):
+        target = tmp_path / "bad.nii.gz"
+        code, _, stderr = run_cli(["propagate", str(hippocampus["image"]), str(hippocampus["one"]), "-o",
+                                   str(target), *bad, *FAST], capsys)
+        assert code == 2 and message in stderr and not target.exists()
+
+
 def test_propagate_dicom_series_writes_dicom_seg(ct_series, data_file: Callable[[str], Path], tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     import highdicom

@@ -503,3 +503,9 @@ def test_bad_inputs_raise_clear_errors(tmp_path: Path) -> None:
         run_evaluation("slices", tmp_path, tmp_path / "report", method="magic")
     with pytest.raises(ValueError, match="unknown propagation mode"):
         run_evaluation("slices", tmp_path, tmp_path / "report", method="ours", mode="sideways")
+    from insid3_med.propagation import PropagationParams
+
+    with pytest.raises(ValueError, match="volume mode only"):  # before any data or weights are read
+        run_evaluation("slices", tmp_path / "nowhere", tmp_path / "report", method="ours", mode="published",
+                       propagation=PropagationParams(top_k=3))
+    assert not (tmp_path / "report").exists()

@@ -5,6 +5,8 @@ The chain is checked on synthetic slices whose patch features are known exactly,
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +24,7 @@ from insid3_med.propagation import (
     region_of_interest,
     spatial_gate,
     transfer_labels,
+    with_overrides,
 )
 
 
@@ -134,6 +137,28 @@ def test_params_reject_bad_values() -> None:
         PropagationParams(transfer_registration_weight=-0.1)
     with pytest.raises(ValueError, match="transfer_context_span"):
         PropagationParams(transfer_context_span=-1)
+
+
+def test_with_overrides_reads_each_value_as_its_field_type() -> None:
+    params = with_overrides(PropagationParams(), ["gate_sigma=0.05", "flip=true", "stop_confidence=none",
+                                                  "top-k=5", "crop_scale=3"])
+    assert params == PropagationParams(gate_sigma=0.05, flip=True, stop_confidence=None, top_k=5, crop_scale=3.0)
+    assert isinstance(params.top_k, int) and isinstance(params.crop_scale, float)
+    assert with_overrides(params, []) == params and with_overrides(params, ["flip=off"]).flip is False
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("gate_sgima=0.05", "unknown propagation setting 'gate_sgima'; choose from image_size"),
+    ("gate_sigma", "expected KEY=VALUE"),
+    ("top_k=0.5", "top_k='0.5': expected int"),
+    ("top_k=none", "top_k cannot be none"),
+    ("flip=maybe", "flip='maybe': expected bool"),
+    ("stop_confidence=high", "expected float or none"),
+    ("temperature=0", "temperature must be > 0"),  # the dataclass's own checks still run
+])
+def test_with_overrides_names_the_bad_setting(item: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        with_overrides(PropagationParams(), [item])
 
 
 # -- the chain on slices with exactly known features ---------------------------------------------------------

@@ -136,10 +136,11 @@ class OursMethod(EvaluationMethod):
     name = "ours"
 
     def __init__(self, segmenter: Any, preset: str | None = None, weights: str | Path | None = None,
-                 mode: str = "volume") -> None:
+                 mode: str = "volume", params: Any = None) -> None:
         from insid3_med.volume import propagation_description
 
-        self.propagation = propagation_description(mode)  # also checks the mode
+        self.propagation = propagation_description(mode, params)  # also checks the mode
+        self.params = params
         self.segmenter = segmenter
         self.backbone = segmenter.backbone
         self.preset = preset
@@ -180,13 +181,13 @@ class OursMethod(EvaluationMethod):
 
         labelled_slice_index(labels, axis)  # the episode labels exactly one slice
         return np.asarray(propagate_through_slices(self.segmenter, volume, labels, axis=axis, preset=self.preset,
-                                                    mode=self.mode))
+                                                    mode=self.mode, params=self.params))
 
     def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int) -> np.ndarray:
         from insid3_med.volume import transfer_to_study
 
         return np.asarray(transfer_to_study(self.segmenter, reference, reference_labels, target, axis=axis,
-                                            preset=self.preset, mode=self.mode))
+                                            preset=self.preset, mode=self.mode, params=self.params))
 
 
 def weights_sha256(backbone: Any, weights: str | Path | None = None) -> str | None:
@@ -225,7 +226,7 @@ def _as_dict(params: Any) -> dict[str, Any]:
 def build_method(name: str, *, model: Any = None, backbone_options: dict[str, Any] | None = None,
                  image_size: int | None = None, engine_params: dict[str, Any] | None = None,
                  registration: RegistrationParams | None = None, preset: str | None = None,
-                 mode: str = "volume", chained: bool = False) -> EvaluationMethod:
+                 mode: str = "volume", chained: bool = False, propagation: Any = None) -> EvaluationMethod:
     """The method called ``name`` (one of :data:`METHODS`).
 
     For ``ours`` the segmenter comes from ``model`` (an object whose ``build(chained=...)`` returns a
@@ -233,7 +234,8 @@ def build_method(name: str, *, model: Any = None, backbone_options: dict[str, An
     ``load_backbone``: weights, device, precision, feature_block), ``image_size`` and ``engine_params``
     (``EngineParams`` fields); ``mode`` is the propagation mode of volumes (``volume`` or ``published``, see
     :mod:`insid3_med.volume`), recorded in the method's description; ``chained``: the method serves the chained
-    volume propagation (passed to ``model.build`` for its "auto" precision).
+    volume propagation (passed to ``model.build`` for its "auto" precision); ``propagation``: the volume mode's
+    :class:`~insid3_med.propagation.PropagationParams` (default: the defaults), recorded in the description too.
     """
     from insid3_med.volume import check_propagation_mode
 
@@ -245,7 +247,7 @@ def build_method(name: str, *, model: Any = None, backbone_options: dict[str, An
     if name != "ours":
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     if model is not None:
-        return OursMethod(model.build(chained=chained), preset, getattr(model, "weights", None), mode)
+        return OursMethod(model.build(chained=chained), preset, getattr(model, "weights", None), mode, propagation)
     from insid3_med.backbones import load_backbone
     from insid3_med.engine import EngineParams
     from insid3_med.predictor import OneShotSegmenter
@@ -255,4 +257,4 @@ def build_method(name: str, *, model: Any = None, backbone_options: dict[str, An
     kwargs: dict[str, Any] = {"params": EngineParams(**(engine_params or {}))}
     if image_size is not None:
         kwargs["image_size"] = int(image_size)
-    return OursMethod(OneShotSegmenter(backbone, **kwargs), preset, options.get("weights"), mode)
+    return OursMethod(OneShotSegmenter(backbone, **kwargs), preset, options.get("weights"), mode, propagation)

@@ -58,6 +58,7 @@ def run_evaluation(
     threads: int | None = None,
     command: str | None = None,
     mode: str = "volume",
+    propagation: Any = None,
 ) -> dict[str, Any]:
     """Run (or resume) an evaluation and write its reports; returns the results document (results.json).
 
@@ -74,15 +75,19 @@ def run_evaluation(
     complete). threads: torch and SimpleITK threads (default: SimpleITK 1,
     torch unchanged). kinds (slices): ``largest`` and/or ``random``. reference_mode (transfer): ``volume`` or
     ``slice``. shots (images): references per episode. mode (ours, volumes): propagation mode, ``volume`` or
-    ``published``.
+    ``published``; propagation (ours, volume mode): its :class:`~insid3_med.propagation.PropagationParams`
+    (default: the defaults; recorded in the report's configuration, so a run with other settings is another
+    evaluation).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    from insid3_med.volume import check_propagation_mode
+    from insid3_med.volume import check_propagation_mode, propagation_description
 
     check_propagation_mode(mode)
+    if propagation is not None:
+        propagation_description(mode, propagation)  # settings for the published mode fail before any work
     data_dir, report_dir = Path(data_dir), Path(report_dir)
     if threads is not None:
         import torch
@@ -99,7 +104,7 @@ def run_evaluation(
 
     evaluator = build_method(method, model=model, backbone_options=backbone_options, image_size=image_size,
                              engine_params=engine_params, registration=registration, preset=preset,
-                             mode=mode, chained=task != "images" and mode == "volume")
+                             mode=mode, chained=task != "images" and mode == "volume", propagation=propagation)
     if task == "images":
         size = image_size or getattr(getattr(evaluator, "segmenter", None), "image_size", None) or DEFAULT_IMAGE_SIZE
         runner: Any = ImageTask(dataset, size, shots)
