@@ -39,10 +39,12 @@ from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError, Output
 from insid3_med.imaging.geometry import Geometry, Volume
 from insid3_med.imaging.intensity import intensity_mapping
 from insid3_med.predictor import OneShotSegmenter
+from insid3_med.propagation import params_from_settings
 from insid3_med.volume import (
     check_label_grid,
     labelled_slices,
     propagate_through_slices,
+    propagation_description,
     slicing_axis,
     transfer_to_study,
 )
@@ -261,6 +263,8 @@ class OneShotNetwork(nn.Module):
     weights: backbone weights (None: the ``INSID3_MED_WEIGHTS`` variable, then the Hugging Face cache); image_size,
     feature_block, precision, fit, tau, merge_threshold, basis_rank, probe: as in :class:`OneShotSegmenter`
     and :class:`EngineParams`. axis: the slicing axis ("axial", "coronal", "sagittal" or k/j/i), per study.
+    mode: ``volume`` or ``published`` (:mod:`insid3_med.volume`); propagation: volume-mode settings, a mapping of
+    :class:`~insid3_med.propagation.PropagationParams` fields to values (None or empty: the measured defaults).
     device: where the backbone loads (``.to(device)`` moves it later too).
 
     State (``state_dict``): ``positional_basis`` (C, r) float32, the basis the features are debiased with, and
@@ -275,7 +279,7 @@ class OneShotNetwork(nn.Module):
                  feature_block: int | None = None, precision: str = "fp32", fit: str = "stretch",
                  max_shots: int = 8, mode: str = "volume", tau: float = 0.6, merge_threshold: float = 0.2,
                  basis_rank: int | None = None, probe: str = "black", batch_size: int = 4,
-                 device: str | torch.device = "cpu") -> None:
+                 propagation: Mapping[str, Any] | None = None, device: str | torch.device = "cpu") -> None:
         super().__init__()
         if max_shots < 1:
             raise ValueError(f"max_shots must be at least 1, not {max_shots}")
@@ -288,6 +292,10 @@ class OneShotNetwork(nn.Module):
         # registration and refinement steps see MONAI's [0, 1]-scaled intensities instead of the raw ones a library
         # run reads; every step is invariant to that scaling up to rounding (the outputs measured identical).
         self.mode = mode
+        # Volume-mode settings ({PropagationParams field: value}); checked now, so a typo fails before any study.
+        self.params = params_from_settings(propagation) if propagation else None
+        if self.params is not None:
+            propagation_description(mode, self.params)  # the published mode has no settings
         self.batch_size = int(batch_size)
         self.register_buffer("positional_basis", self.segmenter.basis().detach().clone())
         self.register_buffer("state_fingerprint", self.expected_fingerprint().to(self.positional_basis.device))
@@ -375,10 +383,11 @@ class OneShotNetwork(nn.Module):
         reference = self.reference
         if _same_file(volume.source, reference.image_path) and volume.shape == reference.volume.shape:
             return propagate_through_slices(self.segmenter, volume, reference.labels, axis=self.axis,
-                                            preset=UNIT_PRESET, batch_size=self.batch_size, mode=self.mode)
+                                            preset=UNIT_PRESET, batch_size=self.batch_size, mode=self.mode,
+                                            params=self.params)
         return transfer_to_study(self.segmenter, reference.volume, reference.labels, volume, axis=self.axis,
                                  preset=UNIT_PRESET, target_preset=UNIT_PRESET, max_shots=self.max_shots,
-                                 batch_size=self.batch_size, mode=self.mode)
+                                 batch_size=self.batch_size, mode=self.mode, params=self.params)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, X, Y, Z) float in [0, 1] -> (B, 1, X, Y, Z) uint8 label map (a MetaTensor for a MetaTensor)."""

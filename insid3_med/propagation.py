@@ -151,6 +151,12 @@ def with_overrides(params: PropagationParams, overrides: Iterable[str]) -> Propa
     return replace(params, **changes)
 
 
+def params_from_settings(settings: Mapping[str, object] | None) -> PropagationParams:
+    """:class:`PropagationParams` from a {field: value} mapping (a config file's), checked as :func:`with_overrides`
+    checks command-line text (None or empty: the defaults)."""
+    return with_overrides(PropagationParams(), [f"{key}={value}" for key, value in (settings or {}).items()])
+
+
 def _setting_value(key: str, text: str, hint: object) -> object:
     options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
     if text.lower() in ("none", "null"):

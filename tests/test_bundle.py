@@ -334,6 +334,20 @@ def test_network_rejects_bad_input(standin: Path, hippocampus: Path, tmp_path: P
         network(torch.rand(1, 2, 3, 3, 3))
 
 
+def test_network_takes_volume_mode_settings_and_names_a_bad_one(standin: Path) -> None:
+    network = OneShotNetwork(weights=standin, image_size=IMAGE_SIZE, propagation={"gate_sigma": 0.05,
+                                                                                   "stop_confidence": None})
+    assert network.params.gate_sigma == 0.05 and network.params.stop_confidence is None
+    assert OneShotNetwork(weights=standin, image_size=IMAGE_SIZE, propagation={}).params is None  # the defaults
+    with pytest.raises(ValueError, match="unknown propagation setting 'gate_sgima'"):
+        OneShotNetwork(weights=standin, image_size=IMAGE_SIZE, propagation={"gate_sgima": 0.05})
+    with pytest.raises(ValueError, match="volume mode only"):
+        OneShotNetwork(weights=standin, image_size=IMAGE_SIZE, mode="published", propagation={"top_k": 5})
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG))
+    assert parser.get("propagation_settings") == {} and parser.get("network_def#propagation") == "@propagation_settings"
+
+
 def test_verify_net_in_out(standin: Path, hippocampus: Path) -> None:
     """MONAI's check: a random (1, 1, 8, 8, 8) image through network_def gives one uint8 channel."""
     verify_net_in_out(net_id="network_def", meta_file=str(METADATA), config_file=str(CONFIG), device="cpu", any=8,

@@ -17,6 +17,7 @@ from insid3_med.propagation import (
     SquareBox,
     crop_square,
     neighbourhood_mask,
+    params_from_settings,
     paste_square,
     patch_label_fractions,
     propagate_crops,
@@ -145,6 +146,10 @@ def test_with_overrides_reads_each_value_as_its_field_type() -> None:
     assert params == PropagationParams(gate_sigma=0.05, flip=True, stop_confidence=None, top_k=5, crop_scale=3.0)
     assert isinstance(params.top_k, int) and isinstance(params.crop_scale, float)
     assert with_overrides(params, []) == params and with_overrides(params, ["flip=off"]).flip is False
+    # a config file's typed values take the same path
+    assert params_from_settings({"top_k": 5, "flip": True, "stop_confidence": None}) == PropagationParams(
+        top_k=5, flip=True, stop_confidence=None)
+    assert params_from_settings(None) == params_from_settings({}) == PropagationParams()
 
 
 @pytest.mark.parametrize(("item", "message"), [
