@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import nibabel as nib
@@ -509,3 +511,18 @@ def test_bad_inputs_raise_clear_errors(tmp_path: Path) -> None:
         run_evaluation("slices", tmp_path / "nowhere", tmp_path / "report", method="ours", mode="published",
                        propagation=PropagationParams(top_k=3))
     assert not (tmp_path / "report").exists()
+
+
+def test_reports_are_written_whole_with_the_umask_permissions(tmp_path: Path) -> None:
+    from insid3_med.evaluation.report import write_text
+
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "results.json"
+        write_text(path, "{}\n")
+        write_text(path, '{"replaced": true}\n')  # replacing is allowed: reports are rewritten as episodes finish
+    finally:
+        os.umask(umask)
+    # readable by others as any new file (a temporary file's private 0600 mode used to stay on the report)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert path.read_text() == '{"replaced": true}\n' and [p.name for p in tmp_path.iterdir()] == ["results.json"]

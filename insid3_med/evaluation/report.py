@@ -13,12 +13,13 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from insid3_med.imaging.writers import atomic_output
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -35,16 +36,10 @@ class ReportExistsError(FileExistsError, ValueError):
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(temporary_path)`` for a temporary file beside ``path``, then move it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Call ``write(temporary_path)`` for a temporary file beside ``path``, then move it onto ``path`` (replacing
+    it), with the permissions a plain new file gets (the umask's), as every output of the library."""
+    with atomic_output(path, overwrite=True) as temporary:
+        write(temporary)
 
 
 def write_text(path: Path, text: str) -> None:
