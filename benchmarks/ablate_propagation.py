@@ -2,7 +2,8 @@
 
     python benchmarks/ablate_propagation.py [--sets acdc hippocampus brats] [--volumes N]
                                             [--variants default no_gate ...] [--output reports/ablation]
-                                            [--threads N] [--json PATH]
+                                            [--threads N] [--json PATH] [--markdown PATH]
+    python benchmarks/ablate_propagation.py --from-json rows.json [more.json ...] --markdown PATH
 
 A variant is a list of :class:`insid3_med.propagation.PropagationParams` overrides (``KEY=VALUE``, as after
 ``insid3-med evaluate --set``); ``default`` has none. Each (variant, set) is one harness run of the ``slices`` task
@@ -10,7 +11,9 @@ A variant is a list of :class:`insid3_med.propagation.PropagationParams` overrid
 ``--volumes`` volumes of the set by the harness's seeded order (all when omitted), written to
 ``<output>/<set>_<variant>/`` like any report, so an interrupted ablation resumes where it stopped. Printed per
 variant and set: mean 3D Dice, the share of false-positive slices beyond the structure's extent, the Dice of each
-structure, and the difference in mean Dice to ``default``.
+structure, and the difference in mean Dice to ``default``. ``--markdown`` writes them as one table (a column
+per set); ``--from-json`` makes that table from the ``--json`` rows of earlier runs (for example one per set, run
+side by side) without running anything.
 """
 
 from __future__ import annotations
@@ -51,7 +54,6 @@ VARIANTS: dict[str, list[str]] = {
     "gate_sigma_0.05": ["gate_sigma=0.05"],
     "refine_band_0.05": ["refine_band=0.05"],
     "refine_strength_2": ["refine_strength=2"],
-    "independent_structures": ["independent_structures=true"],
 }
 
 
@@ -65,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="report folders go here (default reports/ablation)")
     parser.add_argument("--threads", type=int, default=1, help="torch and SimpleITK threads (default 1)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--markdown", type=Path, help="also write the rows as a Markdown table")
+    parser.add_argument("--from-json", type=Path, nargs="+", help="only tabulate the rows of these --json files")
     return parser.parse_args(argv)
 
 
@@ -88,8 +92,38 @@ def run_variant(name: str, dataset: str, args: argparse.Namespace) -> dict[str, 
     }
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """One row per variant, one column per set: mean 3D Dice (difference to the defaults) / FP-slice share."""
+    sets = list(dict.fromkeys(row["set"] for row in rows))
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    cells = {(row["variant"], row["set"]): row for row in rows}
+    lines = ["| variant | settings | " + " | ".join(f"{name}: Dice (vs default) / FP slices" for name in sets) + " |",
+             "|---|---|" + "---|" * len(sets)]
+    for variant in variants:
+        settings = next(row["settings"] for row in rows if row["variant"] == variant)
+        values = []
+        for name in sets:
+            row = cells.get((variant, name))
+            if row is None:
+                values.append("")
+                continue
+            share = "-" if row["fp_slice_share"] is None else f"{row['fp_slice_share']:.1%}"
+            delta = "" if variant == "default" else f" ({row['dice_vs_default']:+.3f})"
+            values.append(f"{row['dice']:.3f}{delta} / {share}")
+        lines.append(f"| {variant} | {' '.join(f'`{item}`' for item in settings) or 'defaults'} | "
+                     + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    if args.from_json:
+        rows = [row for path in args.from_json for row in json.loads(path.read_text())]
+        table = markdown_table(rows)
+        print(table, end="")
+        if args.markdown is not None:
+            args.markdown.write_text(table)
+        return rows
     missing = [name for name in args.sets if not (common.SHARED / "data" / name).is_dir()]
     if missing or not common.STANDIN.is_dir():
         raise SystemExit(f"needs ../shared/data/{{{','.join(args.sets)}}} and the stand-in weights "
@@ -114,6 +148,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                   flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if args.markdown is not None:
+        args.markdown.write_text(markdown_table(rows))
     return rows
 
 

@@ -184,7 +184,8 @@ def test_hugging_face_models_use_the_own_attention_with_identical_results() -> N
 def test_ablation_runs_the_harness_per_variant_and_compares_with_the_defaults(bench, tmp_path, capsys) -> None:
     ablation = bench("ablate_propagation")
     rows = ablation.main(["--sets", "hippocampus", "--volumes", "1", "--variants", "no_gate",
-                          "--output", str(tmp_path), "--json", str(tmp_path / "rows.json")])
+                          "--output", str(tmp_path), "--json", str(tmp_path / "rows.json"),
+                          "--markdown", str(tmp_path / "table.md")])
     printed = capsys.readouterr().out
     assert [row["variant"] for row in rows] == ["default", "no_gate"]  # the defaults always run first
     assert "\ndefault " in printed and "\nno_gate " in printed
@@ -197,3 +198,9 @@ def test_ablation_runs_the_harness_per_variant_and_compares_with_the_defaults(be
     assert configs[0]["method"]["propagation"]["gate_sigma"] == 0.03
     assert configs[1]["method"]["propagation"]["gate_sigma"] is None
     assert configs[0]["config_hash"] != configs[1]["config_hash"]
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[0].startswith("| variant | settings | hippocampus: Dice") and len(table) == 4
+    assert table[3].startswith(f"| no_gate | `gate_sigma=none` | {rows[1]['dice']:.3f} (")
+    capsys.readouterr()
+    assert ablation.main(["--from-json", str(tmp_path / "rows.json")]) == rows  # tabulates, runs nothing
+    assert capsys.readouterr().out.splitlines() == table
