@@ -97,7 +97,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     sets = list(dict.fromkeys(row["set"] for row in rows))
     variants = list(dict.fromkeys(row["variant"] for row in rows))
     cells = {(row["variant"], row["set"]): row for row in rows}
-    lines = ["| variant | settings | " + " | ".join(f"{name}: Dice (vs default) / FP slices" for name in sets) + " |",
+    episodes = {name: max(row["episodes"] for row in rows if row["set"] == name) for name in sets}
+    lines = ["| variant | settings | " + " | ".join(f"{name} ({episodes[name]} episodes): Dice (vs default) / FP slices"
+                                                   for name in sets) + " |",
              "|---|---|" + "---|" * len(sets)]
     for variant in variants:
         settings = next(row["settings"] for row in rows if row["variant"] == variant)
@@ -108,7 +110,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                 values.append("")
                 continue
             share = "-" if row["fp_slice_share"] is None else f"{row['fp_slice_share']:.1%}"
-            delta = "" if variant == "default" else f" ({row['dice_vs_default']:+.3f})"
+            delta = "" if variant == "default" else f" ({round(row['dice_vs_default'], 3) + 0.0:+.3f})"
             values.append(f"{row['dice']:.3f}{delta} / {share}")
         lines.append(f"| {variant} | {' '.join(f'`{item}`' for item in settings) or 'defaults'} | "
                      + " | ".join(values) + " |")

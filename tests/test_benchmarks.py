@@ -199,7 +199,7 @@ def test_ablation_runs_the_harness_per_variant_and_compares_with_the_defaults(be
     assert configs[1]["method"]["propagation"]["gate_sigma"] is None
     assert configs[0]["config_hash"] != configs[1]["config_hash"]
     table = (tmp_path / "table.md").read_text().splitlines()
-    assert table[0].startswith("| variant | settings | hippocampus: Dice") and len(table) == 4
+    assert table[0].startswith("| variant | settings | hippocampus (2 episodes): Dice") and len(table) == 4
     assert table[3].startswith(f"| no_gate | `gate_sigma=none` | {rows[1]['dice']:.3f} (")
     capsys.readouterr()
     assert ablation.main(["--from-json", str(tmp_path / "rows.json")]) == rows  # tabulates, runs nothing
