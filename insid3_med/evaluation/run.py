@@ -83,11 +83,9 @@ def run_evaluation(
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    from insid3_med.volume import check_propagation_mode, propagation_description
+    from insid3_med.volume import propagation_description
 
-    check_propagation_mode(mode)
-    if propagation is not None:
-        propagation_description(mode, propagation)  # settings for the published mode fail before any work
+    propagation_description(mode, propagation)  # a bad mode, or settings for the published mode, fail before any work
     data_dir, report_dir = Path(data_dir), Path(report_dir)
     if threads is not None:
         import torch
