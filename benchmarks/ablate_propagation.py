@@ -34,6 +34,8 @@ SETS = ("acdc", "hippocampus", "brats")
 
 VARIANTS: dict[str, list[str]] = {
     "default": [],
+    "former_defaults": ["gate_tracking=false", "gate_sigma=0.03", "stop_confidence=0.85"],
+    "no_gate_tracking": ["gate_tracking=false"],
     "no_confidence_stop": ["stop_confidence=none"],
     "no_area_stop": ["stop_ratio=0"],
     "no_gate": ["gate_sigma=none"],
@@ -50,8 +52,10 @@ VARIANTS: dict[str, list[str]] = {
     "neighbourhood_2": ["neighbourhood=2"],
     "neighbourhood_4": ["neighbourhood=4"],
     "recent_slices_3": ["recent_slices=3"],
-    "gate_sigma_0.02": ["gate_sigma=0.02"],
+    "gate_sigma_0.03": ["gate_sigma=0.03"],
     "gate_sigma_0.05": ["gate_sigma=0.05"],
+    "stop_confidence_0.85": ["stop_confidence=0.85"],
+    "stop_confidence_0.9": ["stop_confidence=0.9"],
     "refine_band_0.05": ["refine_band=0.05"],
     "refine_strength_2": ["refine_strength=2"],
 }

@@ -452,9 +452,12 @@ def most_similar_slice(source: CropFeatures, context: Sequence[ContextSlice], al
 def reference_self_propagation(ref_source: CropFeatures, reference_labels: np.ndarray, shots: Sequence[int],
                                values: Sequence[int], params: PropagationParams) -> np.ndarray:
     """The reference's labelled slices chained through the reference study itself (as
-    :func:`propagate_through_slices` does): its (K, J, I) int64 label map, shots kept as given, so that every
-    reference slice the structures reach holds (pseudo-)labels."""
+    :func:`propagate_through_slices` does, with the ``transfer_reference_*`` gate and stop settings): its (K, J, I)
+    int64 label map, shots kept as given, so that every reference slice the structures reach holds (pseudo-)labels."""
     stack, box = ref_source.stack, ref_source.box
+    params = replace(params, gate_tracking=params.transfer_reference_gate_tracking,
+                     gate_sigma=params.transfer_reference_gate_sigma,
+                     stop_confidence=params.transfer_reference_stop_confidence)
     anchors = {n: crop_square(stack.labels(reference_labels, n), box) for n in shots}
     crops = propagate_crops(anchors, ref_source.features, values, ref_source.grid, params, start=0, stop=len(stack),
                             images=ref_source.image)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from insid3_med.propagation import PropagationParams
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 STANDIN = SHARED / "weights" / "dinov2-small-standin"
@@ -195,7 +197,7 @@ def test_ablation_runs_the_harness_per_variant_and_compares_with_the_defaults(be
     # each variant is an ordinary harness report, its settings in the recorded configuration
     configs = [json.loads((tmp_path / f"hippocampus_{name}" / "results.json").read_text())["config"]
                for name in ("default", "no_gate")]
-    assert configs[0]["method"]["propagation"]["gate_sigma"] == 0.03
+    assert configs[0]["method"]["propagation"]["gate_sigma"] == PropagationParams().gate_sigma
     assert configs[1]["method"]["propagation"]["gate_sigma"] is None
     assert configs[0]["config_hash"] != configs[1]["config_hash"]
     table = (tmp_path / "table.md").read_text().splitlines()

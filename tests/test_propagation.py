@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from insid3_med.propagation import (
     PropagationParams,
     SquareBox,
+    carry_labels,
     crop_square,
     neighbourhood_mask,
     params_from_settings,
@@ -24,6 +25,7 @@ from insid3_med.propagation import (
     refine_with_intensity,
     region_of_interest,
     spatial_gate,
+    tracked_gate_centre,
     transfer_labels,
     with_overrides,
 )
@@ -134,6 +136,8 @@ def test_params_reject_bad_values() -> None:
         PropagationParams(registration_weight=2.0)
     with pytest.raises(ValueError, match="stop_confidence"):
         PropagationParams(stop_confidence=0.0)
+    with pytest.raises(ValueError, match="transfer_reference_stop_confidence"):
+        PropagationParams(transfer_reference_stop_confidence=1.5)
     with pytest.raises(ValueError, match="transfer_registration_weight"):
         PropagationParams(transfer_registration_weight=-0.1)
     with pytest.raises(ValueError, match="transfer_context_span"):
@@ -277,3 +281,45 @@ def test_chain_stops_where_its_confidence_drops_though_a_look_alike_keeps_the_ar
         np.testing.assert_array_equal(result[n], area_only[n])  # inside the structure nothing is cut
     for n in (0, 1, 8, 9, 10, 11):
         assert n not in result or not result[n].any(), f"slice {n} beyond the structure is labelled"
+
+
+def test_tracked_gate_centre_takes_each_structure_from_the_track_unless_the_track_lost_it() -> None:
+    previous = np.zeros((6, 6), dtype=np.int64)
+    previous[0, :2], previous[5, :2] = 1, 2
+    tracked = np.zeros((6, 6), dtype=np.int64)
+    tracked[1, 2:4] = 1  # the track moved structure 1 and lost structure 2
+    centre = tracked_gate_centre(previous, tracked, [1, 2])
+    np.testing.assert_array_equal(centre == 1, tracked == 1)
+    np.testing.assert_array_equal(centre == 2, previous == 2)
+
+
+def test_carry_labels_moves_labels_with_the_image() -> None:
+    moving = disk((SIDE, SIDE), (16, 12), 6)
+    fixed = disk((SIDE, SIDE), (16, 15), 6)
+    carried = carry_labels(moving.astype(np.float32), fixed.astype(np.float32), moving.astype(np.int64), [1])
+    dice = 2 * np.logical_and(carried == 1, fixed).sum() / ((carried == 1).sum() + fixed.sum())
+    assert dice > 0.85
+    assert not carry_labels(moving.astype(np.float32), fixed.astype(np.float32), np.zeros((SIDE, SIDE), np.int64),
+                            [1]).any()
+
+
+def test_tracked_gate_follows_a_structure_that_moves_faster_than_a_tight_gate_allows() -> None:
+    # A disk moving 3 pixels per slice (the images: a smooth blob at its place); under a gate of a third of a pixel,
+    # a gate centred on the previous slice's prediction keeps only the overlap of the disk with where it was, which
+    # shrinks slice by slice until it is lost, while a gate centred on the registration track moves with the image.
+    truth = {n: disk((SIDE, SIDE), (16, 7 + 3 * n), 5).astype(np.int64) for n in range(7)}
+    rows, cols = np.mgrid[:SIDE, :SIDE]
+
+    def image(n: int) -> np.ndarray:
+        return np.exp(-((rows - 16) ** 2 + (cols - 7 - 3 * n) ** 2) / (2 * 4.0**2)).astype(np.float32)
+
+    def dice_far_out(tracking: bool) -> float:
+        params = PropagationParams(refine_band=None, gate_sigma=0.01, gate_tracking=tracking, stop_ratio=0.0,
+                                   stop_confidence=None)
+        result = propagate_crops({0: truth[0]}, lambda n: exact_features(truth[n], [1]), [1], GRID, params,
+                                 start=0, stop=7, images=image)
+        return float(np.mean([2 * np.logical_and(result[n] == 1, truth[n] == 1).sum()
+                              / ((result[n] == 1).sum() + truth[n].sum()) for n in range(4, 7)]))
+
+    tracked, untracked = dice_far_out(True), dice_far_out(False)
+    assert tracked > 0.7 and untracked < 0.1, (tracked, untracked)
