@@ -9,7 +9,8 @@ Two modes (``mode=``):
 - ``"volume"`` (default): the slices are a sequence. A square region around the labelled structures is cut from
   every slice and zoomed to the model size; labels are chained outwards from the labelled slice(s), each new slice
   taking the labels of its most similar nearby patches in the labelled slice and the last predicted slices, kept
-  near the previous slice's mask, sharpened with the slice's grey values, and stopped where a structure ends
+  near where demons registration carries the labelled slice's mask, sharpened with the slice's grey values, and
+  stopped where a structure ends
   (:mod:`insid3_med.propagation`, settings in :class:`~insid3_med.propagation.PropagationParams`).
 - ``"published"``: the published method applied to each slice independently, every labelled slice a shot
   (the segmenter's own image size and parameters); slices are streamed, encoded once, segmented and released.
