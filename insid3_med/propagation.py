@@ -42,6 +42,9 @@ from insid3_med.backbones import Backbone
 from insid3_med.engine import flatten_features
 from insid3_med.predictor import normalise_for_backbone
 
+if typing.TYPE_CHECKING:
+    from insid3_med.registration import LabelWarp
+
 FeatureSource = Callable[[int], torch.Tensor]
 """Slice index -> (N, C) L2-normalised patch features of that slice's crop."""
 
@@ -485,29 +488,28 @@ def label_slice(target: torch.Tensor, context: Sequence[ContextSlice], values: S
         inactive = [i + 1 for i, v in enumerate(values) if v not in active]
         if inactive:
             pixels[inactive] = -1.0
-    winner = pixels.max(dim=0).indices.numpy()  # as argmax (first maximum), 10x faster over dim 0 on CPU
-    labels = np.zeros((side, side), dtype=np.int64)
-    for i, value in enumerate(values):
-        labels[winner == i + 1] = value
+    labels = most_probable_labels(pixels, values)
     if confidence is not None:
         positive = pixels.clamp_min(0)
         confidence.append((positive.max(dim=0).values / positive.sum(dim=0).clamp_min(1e-12)).numpy())
     return labels
 
 
-def carry_labels(moving_image: np.ndarray, fixed_image: np.ndarray, labels: np.ndarray,
-                 values: Sequence[int]) -> np.ndarray:
-    """(S, S) int64 labels of ``moving_image`` carried onto ``fixed_image`` (both (S, S) grey crops) by demons
-    registration: each pixel takes its most probable carried label."""
-    from insid3_med.registration import warp_labels_between
+def most_probable_labels(probabilities: torch.Tensor, values: Sequence[int]) -> np.ndarray:
+    """(L + 1, S, S) class scores (channel 0 the background) -> (S, S) int64 map of the label values that win."""
+    winner = probabilities.max(dim=0).indices.numpy()  # as argmax (first maximum), 10x faster over dim 0 on CPU
+    labels = np.zeros(winner.shape, dtype=np.int64)
+    for i, value in enumerate(values):
+        labels[winner == i + 1] = value
+    return labels
 
+
+def carry_labels(warp: LabelWarp, labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """(S, S) int64 labels carried by the registration ``warp`` (:func:`insid3_med.registration.demons_label_warp`):
+    each pixel takes its most probable carried label."""
     if not np.any(labels):
         return np.zeros(labels.shape, dtype=np.int64)
-    winner = warp_labels_between(moving_image, fixed_image, labels, values).max(dim=0).indices.numpy()
-    carried = np.zeros(labels.shape, dtype=np.int64)
-    for i, value in enumerate(values):
-        carried[winner == i + 1] = value
-    return carried
+    return most_probable_labels(warp(labels, values), values)
 
 
 def tracked_gate_centre(previous: np.ndarray, tracked: np.ndarray, values: Sequence[int]) -> np.ndarray:
@@ -607,8 +609,8 @@ def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource,
         class_weights = torch.stack([area_preserving_weights(lab, values, grid) for lab in anchors.values()]).mean(0)
     register = params.registration_weight > 0 and images is not None
     track = params.gate_tracking and params.gate_sigma is not None and images is not None
-    if register:
-        from insid3_med.registration import warp_labels_between
+    if register or track:
+        from insid3_med.registration import demons_label_warp
     for anchor, step, last, neighbour in _chain_order(list(anchors), start, stop):
         if (last - anchor) * step < 0:
             continue
@@ -626,12 +628,14 @@ def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource,
             if params.recent_slices:
                 context += recent[-params.recent_slices :]
             image = images(index) if images is not None else None
-            warped = None
-            if register:
-                warped = warp_labels_between(images(previous_index), image, previous_labels, values)  # type: ignore[misc]
-            prior = previous_labels
+            warped, prior = None, previous_labels
+            if register or (track and tracked.any()):  # one registration of the slice pair serves both
+                warp = demons_label_warp(images(previous_index), image)  # type: ignore[misc,arg-type]
+                if register:
+                    warped = warp(previous_labels, values)
+                if track:
+                    tracked = carry_labels(warp, tracked, values)
             if track:
-                tracked = carry_labels(images(previous_index), image, tracked, values)  # type: ignore[misc,arg-type]
                 prior = tracked_gate_centre(previous_labels, tracked, values)
             decided: list[np.ndarray] = []
             labels = label_slice(target, context, values, grid, side, params, allowed, prior=prior,

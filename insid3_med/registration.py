@@ -1,6 +1,6 @@
 """Registration that tells the propagation where a structure moved (SimpleITK).
 
-- :func:`warp_labels_between`: demons registration of one slice onto its neighbour, to carry a label map across
+- :func:`demons_label_warp`: demons registration of one slice onto its neighbour, to carry label maps across
   (images: (S, S) float arrays in [0, 1] on the same square-pixel grid).
 - :func:`mattes_affine`, :func:`matched_demons_field`: the two registrations everything here (and the evaluation's
   registration baseline) is built from, on SimpleITK images.
@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -44,23 +44,30 @@ def matched_demons_field(fixed_image: sitk.Image, moving_image: sitk.Image, iter
     return demons.Execute(fixed_image, moving_image)
 
 
-def warp_labels_between(moving_image: np.ndarray, fixed_image: np.ndarray, moving_labels: np.ndarray,
-                        values: Sequence[int]) -> torch.Tensor:
-    """Carry ``moving_labels`` (S, S) from ``moving_image`` onto ``fixed_image``: (L + 1, S, S) soft labels.
+LabelWarp = Callable[[np.ndarray, Sequence[int]], torch.Tensor]
+"""(S, S) label map and its label values -> (L + 1, S, S) soft labels carried by one registration."""
 
-    Channel 0 is background, channel l the share of label ``values[l - 1]`` (linear interpolation of one-hot maps).
-    """
+
+def demons_label_warp(moving_image: np.ndarray, fixed_image: np.ndarray) -> LabelWarp:
+    """One demons registration of ``moving_image`` onto ``fixed_image`` ((S, S) grey arrays), as a function that
+    carries any (S, S) label map of the moving image onto the fixed one: (L + 1, S, S) soft labels, channel 0 the
+    background, channel l the share of label ``values[l - 1]`` (linear interpolation of one-hot maps). Several label
+    maps carried across the same pair of slices share the registration."""
     field = demons_displacement(fixed_image, moving_image)
     transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
     reference = sitk.GetImageFromArray(np.zeros(fixed_image.shape, dtype=np.float32))
-    channels = []
-    for value in values:
-        onehot = sitk.GetImageFromArray((moving_labels == value).astype(np.float32))
-        warped = sitk.Resample(onehot, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        channels.append(sitk.GetArrayFromImage(warped))
-    foreground = np.stack(channels) if channels else np.zeros((0, *fixed_image.shape), dtype=np.float32)
-    background = np.clip(1.0 - foreground.sum(axis=0, keepdims=True), 0.0, 1.0)
-    return torch.from_numpy(np.concatenate([background, foreground]).astype(np.float32))
+
+    def warp(moving_labels: np.ndarray, values: Sequence[int]) -> torch.Tensor:
+        channels = []
+        for value in values:
+            onehot = sitk.GetImageFromArray((moving_labels == value).astype(np.float32))
+            warped = sitk.Resample(onehot, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+            channels.append(sitk.GetArrayFromImage(warped))
+        foreground = np.stack(channels) if channels else np.zeros((0, *fixed_image.shape), dtype=np.float32)
+        background = np.clip(1.0 - foreground.sum(axis=0, keepdims=True), 0.0, 1.0)
+        return torch.from_numpy(np.concatenate([background, foreground]).astype(np.float32))
+
+    return warp
 
 
 def volume_to_sitk(volume: Volume, array: np.ndarray | None = None) -> sitk.Image:
