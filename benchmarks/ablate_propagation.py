@@ -56,6 +56,8 @@ VARIANTS: dict[str, list[str]] = {
     "gate_sigma_0.05": ["gate_sigma=0.05"],
     "stop_confidence_0.85": ["stop_confidence=0.85"],
     "stop_confidence_0.9": ["stop_confidence=0.9"],
+    "registration_full_size": ["registration_size=none"],
+    "registration_size_64": ["registration_size=64"],
     "refine_band_0.05": ["refine_band=0.05"],
     "refine_strength_2": ["refine_strength=2"],
 }

@@ -80,6 +80,11 @@ class PropagationParams:
         volume, with gate_sigma 0.02 and stop_confidence 0.875 against the former 0.03 / 0.85 without it):
         hippocampus 0.767 -> 0.780 (posterior 0.725 -> 0.760; FP slices 1.2% -> 2.5%), ACDC 0.833 -> 0.834,
         BraTS 0.863 -> 0.868.
+    registration_size: the tracked gate and the registration blend register each pair of crops (at the volume's
+        own pixel size) averaged down by an integer factor to about this side in pixels (round(side / this), at
+        least 1; None: never averaged). Measured: 112 leaves ACDC (150 px crops), hippocampus (about 40 px) and
+        BraTS (140-210 px) where they were (0.834 / 0.785 on 20 volumes / 0.869) and makes a BraTS volume 1.6x
+        faster; 64 costs BraTS 0.021.
     refine_band, refine_strength: boundary refinement with the slice's grey values within this fraction of the crop
         side from the boundaries (None: none); see :func:`refine_with_intensity`.
     gate_union: with several structures chained together, each may take any place inside the union of the previous
@@ -120,6 +125,7 @@ class PropagationParams:
     flip: bool = False
     gate_sigma: float | None = 0.02
     gate_tracking: bool = True
+    registration_size: int | None = 112
     refine_band: float | None = 0.02
     refine_strength: float = 1.0
     gate_union: bool = False
@@ -150,6 +156,8 @@ class PropagationParams:
                 raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
         if self.transfer_context_span < 0 or self.transfer_deformable_iterations < 0:
             raise ValueError("transfer_context_span and transfer_deformable_iterations must be >= 0")
+        if self.registration_size is not None and self.registration_size < 16:
+            raise ValueError(f"registration_size must be at least 16 pixels or None, not {self.registration_size}")
         if not 0.0 <= self.stop_ratio < 1.0:
             raise ValueError(f"stop_ratio must be in [0, 1), not {self.stop_ratio}")
         for name in ("stop_confidence", "transfer_reference_stop_confidence"):
@@ -512,6 +520,14 @@ def carry_labels(warp: LabelWarp, labels: np.ndarray, values: Sequence[int]) -> 
     return most_probable_labels(warp(labels, values), values)
 
 
+def registration_shrink(side: int, registration_size: int | None) -> int:
+    """The bin factor that brings an (S, S) crop of ``side`` pixels to about ``registration_size`` for registration
+    (1 when ``registration_size`` is None or not smaller than the side)."""
+    if registration_size is None:
+        return 1
+    return max(1, round(side / registration_size))
+
+
 def tracked_gate_centre(previous: np.ndarray, tracked: np.ndarray, values: Sequence[int]) -> np.ndarray:
     """(S, S) labels the gate is centred on: each structure where the registration track ``tracked`` (S, S) puts
     it, or where the previous slice's labels ``previous`` (S, S) hold it if the track has lost it."""
@@ -611,6 +627,7 @@ def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource,
     track = params.gate_tracking and params.gate_sigma is not None and images is not None
     if register or track:
         from insid3_med.registration import demons_label_warp
+    shrink = registration_shrink(side, params.registration_size)
     for anchor, step, last, neighbour in _chain_order(list(anchors), start, stop):
         if (last - anchor) * step < 0:
             continue
@@ -630,7 +647,7 @@ def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource,
             image = images(index) if images is not None else None
             warped, prior = None, previous_labels
             if register or (track and tracked.any()):  # one registration of the slice pair serves both
-                warp = demons_label_warp(images(previous_index), image)  # type: ignore[misc,arg-type]
+                warp = demons_label_warp(images(previous_index), image, shrink)  # type: ignore[misc,arg-type]
                 if register:
                     warped = warp(previous_labels, values)
                 if track:

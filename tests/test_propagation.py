@@ -24,6 +24,7 @@ from insid3_med.propagation import (
     propagate_crops,
     refine_with_intensity,
     region_of_interest,
+    registration_shrink,
     spatial_gate,
     tracked_gate_centre,
     transfer_labels,
@@ -302,6 +303,37 @@ def test_carry_labels_moves_labels_with_the_image() -> None:
     dice = 2 * np.logical_and(carried == 1, fixed).sum() / ((carried == 1).sum() + fixed.sum())
     assert dice > 0.85
     assert not carry_labels(warp, np.zeros((SIDE, SIDE), np.int64), [1]).any()
+
+
+@pytest.mark.parametrize("shrink", [2, 3])
+def test_a_registration_on_binned_crops_carries_labels_as_well_onto_the_full_grid(shrink: int) -> None:
+    # A smooth blob and a disk on it, both shifted by (4, -3) pixels on a 120 px crop; binned by 2 or 3, the
+    # registration's field is resampled onto the full grid and carries the disk as well as the full-size one does.
+    side = 120
+    rows, cols = np.mgrid[:side, :side]
+
+    def blob(row: float, col: float) -> np.ndarray:
+        return np.exp(-((rows - row) ** 2 + (cols - col) ** 2) / (2 * 18.0**2)).astype(np.float32)
+
+    moving_labels = disk((side, side), (58, 62), 20).astype(np.int64)
+    fixed_labels = disk((side, side), (62, 59), 20)
+    results = {}
+    for factor in (1, shrink):
+        soft = demons_label_warp(blob(58, 62), blob(62, 59), factor)(moving_labels, [1])
+        assert soft.shape == (2, side, side)
+        carried = soft.argmax(0).numpy() == 1
+        results[factor] = 2 * np.logical_and(carried, fixed_labels).sum() / (carried.sum() + fixed_labels.sum())
+    unmoved = 2 * np.logical_and(moving_labels == 1, fixed_labels).sum() / (moving_labels.sum() + fixed_labels.sum())
+    assert results[shrink] > 0.95 > unmoved and results[shrink] > results[1] - 0.02, (results, unmoved)
+
+
+def test_registration_shrink_bins_the_crop_to_about_the_registration_size() -> None:
+    assert [registration_shrink(side, 112) for side in (64, 112, 224, 336, 448)] == [1, 1, 2, 3, 4]
+    assert registration_shrink(336, None) == 1
+    with pytest.raises(ValueError, match="shrink"):
+        demons_label_warp(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.float32), 0)
+    with pytest.raises(ValueError, match="registration_size"):
+        PropagationParams(registration_size=8)
 
 
 def test_tracked_gate_follows_a_structure_that_moves_faster_than_a_tight_gate_allows() -> None:
