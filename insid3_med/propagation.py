@@ -83,8 +83,8 @@ class PropagationParams:
     registration_size: the tracked gate and the registration blend register each pair of crops (at the volume's
         own pixel size) averaged down by an integer factor to about this side in pixels (round(side / this), at
         least 1; None: never averaged). Measured: 112 leaves ACDC (150 px crops), hippocampus (about 40 px) and
-        BraTS (140-210 px) where they were (0.834 / 0.785 on 20 volumes / 0.869) and makes a BraTS volume 1.6x
-        faster; 64 costs BraTS 0.021.
+        BraTS (140-210 px) where they were (0.834 / 0.785 on 20 volumes / 0.869) and makes a BraTS volume 1.6 to
+        1.7x faster; 64 costs BraTS 0.021.
     refine_band, refine_strength: boundary refinement with the slice's grey values within this fraction of the crop
         side from the boundaries (None: none); see :func:`refine_with_intensity`.
     gate_union: with several structures chained together, each may take any place inside the union of the previous
