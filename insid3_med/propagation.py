@@ -552,6 +552,20 @@ def _chain_order(anchors: Sequence[int], start: int, stop: int) -> list[tuple[in
     return plans
 
 
+def structure_groups(anchors: Mapping[int, np.ndarray], values: Sequence[int],
+                     independent: bool = False) -> list[tuple[list[int], list[int]]]:
+    """The chains to run: (labelled slices, structures) pairs, the structures grouped by the labelled slices that
+    hold them, so that a structure drawn on some slices only is chained from those (like 3D Slicer's "fill between
+    slices", a slice labelled with other structures does not say this one is absent there). With ``independent``
+    each structure is a group of its own. Structures no slice holds are left out."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for value in values:
+        holders = tuple(n for n in sorted(anchors) if np.any(np.asarray(anchors[n]) == value))
+        if holders:
+            groups.setdefault((value,) + holders if independent else holders, []).append(value)
+    return [(list(key[1:] if independent else key), group) for key, group in groups.items()]
+
+
 def propagate_crops(anchors: Mapping[int, np.ndarray], features: FeatureSource, values: Sequence[int],
                     grid: tuple[int, int], params: PropagationParams, *, start: int, stop: int,
                     images: ImageSource | None = None, extra_context: Sequence[ContextSlice] = (),
@@ -561,41 +575,44 @@ def propagate_crops(anchors: Mapping[int, np.ndarray], features: FeatureSource, 
     features: slice index -> (N, C) features of its crop; images: slice index -> (S, S) grey crop (for the
     refinement and the registration prior; without it neither is used); extra_context: more labelled slices kept in
     every slice's context (for example another study's). Between two anchors each serves the slices nearer to it.
-    With ``params.independent_structures`` each structure is chained on its own (the others count as background)
-    and a pixel claimed by several goes to the most confident. Returns slice index -> (S, S) label map for every
-    slice reached (anchors included, unchanged; uint8 when every value is below 256, else int32, so that a long
-    chain of large crops stays small in memory); beyond a structure's end it is absent from the slices.
+    Structures are chained together from the labelled slices that hold them (:func:`structure_groups`): when the
+    slices hold different structures, or with ``params.independent_structures`` (each structure on its own), each
+    group is chained from its own slices, the others counting as background, and a pixel claimed by several goes to
+    the most confident. Returns slice index -> (S, S) label map for every slice reached (anchors included,
+    unchanged; uint8 when every value is below 256, else int32, so that a long chain of large crops stays small in
+    memory); beyond a structure's end it is absent from the slices.
     """
     if not anchors:
         raise ValueError("propagate_crops needs at least one labelled slice")
     values = list(values)
-    if not params.independent_structures or len(values) < 2:
+    groups = structure_groups(anchors, values, params.independent_structures and len(values) > 1)
+    if len(groups) <= 1:
         return _propagate_chain(anchors, features, values, grid, params, start, stop, images, extra_context,
                                 progress, keep_confidence=False)[0]
+    dtype = label_dtype(values)
     merged: dict[int, np.ndarray] = {}
     best: dict[int, np.ndarray] = {}
     visited: set[int] = set()
-    for i, value in enumerate(values):
-        binary = {n: (np.asarray(lab) == value).astype(np.int64) * value for n, lab in anchors.items()}
-        if not any(lab.any() for lab in binary.values()):
-            continue
-        extra = [ContextSlice(c.features, torch.stack([1.0 - c.labels[:, i + 1], c.labels[:, i + 1]], dim=1))
-                 for c in extra_context]
-        labels, confidence = _propagate_chain(binary, features, [value], grid, params, start, stop, images, extra,
+    for holders, group in groups:
+        own = {n: np.where(np.isin(anchors[n], group), np.asarray(anchors[n]), 0).astype(np.int64) for n in holders}
+        columns = [values.index(v) + 1 for v in group]
+        extra = [ContextSlice(c.features, torch.cat([1.0 - c.labels[:, columns].sum(1, keepdim=True),
+                                                    c.labels[:, columns]], dim=1)) for c in extra_context]
+        labels, confidence = _propagate_chain(own, features, group, grid, params, start, stop, images, extra,
                                               None, keep_confidence=True)
         for n, lab in labels.items():
             if n not in merged:
-                merged[n] = np.zeros_like(lab)
+                merged[n] = np.zeros(lab.shape, dtype=dtype)
                 best[n] = np.zeros(lab.shape, dtype=np.float32)
             score = confidence.get(n, np.ones(lab.shape, dtype=np.float32))
-            take = (lab == value) & (score > best[n])
-            merged[n][take] = value
+            take = (lab != 0) & (score > best[n])
+            merged[n][take] = lab[take]
             best[n][take] = score[take]
             if progress is not None and n not in anchors and n not in visited:
                 visited.add(n)
                 progress(n)
     for n, lab in anchors.items():
-        merged[n] = np.asarray(lab, dtype=label_dtype(values))
+        merged[n] = np.asarray(lab, dtype=dtype)
     return merged
 
 

@@ -26,6 +26,7 @@ from insid3_med.propagation import (
     region_of_interest,
     registration_shrink,
     spatial_gate,
+    structure_groups,
     tracked_gate_centre,
     transfer_labels,
     with_overrides,
@@ -248,6 +249,32 @@ def test_between_two_labelled_slices_each_anchor_serves_its_half() -> None:
     assert all(result[n].any() for n in range(9))
     np.testing.assert_array_equal(result[1], truth[1])
     np.testing.assert_array_equal(result[7], truth[7])
+
+
+def test_structures_drawn_on_different_slices_are_each_chained_from_their_own() -> None:
+    # Structure 1 on every slice, drawn on slice 1 only; structure 3 on every slice, drawn on slice 7 only. Each
+    # reaches every slice (not only the half nearer to the slice it was drawn on); drawn slices stay as drawn.
+    truth = {}
+    for n in range(9):
+        labels = np.zeros((SIDE, SIDE), dtype=np.int64)
+        labels[disk((SIDE, SIDE), (10, 10), 6)] = 1
+        labels[disk((SIDE, SIDE), (22, 22), 6)] = 3
+        truth[n] = labels
+    drawn = {1: np.where(truth[1] == 1, 1, 0), 7: np.where(truth[7] == 3, 3, 0)}
+    assert structure_groups(drawn, [1, 3]) == [([1], [1]), ([7], [3])]
+    assert structure_groups({1: truth[1], 7: truth[7]}, [1, 3]) == [([1, 7], [1, 3])]
+    seen: list[int] = []
+    result = propagate_crops(drawn, lambda n: exact_features(truth[n], [1, 3]), [1, 3], GRID,
+                             PropagationParams(refine_band=None), start=0, stop=9,
+                             images=lambda n: (truth[n] > 0).astype(np.float32), progress=seen.append)
+    assert sorted(seen) == [0, 2, 3, 4, 5, 6, 8]
+    for n in (0, 2, 3, 4, 5, 6, 8):
+        for value in (1, 3):
+            predicted, expected = result[n] == value, truth[n] == value
+            dice = 2 * np.logical_and(predicted, expected).sum() / (predicted.sum() + expected.sum())
+            assert dice > 0.85, f"slice {n}, structure {value}: Dice {dice:.2f}"
+    np.testing.assert_array_equal(result[1], drawn[1])
+    np.testing.assert_array_equal(result[7], drawn[7])
 
 
 def test_chain_stops_where_its_confidence_drops_though_a_look_alike_keeps_the_area() -> None:
