@@ -232,9 +232,10 @@ def test_real_hippocampus_volume_mode_beats_copying_the_slice(segmenter, name: s
 @needs_real
 @pytest.mark.slow
 def test_real_hippocampus_parts_drawn_on_different_slices_are_each_chained_from_their_own(segmenter) -> None:
-    # The anterior part drawn on its largest slice (12), the posterior on its own (16), in one label map. Measured
-    # with the defaults: anterior 0.837, posterior 0.728; when each drawn slice served only the half of the volume
-    # nearer to it (before 2026-11-26) the posterior scored 0.374.
+    # The anterior part drawn on its largest slice (12), the posterior on its own (16), in one label map: each part
+    # is chained from its own slice in its own crop. Measured with the defaults: anterior 0.845, posterior 0.779;
+    # with one crop around both parts 0.837 / 0.728; when each drawn slice served only the half of the volume nearer
+    # to it (before 2026-11-26) the posterior scored 0.374.
     volume, labels = hippocampus_case("hippocampus_017")
     given = np.zeros_like(labels)
     for value in (1, 2):
@@ -243,7 +244,7 @@ def test_real_hippocampus_parts_drawn_on_different_slices_are_each_chained_from_
     output = propagate_through_slices(segmenter, volume, given, axis=0)
     anterior, posterior = (dice(output == v, labels == v) for v in (1, 2))
     assert anterior >= 0.8, f"anterior 3D Dice {anterior:.3f} below the measured floor"
-    assert posterior >= 0.68, f"posterior 3D Dice {posterior:.3f} below the measured floor"
+    assert posterior >= 0.75, f"posterior 3D Dice {posterior:.3f} below the measured floor"
 
 
 @needs_real
