@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--episodes", type=int, help="images: episodes (default 600); slices: volumes, a seeded "
                           "subset (default all); transfer: seeded pairs (default 50)")
     evaluate.add_argument("--kinds", default="largest,random", help="slices task: which slice is labelled "
-                          "(largest, random; comma-separated)")
+                          "(largest, random: one structure per episode; each_largest: every structure at once, "
+                          "each on its own largest slice; comma-separated)")
     evaluate.add_argument("--reference-mode", choices=("volume", "slice"), default="volume",
                           help="transfer task: the whole labelled volume or one labelled slice as reference")
     evaluate.add_argument("--shots", type=int, default=1, help="labelled slices per episode (default 1)")

@@ -356,19 +356,35 @@ def _propagate_volume_mode(segmenter: OneShotSegmenter, stack: SliceStack, label
     return output
 
 
+def merge_by_nearest_labelled_slice(results: Sequence[tuple[np.ndarray, Sequence[int]]], axis: int) -> np.ndarray:
+    """One (K, J, I) int64 label map from several, each given with the labelled slice indices (along ``axis``) it
+    was propagated from: a voxel labelled in several maps takes the label of the map with a labelled slice nearest
+    to it (the first such map on a tie)."""
+    if not results:
+        raise ValueError("nothing to merge")
+    shape = results[0][0].shape
+    output = np.zeros(shape, dtype=np.int64)
+    owner_distance = np.full(shape, np.inf)  # per voxel: its owner's distance to a labelled slice
+    positions = np.arange(shape[axis])
+    for labels, slices in results:
+        nearest = np.min(np.abs(positions[:, None] - np.asarray(slices)[None, :]), axis=1).astype(np.float64)
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        distance = np.broadcast_to(nearest.reshape(view), shape)
+        take = (labels != 0) & (distance < owner_distance)
+        output[take] = labels[take]
+        owner_distance[take] = distance[take]
+    return output
+
+
 def _propagate_groups(segmenter: OneShotSegmenter, stack: SliceStack, labels: np.ndarray,
                       groups: Sequence[tuple[list[int], list[int]]], start: int, stop: int, params: PropagationParams,
                       progress: ProgressCallback | None, batch_size: int) -> np.ndarray:
     """Structures drawn on different labelled slices (:func:`insid3_med.propagation.structure_groups`): each group
-    chained from its own slices in its own crop, as if labelled alone; a voxel claimed by several groups goes to the
-    group with a labelled slice nearest to it along the axis. Measured (development script, 20 hippocampus volumes,
-    each part drawn on its own largest slice): 0.794 mean 3D Dice (anterior 0.814, posterior 0.774), against 0.742
-    with one crop around both parts, 0.670 when each labelled slice served only its half of the volume, and 0.785
-    with each part labelled alone."""
+    chained from its own slices in its own crop, as if labelled alone, then merged by
+    :func:`merge_by_nearest_labelled_slice`. Measured (harness, ``each_largest`` slice kind): see the README."""
     axis = stack.axis
-    output = np.zeros(labels.shape, dtype=np.int64)
-    owner_distance = np.full(labels.shape, np.inf)  # per voxel: its owner's distance to a labelled slice
-    positions = np.arange(labels.shape[axis])
+    results = []
     for number, (holders, group) in enumerate(groups):
         own = np.zeros_like(labels)
         for n in holders:
@@ -379,12 +395,9 @@ def _propagate_groups(segmenter: OneShotSegmenter, stack: SliceStack, labels: np
             if progress is not None:
                 progress(number * total + done, len(groups) * total)
 
-        result = _propagate_volume_mode(segmenter, stack, own, holders, start, stop, params, step, batch_size)
-        nearest = np.min(np.abs(positions[:, None] - np.asarray(holders)[None, :]), axis=1).astype(np.float64)
-        distance = np.moveaxis(np.broadcast_to(nearest, np.moveaxis(labels, axis, -1).shape), -1, axis)
-        take = (result != 0) & (distance < owner_distance)
-        output[take] = result[take]
-        owner_distance[take] = distance[take]
+        results.append((_propagate_volume_mode(segmenter, stack, own, holders, start, stop, params, step, batch_size),
+                        holders))
+    output = merge_by_nearest_labelled_slice(results, axis)
     for n in sorted({n for holders, _ in groups for n in holders}):
         take_slice(output, axis, n)[...] = take_slice(labels, axis, n)
     return output

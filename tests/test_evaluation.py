@@ -34,6 +34,7 @@ from insid3_med.evaluation.episodes import (
     sample_pairs,
     select_cases,
 )
+from insid3_med.evaluation.methods import CopyMethod
 from insid3_med.evaluation.metrics import (
     confusion_counts,
     dice,
@@ -403,6 +404,46 @@ def test_slices_copy_end_to_end_on_two_hippocampus_volumes(tmp_path: Path) -> No
     assert 0.1 < largest["dice"]["mean"] < 0.6 and largest["fp_slice_share"] == 1.0
     assert largest["dice_by_distance"]["1"]["mean"] > largest["dice_by_distance"]["5"]["mean"]
     assert "| anterior hippocampus | largest | 2 |" in (tmp_path / "report" / "results.md").read_text()
+
+
+def test_each_largest_kind_draws_every_structure_on_its_own_slice_in_one_run(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    data = shared("hippocampus")
+    calls: list[np.ndarray] = []
+    original = CopyMethod.propagate
+
+    def counting(self: CopyMethod, volume, labels, axis, cache_key=None):  # noqa: ANN001, ANN202
+        calls.append(np.asarray(labels))
+        return original(self, volume, labels, axis, cache_key)
+
+    monkeypatch.setattr(CopyMethod, "propagate", counting)
+    document = run_evaluation("slices", data, tmp_path / "report", method="copy", limit_cases=2,
+                              kinds=["each_largest"], progress=False)
+    summary = document["summary"]
+    assert summary["episodes"] == 4 and len(calls) == 2  # one run per volume, scored per structure
+    for given in calls:
+        assert sorted(int(v) for v in np.unique(given)) == [0, 1, 2]
+        slices = {v: np.flatnonzero(np.any(given == v, axis=(1, 2))).tolist() for v in (1, 2)}
+        assert len(slices[1]) == 1 and len(slices[2]) == 1 and slices[1] != slices[2]
+    records = [json.loads(line) for line in (tmp_path / "report" / "episodes.jsonl").read_text().splitlines()]
+    assert {r["result"]["kind"] for r in records if "result" in r} == {"each_largest"}
+    assert 0.1 < summary["overall"]["each_largest"]["dice"]["mean"] < 0.6
+    with pytest.raises(ValueError, match="overlaps another"):  # BraTS: the tumour core lies inside the whole tumour
+        run_evaluation("slices", shared("brats"), tmp_path / "brats", method="copy", limit_cases=1,
+                       kinds=["each_largest"], progress=False)
+
+
+def test_baselines_take_each_structure_from_its_own_slice() -> None:
+    labels = np.zeros((6, 5, 5), np.int16)
+    labels[1, 0:2, 0:2] = 1
+    labels[4, 1:3, 1:3] = 2
+    copied = CopyMethod().propagate(Volume(np.zeros((6, 5, 5), np.float32)), labels, axis=0)
+    # each structure copied to every slice; where the two copies meet (1, 1), the nearer drawn slice wins
+    assert (copied[0:3, 1, 1] == 1).all() and (copied[3:6, 1, 1] == 2).all()
+    assert (copied[:, 0, 0] == 1).all() and (copied[:, 2, 2] == 2).all()
+    labels[5, 4, 4] = 2  # structure 2 on two slices: the baselines take one slice per structure
+    with pytest.raises(ValueError, match="label 2 lies on 2 slices"):
+        CopyMethod().propagate(Volume(np.zeros((6, 5, 5), np.float32)), labels, axis=0)
 
 
 class Interrupted(Exception):

@@ -24,6 +24,11 @@ import torch
 from insid3_med.evaluation.datasets import ImageDataset
 
 SLICE_KINDS = ("largest", "random")
+"""The default slice kinds: one structure per episode, labelled on its slice of largest area or a random one."""
+EACH_LARGEST = "each_largest"
+"""A slice kind: every structure of the volume drawn at once, each on its own slice of largest area (one run per
+volume, scored structure by structure; the structures must not overlap)."""
+ALL_SLICE_KINDS = (*SLICE_KINDS, EACH_LARGEST)
 
 
 @dataclass(frozen=True)
@@ -87,12 +92,12 @@ def labelled_slice(mask: np.ndarray, axis: int, kind: str, seed: int, case_index
     present = np.flatnonzero(areas)
     if present.size == 0:
         raise ValueError("the structure is absent from this volume")
-    if kind == "largest":
+    if kind in ("largest", EACH_LARGEST):
         return int(np.argmax(areas))
     if kind == "random":
         rng = np.random.default_rng([seed, case_index, structure_index])
         return int(present[rng.integers(present.size)])
-    raise ValueError(f"unknown slice kind {kind!r}; choose from {SLICE_KINDS}")
+    raise ValueError(f"unknown slice kind {kind!r}; choose from {ALL_SLICE_KINDS}")
 
 
 def sample_pairs(total: int, count: int, seed: int = 0,

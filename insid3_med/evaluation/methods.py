@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ from insid3_med.evaluation.baselines import (
     copy_by_position,
     copy_labelled_slice,
     copy_mask_2d,
-    labelled_slice_index,
     register_mask_2d,
     register_volume_labels,
 )
@@ -67,6 +66,26 @@ def _single_slice(labels: np.ndarray, axis: int) -> bool:
     return int(np.count_nonzero(np.any(labels != 0, axis=other))) == 1
 
 
+def _each_structure_from_its_slice(labels: np.ndarray, axis: int,
+                                   single: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Labels on one slice go to ``single`` as they are. Labels on several slices, each structure (label value) on
+    one: each structure goes to ``single`` on its own, and the results merge as the volume mode merges structures
+    drawn on different slices (:func:`insid3_med.volume.merge_by_nearest_labelled_slice`)."""
+    from insid3_med.volume import merge_by_nearest_labelled_slice
+
+    if _single_slice(labels, axis):
+        return single(labels)
+    other = tuple(a for a in range(labels.ndim) if a != axis)
+    results = []
+    for value in (int(v) for v in np.unique(labels) if v != 0):
+        own = np.where(labels == value, labels, 0).astype(labels.dtype)
+        slices = np.flatnonzero(np.any(own != 0, axis=other))
+        if slices.size != 1:
+            raise ValueError(f"label {value} lies on {slices.size} slices; this baseline takes each structure on one")
+        results.append((single(own), [int(slices[0])]))
+    return merge_by_nearest_labelled_slice(results, axis).astype(labels.dtype)
+
+
 class CopyMethod(EvaluationMethod):
     """Copy baselines: the mask as it lies (2D), the labelled slice to every slice, labels by centred position."""
 
@@ -80,7 +99,7 @@ class CopyMethod(EvaluationMethod):
         return _majority([copy_mask_2d(mask, target_image.shape[:2]) for _, mask in references])
 
     def propagate(self, volume: Volume, labels: np.ndarray, axis: int, cache_key: object = None) -> np.ndarray:
-        return copy_labelled_slice(labels, axis)
+        return _each_structure_from_its_slice(labels, axis, lambda own: copy_labelled_slice(own, axis))
 
     def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int) -> np.ndarray:
         if _single_slice(reference_labels, axis):
@@ -108,7 +127,8 @@ class RegistrationMethod(EvaluationMethod):
                           for image, mask in references])
 
     def propagate(self, volume: Volume, labels: np.ndarray, axis: int, cache_key: object = None) -> np.ndarray:
-        return self.chain.propagate(volume, labels, axis, cache_key=cache_key)
+        return _each_structure_from_its_slice(
+            labels, axis, lambda own: self.chain.propagate(volume, own, axis, cache_key=cache_key))
 
     def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int) -> np.ndarray:
         warped = register_volume_labels(reference, reference_labels, target, self.params)
@@ -179,7 +199,6 @@ class OursMethod(EvaluationMethod):
     def propagate(self, volume: Volume, labels: np.ndarray, axis: int, cache_key: object = None) -> np.ndarray:
         from insid3_med.volume import propagate_through_slices
 
-        labelled_slice_index(labels, axis)  # the episode labels exactly one slice
         return np.asarray(propagate_through_slices(self.segmenter, volume, labels, axis=axis, preset=self.preset,
                                                     mode=self.mode, params=self.params))
 

@@ -72,9 +72,10 @@ def run_evaluation(
     by name) before sampling. resume: reuse finished episodes of the same configuration in ``report_dir``;
     a folder holding another configuration (or any episodes when ``resume`` is False) raises
     :class:`ReportExistsError` unless ``overwrite`` (the earlier reports are then replaced once the new ones are
-    complete). threads: torch and SimpleITK threads (default: SimpleITK 1,
-    torch unchanged). kinds (slices): ``largest`` and/or ``random``. reference_mode (transfer): ``volume`` or
-    ``slice``. shots (images): references per episode. mode (ours, volumes): propagation mode, ``volume`` or
+    complete). threads: torch and SimpleITK threads (default: SimpleITK 1, torch unchanged). kinds (slices):
+    ``largest``, ``random`` (one structure per episode) and/or ``each_largest`` (every structure drawn at once, each
+    on its own slice of largest area, scored per structure). reference_mode (transfer): ``volume`` or ``slice``.
+    shots (images): references per episode. mode (ours, volumes): propagation mode, ``volume`` or
     ``published``; propagation (ours, volume mode): its :class:`~insid3_med.propagation.PropagationParams`
     (default: the defaults; recorded in the report's configuration, so a run with other settings is another
     evaluation).

@@ -31,6 +31,8 @@ from insid3_med.evaluation.datasets import (
     read_rgb_image,
 )
 from insid3_med.evaluation.episodes import (
+    ALL_SLICE_KINDS,
+    EACH_LARGEST,
     SLICE_KINDS,
     ImageEpisode,
     labelled_slice,
@@ -206,13 +208,14 @@ class SliceTask:
     name = "slices"
 
     def __init__(self, dataset: VolumeDataset, kinds: Sequence[str] = SLICE_KINDS) -> None:
-        unknown = set(kinds) - set(SLICE_KINDS)
+        unknown = set(kinds) - set(ALL_SLICE_KINDS)
         if unknown:
-            raise ValueError(f"unknown slice kinds {sorted(unknown)}; choose from {SLICE_KINDS}")
+            raise ValueError(f"unknown slice kinds {sorted(unknown)}; choose from {ALL_SLICE_KINDS}")
         self.dataset = dataset
         self.kinds = tuple(kinds)
         self._cases = _CaseCache(dataset)
         self._seed = 0
+        self._joint: tuple[object, np.ndarray, dict[int, int]] | None = None  # the last each_largest run
 
     def options(self) -> dict[str, Any]:
         return {"kinds": list(self.kinds), "slice_axis_rule": self.dataset.slice_axis_rule}
@@ -239,10 +242,14 @@ class SliceTask:
         record: dict[str, Any] = {"case": case.name, "structure": structure.name, "kind": kind, "axis": axis}
         if not truth.any():
             return {**record, "absent": True}
-        index = labelled_slice(truth, axis, kind, self._seed, case_index, structure_index)
-        given = _only_slice(truth, axis, index)
         start = time.perf_counter()
-        predicted = method.propagate(volume, given, axis, cache_key=(case.name, structure.modality)) != 0
+        if kind == EACH_LARGEST:
+            joint, slices = self._each_largest(case_index, volume, labels, axis, method)
+            index, predicted = slices[structure_index], joint == structure_index + 1
+        else:
+            index = labelled_slice(truth, axis, kind, self._seed, case_index, structure_index)
+            given = _only_slice(truth, axis, index)
+            predicted = method.propagate(volume, given, axis, cache_key=(case.name, structure.modality)) != 0
         seconds = time.perf_counter() - start
         spacing = _spacing_kji(volume)
         distance, capped = hd95_mm(predicted, truth, spacing)
@@ -264,6 +271,34 @@ class SliceTask:
             "predicted_empty": not bool(predicted.any()),
             "seconds": seconds,
         }
+
+    def _each_largest(self, case_index: int, volume: Volume, labels: np.ndarray, axis: int,
+                      method: EvaluationMethod) -> tuple[np.ndarray, dict[int, int]]:
+        """Every present structure drawn on its own slice of largest area (value: structure index + 1), propagated in
+        one run; the (K, J, I) prediction and each structure's labelled slice. The run is kept for the case's other
+        structures (their episodes follow one another)."""
+        key = (case_index, id(method))
+        if self._joint is not None and self._joint[0] == key:
+            return self._joint[1], self._joint[2]
+        case = self.dataset.cases[case_index]
+        given = np.zeros(labels.shape, dtype=np.int16)
+        slices: dict[int, int] = {}
+        covered = np.zeros(labels.shape, dtype=bool)
+        for structure_index, structure in enumerate(self.dataset.structures):
+            mask = structure.binary(labels)
+            if not mask.any():
+                continue
+            if np.any(mask & covered):
+                raise ValueError(f"{case.name}: structure {structure.name!r} overlaps another; the {EACH_LARGEST} "
+                                 "slice kind needs structures that do not overlap")
+            covered |= mask
+            index = labelled_slice(mask, axis, EACH_LARGEST, self._seed, case_index, structure_index)
+            slices[structure_index] = index
+            where = _only_slice(mask, axis, index) != 0
+            given[where] = structure_index + 1
+        joint = np.asarray(method.propagate(volume, given, axis, cache_key=(case.name, "each_largest")))
+        self._joint = (key, joint, slices)
+        return joint, slices
 
     def summarise(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         present = [r for r in results if not r.get("absent")]
