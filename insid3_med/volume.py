@@ -325,7 +325,7 @@ def _propagate_volume_mode(segmenter: OneShotSegmenter, stack: SliceStack, label
     axis = stack.axis
     anchors_model = {n: stack.labels(labels, n) for n in references}
     values = sorted({int(v) for lab in anchors_model.values() for v in np.unique(lab) if v > 0})
-    groups = structure_groups(anchors_model, values, params.independent_structures and len(values) > 1)
+    groups = structure_groups(anchors_model, values)  # independent_structures: merged by confidence in one crop
     if len(groups) > 1:
         return _propagate_groups(segmenter, stack, labels, groups, start, stop, params, progress, batch_size)
     box = region_of_interest(list(anchors_model.values()), params.crop_scale, params.min_crop_fraction)
@@ -366,10 +366,9 @@ def merge_by_nearest_labelled_slice(results: Sequence[tuple[np.ndarray, Sequence
     output = np.zeros(shape, dtype=np.int64)
     owner_distance = np.full(shape, np.inf)  # per voxel: its owner's distance to a labelled slice
     positions = np.arange(shape[axis])
+    view = [shape[axis] if a == axis else 1 for a in range(len(shape))]
     for labels, slices in results:
-        nearest = np.min(np.abs(positions[:, None] - np.asarray(slices)[None, :]), axis=1).astype(np.float64)
-        view = [1] * len(shape)
-        view[axis] = shape[axis]
+        nearest = np.min(np.abs(positions[:, None] - np.asarray(slices)[None, :]), axis=1)
         distance = np.broadcast_to(nearest.reshape(view), shape)
         take = (labels != 0) & (distance < owner_distance)
         output[take] = labels[take]

@@ -116,6 +116,25 @@ def test_volume_mode_transfer_finds_the_structure_in_another_study(self_propagat
     assert calls[-1] == (12, 12)
 
 
+def test_independent_structures_on_one_labelled_slice_stay_in_one_crop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One labelled slice with two structures: even with independent_structures the volume mode keeps one crop and
+    # lets propagate_crops merge the structures by confidence; separate crops merged by the distance to their
+    # labelled slices are for structures drawn on different slices (where that distance means something).
+    import insid3_med.volume as volume_module
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("structures on one labelled slice went to _propagate_groups")
+
+    monkeypatch.setattr(volume_module, "_propagate_groups", refuse)
+    volume, truth = synthetic_study()
+    labels = only_slice(truth, 5)
+    labels[5][disk((64, 72), (52, 60), 4)] = 2
+    output = propagate_through_slices(SimpleNamespace(backbone=GreyLevelBackbone()), volume,  # type: ignore[arg-type]
+                                      labels, axis=0, params=PropagationParams(independent_structures=True))
+    np.testing.assert_array_equal(output[5], labels[5])
+    assert dice(output == 1, truth == 1) > 0.8
+
+
 def test_reference_chain_uses_the_transfer_reference_gate_and_stop(monkeypatch: pytest.MonkeyPatch) -> None:
     import insid3_med.volume as volume_module
 
