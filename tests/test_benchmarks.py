@@ -206,3 +206,41 @@ def test_ablation_runs_the_harness_per_variant_and_compares_with_the_defaults(be
     capsys.readouterr()
     assert ablation.main(["--from-json", str(tmp_path / "rows.json")]) == rows  # tabulates, runs nothing
     assert capsys.readouterr().out.splitlines() == table
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "acdc").is_dir() or not STANDIN.is_dir(),
+                    reason="needs ../shared/data/acdc and the stand-in weights")
+def test_stop_signals_records_every_step_and_leaves_the_method_unchanged(bench, tmp_path, capsys) -> None:
+    import insid3_med.propagation as propagation
+
+    signals = bench("stop_signals")
+    chain, label_slice = propagation._propagate_chain, propagation.label_slice
+    assert signals.main(["--set", "acdc", "--volumes", "1", "--json", str(tmp_path / "signals.json")]) == 0
+    assert (propagation._propagate_chain, propagation.label_slice) == (chain, label_slice)  # restored
+    printed = capsys.readouterr().out
+    figures = json.loads((tmp_path / "signals.json").read_text())
+    assert figures["inside_steps"] > 5 and len(figures["exit_steps"]) == figures["exits"]
+    assert sum(figures["exit_sides"].values()) == figures["exits"]
+    for name in signals.SIGNALS:
+        assert name in printed
+        entry = figures["signals"][name]
+        assert -1 <= entry["inside_min"] <= entry["inside_percentiles"]["5"] <= entry["inside_percentiles"]["50"] <= 1
+
+    # recording changes nothing: the same masks with and without the recorder
+    from insid3_med.evaluation.datasets import open_volume_dataset
+    from insid3_med.evaluation.methods import build_method
+
+    dataset = open_volume_dataset(SHARED / "data" / "acdc")
+    case, structure = dataset.cases[0], dataset.structures[2]
+    volume = dataset.load_image(case, structure)
+    labels = dataset.load_labels(case, volume)
+    axis = dataset.slice_axis(volume)
+    truth = structure.binary(labels)
+    index = int(np.argmax(np.moveaxis(truth, axis, 0).sum(axis=(1, 2))))
+    given = np.zeros_like(truth)
+    np.moveaxis(given, axis, 0)[index] = np.moveaxis(truth, axis, 0)[index]
+    method = build_method("ours", backbone_options={"weights": str(STANDIN), "device": "cpu"})
+    plain = method.propagate(volume, given, axis)
+    with signals.StepRecorder() as recorder:
+        recorded = method.propagate(volume, given, axis)
+    assert recorder.steps and np.array_equal(plain, recorded)
