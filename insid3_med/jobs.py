@@ -146,6 +146,9 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
     labels = read_label_volume(labels_path, volume)
     array_axis = slicing_axis(volume, axis)
     references = labelled_slices(labels, array_axis)
+    if not references:  # before the model loads, naming the file
+        raise ImageReadError(labels_path, "no labelled slice (the label map is empty): label the structure on at "
+                             "least one slice")
     intensity_mapping(volume, preset)  # a bad preset fails before the model loads
     with output_set(force) as outputs_set:
         claimed = check_outputs(outputs, volume, outputs_set)

@@ -223,7 +223,7 @@ def test_empty_label_volume_and_4d_input_are_refused(hippocampus: dict[str, Path
     before = set(tmp_path.iterdir())
     code, _, stderr = run_cli(["propagate", str(hippocampus["image"]), str(empty), "-o", str(tmp_path / "o.nii.gz"),
                                *FAST], capsys)
-    assert code == 2 and "labelled slice" in stderr
+    assert code == 2 and "labelled slice" in stderr and "empty.nii.gz" in stderr  # the file is named
     code, _, stderr = run_cli(["propagate", str(four_d), str(empty), "-o", str(tmp_path / "o.nii.gz"), *FAST], capsys)
     assert code == 2 and "4d.nii.gz" in stderr
     assert set(tmp_path.iterdir()) == before
