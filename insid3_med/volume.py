@@ -500,24 +500,17 @@ def most_similar_slice(source: CropFeatures, context: Sequence[ContextSlice], al
     return best
 
 
-def reference_self_propagation(ref_source: CropFeatures, reference_labels: np.ndarray, shots: Sequence[int],
-                               values: Sequence[int], params: PropagationParams) -> np.ndarray:
-    """The reference's labelled slices chained through the reference study itself (as
-    :func:`propagate_through_slices` does, with the ``transfer_reference_*`` gate and stop settings): its (K, J, I)
-    int64 label map, shots kept as given, so that every reference slice the structures reach holds (pseudo-)labels."""
-    stack, box = ref_source.stack, ref_source.box
+def reference_self_propagation(segmenter: OneShotSegmenter, ref_stack: SliceStack, reference_labels: np.ndarray,
+                               shots: Sequence[int], params: PropagationParams, batch_size: int = 4) -> np.ndarray:
+    """The reference's labelled slices chained through the reference study itself, exactly as
+    :func:`propagate_through_slices` does (structures drawn on different slices each chained from their own), with
+    the ``transfer_reference_*`` gate and stop settings: its (K, J, I) int64 label map, shots kept as given, so that
+    every reference slice the structures reach holds (pseudo-)labels."""
     params = replace(params, gate_tracking=params.transfer_reference_gate_tracking,
                      gate_sigma=params.transfer_reference_gate_sigma,
                      stop_confidence=params.transfer_reference_stop_confidence)
-    anchors = {n: crop_square(stack.labels(reference_labels, n), box) for n in shots}
-    crops = propagate_crops(anchors, ref_source.features, values, ref_source.grid, params, start=0, stop=len(stack),
-                            images=ref_source.image)
-    output = np.zeros(stack.volume.shape, dtype=np.int64)
-    for n, crop in crops.items():
-        take_slice(output, stack.axis, n)[...] = stack.to_native(paste_square(crop, box, stack.model_shape))
-    for n in shots:
-        take_slice(output, stack.axis, n)[...] = take_slice(reference_labels, stack.axis, n)
-    return output
+    return _propagate_volume_mode(segmenter, ref_stack, reference_labels, shots, 0, len(ref_stack), params, None,
+                                  batch_size)
 
 
 def registered_reference(ref_stack: SliceStack, reference_labels: np.ndarray, tgt_stack: SliceStack,
@@ -634,7 +627,7 @@ def _transfer_volume_mode(segmenter: OneShotSegmenter, ref_stack: SliceStack, re
     ref_source = CropFeatures(segmenter, ref_stack, ref_box, params, batch_size, size)
     grid = ref_source.grid
     if params.transfer_self_propagation:
-        pseudo = reference_self_propagation(ref_source, reference_labels, every, values, params)
+        pseudo = reference_self_propagation(segmenter, ref_stack, reference_labels, every, params, batch_size)
         registered = registered_reference(ref_stack, pseudo, tgt_stack, params.transfer_deformable_iterations)
         if registered is not None and registered[0].any():
             return _transfer_by_height(segmenter, ref_source, pseudo, registered, tgt_stack, values, params, progress,

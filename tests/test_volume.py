@@ -157,6 +157,33 @@ def test_reference_chain_uses_the_transfer_reference_gate_and_stop(monkeypatch: 
     assert (seen[0].gate_tracking, seen[0].gate_sigma, seen[0].stop_confidence) == (False, 0.04, 0.7)
 
 
+def test_reference_chain_follows_structures_drawn_on_different_slices_like_the_volume_mode() -> None:
+    # A reference with each structure painted on its own slice (the Slicer workflow) is chained exactly as
+    # propagate_through_slices chains it: each structure from its own slice in a crop of its own. The former shared
+    # crop, around both, saw the first disk at a coarser scale and lost its smallest slice (2).
+    from dataclasses import replace
+
+    from insid3_med.imaging.intensity import intensity_mapping
+    from insid3_med.volume import SliceStack, reference_self_propagation
+
+    reference, truth = synthetic_study()
+    for n in (9, 10, 11):
+        truth[n][disk((64, 72), (12, 12), 5)] = 2
+    given = only_slice(truth, 5) * (only_slice(truth, 5) == 1)
+    given[10] = np.where(truth[10] == 2, 2, 0)
+    segmenter = SimpleNamespace(backbone=GreyLevelBackbone())
+    params = PropagationParams()
+    pseudo = reference_self_propagation(segmenter, SliceStack(reference, 0, intensity_mapping(reference, None)),  # type: ignore[arg-type]
+                                        given, [5, 10], params)
+    assert labelled_slices(pseudo == 1, 0) == list(range(2, 9))
+    assert labelled_slices(pseudo == 2, 0) == [9, 10, 11]
+    within = replace(params, gate_tracking=params.transfer_reference_gate_tracking,
+                     gate_sigma=params.transfer_reference_gate_sigma,
+                     stop_confidence=params.transfer_reference_stop_confidence)
+    np.testing.assert_array_equal(pseudo, propagate_through_slices(segmenter, reference, given, axis=0,  # type: ignore[arg-type]
+                                                                   params=within))
+
+
 def test_registered_reference_puts_labels_and_slice_heights_where_the_target_has_them() -> None:
     from insid3_med.imaging.intensity import intensity_mapping
     from insid3_med.volume import SliceStack, matching_reference_slices, registered_reference
