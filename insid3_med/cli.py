@@ -250,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--kinds", default="largest,random", help="slices task: which slice is labelled "
                           "(largest, random: one structure per episode; each_largest: every structure at once, "
                           "each on its own largest slice; comma-separated)")
-    evaluate.add_argument("--reference-mode", choices=("volume", "slice"), default="volume",
-                          help="transfer task: the whole labelled volume or one labelled slice as reference")
+    evaluate.add_argument("--reference-mode", choices=("volume", "slice", "each_largest"), default="volume",
+                          help="transfer task: the whole labelled volume, its one slice of largest labelled area, "
+                          "or each structure on its own slice of largest area (each_largest) as reference")
     evaluate.add_argument("--shots", type=int, default=1, help="labelled slices per episode (default 1)")
     evaluate.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     evaluate.add_argument("--seed", type=int, default=0)

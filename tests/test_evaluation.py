@@ -433,6 +433,45 @@ def test_each_largest_kind_draws_every_structure_on_its_own_slice_in_one_run(tmp
                        kinds=["each_largest"], progress=False)
 
 
+def test_transfer_each_largest_reference_draws_every_structure_on_its_own_largest_slice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = shared("hippocampus")
+    given_labels: list[tuple[np.ndarray, np.ndarray]] = []
+    original = CopyMethod.transfer
+
+    def recording(self: CopyMethod, reference, reference_labels, target, axis):  # noqa: ANN001, ANN202
+        given_labels.append(np.asarray(reference_labels))
+        return original(self, reference, reference_labels, target, axis)
+
+    monkeypatch.setattr(CopyMethod, "transfer", recording)
+    document = run_evaluation("transfer", data, tmp_path / "report", method="copy", episodes=2,
+                              reference_mode="each_largest", progress=False)
+    assert document["config"]["task_options"]["reference_mode"] == "each_largest"
+    records = [json.loads(line)["result"] for line in (tmp_path / "report" / "episodes.jsonl").read_text().splitlines()]
+    assert len(given_labels) == len(records) == 2
+    from insid3_med.imaging.readers import read_label_volume, read_volume
+
+    for given, record in zip(given_labels, records, strict=True):
+        volume = read_volume(data / "images" / f"{record['reference']}.nii.gz")
+        full = read_label_volume(data / "labels" / f"{record['reference']}.nii.gz", volume)
+        assert set(record["slices"]) == {"anterior hippocampus", "posterior hippocampus"}
+        for value, name in ((1, "anterior hippocampus"), (2, "posterior hippocampus")):
+            drawn = np.flatnonzero(np.any(given == value, axis=(1, 2))).tolist()
+            largest = int(np.argmax(np.count_nonzero(full == value, axis=(1, 2))))
+            assert drawn == [record["slices"][name]] == [largest]
+            np.testing.assert_array_equal(given[largest] == value, full[largest] == value)
+    # the registration baseline chains each structure from where its slice lands (measured on this first pair:
+    # anterior 0.243, posterior 0.427; carrying the two sparse slices as they were gave two sheets)
+    registration = run_evaluation("transfer", data, tmp_path / "registration", method="registration", episodes=1,
+                                  reference_mode="each_largest", progress=False)
+    scores = registration["summary"]["structures"]
+    assert scores["anterior hippocampus"]["dice"]["mean"] > 0.2
+    assert scores["posterior hippocampus"]["dice"]["mean"] > 0.35
+    with pytest.raises(ValueError, match="overlaps another"):  # the tumour core lies inside the whole tumour
+        run_evaluation("transfer", shared("brats"), tmp_path / "brats", method="copy", episodes=1,
+                       reference_mode="each_largest", progress=False)
+
+
 def test_baselines_take_each_structure_from_its_own_slice() -> None:
     labels = np.zeros((6, 5, 5), np.int16)
     labels[1, 0:2, 0:2] = 1
@@ -444,6 +483,25 @@ def test_baselines_take_each_structure_from_its_own_slice() -> None:
     labels[5, 4, 4] = 2  # structure 2 on two slices: the baselines take one slice per structure
     with pytest.raises(ValueError, match="label 2 lies on 2 slices"):
         CopyMethod().propagate(Volume(np.zeros((6, 5, 5), np.float32)), labels, axis=0)
+
+
+def test_transfer_baselines_take_each_structure_from_its_own_slice() -> None:
+    # A reference with each structure on its own slice: each is transferred alone (its slice copied through the
+    # target) and, where two meet, the structure whose slice landed nearer wins, as in the slices task. Before, the
+    # two sparse slices were carried as they were, leaving every other target slice empty.
+    labels = np.zeros((6, 5, 5), np.int16)
+    labels[1, 0:2, 0:2] = 1
+    labels[4, 1:3, 1:3] = 2
+    reference = Volume(np.zeros((6, 5, 5), np.float32))
+    target = Volume(np.zeros((8, 5, 5), np.float32))  # one slice more on each side: centred, slice n -> n + 1
+    copied = CopyMethod().transfer(reference, labels, target, axis=0)
+    assert copied.shape == (8, 5, 5)
+    assert (copied[1:7, 0, 0] == 1).all() and (copied[1:7, 2, 2] == 2).all()
+    assert (copied[1:4, 1, 1] == 1).all() and (copied[4:7, 1, 1] == 2).all()  # slices 2 and 5 are the drawn ones
+    whole = labels.copy()
+    whole[2, 0:2, 0:2] = 1  # structure 1 on two slices: a labelled volume, carried as it is
+    carried = CopyMethod().transfer(reference, whole, target, axis=0)
+    assert sorted(np.flatnonzero(carried.any(axis=(1, 2))).tolist()) == [2, 3, 5]
 
 
 class Interrupted(Exception):

@@ -86,6 +86,37 @@ def _each_structure_from_its_slice(labels: np.ndarray, axis: int,
     return merge_by_nearest_labelled_slice(results, axis).astype(labels.dtype)
 
 
+def _structures_on_their_own_slices(labels: np.ndarray, axis: int) -> list[int] | None:
+    """The label values of ``labels`` when they lie on several slices with each structure on one (the
+    ``each_largest`` reference of a transfer), else None."""
+    if _single_slice(labels, axis):
+        return None
+    other = tuple(a for a in range(labels.ndim) if a != axis)
+    values = [int(v) for v in np.unique(labels) if v != 0]
+    if all(int(np.count_nonzero(np.any(labels == v, axis=other))) == 1 for v in values):
+        return values
+    return None
+
+
+def _transfer_each_structure(sheets: np.ndarray, values: Sequence[int], axis: int,
+                             single: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Structures drawn each on its own reference slice, transferred one by one (``single(value)``: the target's
+    label map of that structure alone) and merged as the volume mode merges them: a voxel claimed by several goes
+    to the structure whose labelled slice landed nearer, on the target, in ``sheets`` (the labelled slices carried
+    onto the target grid). A structure whose slice lands outside the target is left out."""
+    from insid3_med.volume import merge_by_nearest_labelled_slice
+
+    other = tuple(a for a in range(sheets.ndim) if a != axis)
+    results = []
+    for value in values:
+        areas = np.count_nonzero(sheets == value, axis=other)
+        if areas.any():
+            results.append((single(value), [int(np.argmax(areas))]))
+    if not results:
+        return np.zeros_like(sheets)
+    return merge_by_nearest_labelled_slice(results, axis).astype(sheets.dtype)
+
+
 class CopyMethod(EvaluationMethod):
     """Copy baselines: the mask as it lies (2D), the labelled slice to every slice, labels by centred position."""
 
@@ -104,6 +135,12 @@ class CopyMethod(EvaluationMethod):
     def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int) -> np.ndarray:
         if _single_slice(reference_labels, axis):
             reference_labels = copy_labelled_slice(reference_labels, axis)
+        elif (values := _structures_on_their_own_slices(reference_labels, axis)) is not None:
+            return _transfer_each_structure(
+                copy_by_position(reference_labels, reference, target), values, axis,
+                lambda value: copy_by_position(copy_labelled_slice(np.where(reference_labels == value,
+                                                                            reference_labels, 0), axis),
+                                               reference, target))
         return copy_by_position(reference_labels, reference, target)
 
 
@@ -132,9 +169,15 @@ class RegistrationMethod(EvaluationMethod):
 
     def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int) -> np.ndarray:
         warped = register_volume_labels(reference, reference_labels, target, self.params)
-        if not _single_slice(reference_labels, axis):
-            return warped
-        # One labelled slice: it lands as a sheet in the target; chain from the target slice holding most of it.
+        if _single_slice(reference_labels, axis):
+            return self._chain_from_sheet(target, warped, axis)
+        if (values := _structures_on_their_own_slices(reference_labels, axis)) is not None:
+            return _transfer_each_structure(warped, values, axis, lambda value: self._chain_from_sheet(
+                target, np.where(warped == value, warped, 0), axis))
+        return warped
+
+    def _chain_from_sheet(self, target: Volume, warped: np.ndarray, axis: int) -> np.ndarray:
+        """One labelled slice lands as a sheet in the target: chained from the target slice holding most of it."""
         other = tuple(a for a in range(warped.ndim) if a != axis)
         areas = np.count_nonzero(warped, axis=other)
         if not areas.any():

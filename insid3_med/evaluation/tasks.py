@@ -7,8 +7,9 @@
 - ``slices``: one slice of one structure labelled, propagated through its volume; 3D Dice (also without the
   labelled slice), HD95 in mm, false-positive slices beyond the structure's extent, 2D Dice by distance (slices)
   from the labelled slice.
-- ``transfer``: reference A's labels (the whole label map, or only its slice of largest labelled area) carried to
-  target B; per structure 3D Dice and HD95 in mm. Both volumes are read in the first structure's modality.
+- ``transfer``: reference A's labels (the whole label map, only its slice of largest labelled area, or each
+  structure on its own slice of largest area) carried to target B; per structure 3D Dice and HD95 in mm. Both
+  volumes are read in the first structure's modality.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from insid3_med.evaluation.metrics import (
 from insid3_med.imaging.geometry import Volume
 
 TASKS = ("images", "slices", "transfer")
-REFERENCE_MODES = ("volume", "slice")
+REFERENCE_MODES = ("volume", "slice", EACH_LARGEST)
 
 
 @dataclass(frozen=True)
@@ -374,6 +375,9 @@ class TransferTask:
             index = int(np.argmax(np.count_nonzero(reference_labels, axis=other)))
             given = _only_slice(reference_labels, axis, index)
             record["slice"] = index
+        elif self.reference_mode == EACH_LARGEST:
+            given, slices = self._each_on_its_largest_slice(self.dataset.cases[a].name, reference_labels, axis)
+            record["slices"] = slices
         start = time.perf_counter()
         predicted = method.transfer(reference, given, target, axis)
         seconds = time.perf_counter() - start
@@ -388,6 +392,28 @@ class TransferTask:
             structures[structure.name] = {"dice": dice(mask, truth), "hd95_mm": distance, "hd95_capped": capped,
                                           "predicted_empty": not bool(mask.any())}
         return {**record, "structures": structures, "seconds": seconds}
+
+    def _each_on_its_largest_slice(self, name: str, labels: np.ndarray,
+                                   axis: int) -> tuple[np.ndarray, dict[str, int]]:
+        """The reference's labels kept only on each structure's own slice of largest area (label values as in the
+        data): the (K, J, I) given labels and each present structure's slice index. Overlapping structures are
+        refused, as by the slices task's ``each_largest`` kind."""
+        given = np.zeros_like(labels)
+        slices: dict[str, int] = {}
+        covered = np.zeros(labels.shape, dtype=bool)
+        for structure in self.dataset.structures:
+            mask = structure.binary(labels)
+            if not mask.any():
+                continue
+            if np.any(mask & covered):
+                raise ValueError(f"{name}: structure {structure.name!r} overlaps another; the {EACH_LARGEST} "
+                                 "reference mode needs structures that do not overlap")
+            covered |= mask
+            index = labelled_slice(mask, axis, EACH_LARGEST, 0, 0, 0)
+            slices[structure.name] = index
+            where = _only_slice(mask, axis, index) != 0
+            given[where] = labels[where]
+        return given, slices
 
     def summarise(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         structures = {}
