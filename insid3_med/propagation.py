@@ -59,7 +59,8 @@ class PropagationParams:
     image_size: side in pixels of the crop fed to the backbone (a multiple of its patch size after rounding).
     max_image_size, patches_across: the side grows up to ``max_image_size`` until the thinnest labelled structure
         is ``patches_across`` patches thick (:func:`model_input_size`); equal sizes fix it.
-    crop_scale: crop side = this times the larger side of the labelled structures' bounding box.
+    crop_scale: crop side = this times the larger side of the labelled structures' bounding box. 1.5 since
+        2026-11-27 (was 2): ACDC 0.834 -> 0.838, BraTS 0.869 -> 0.885, hippocampus 0.780 -> 0.780 on every volume.
     min_crop_fraction: the crop side is at least this fraction of the slice's larger side.
     top_k, temperature, neighbourhood (patches, Chebyshev radius): the label transfer.
     recent_slices: predicted slices kept as context beside the labelled slice(s).
@@ -113,7 +114,7 @@ class PropagationParams:
     image_size: int = 224
     max_image_size: int = 336
     patches_across: float = 2.0
-    crop_scale: float = 2.0
+    crop_scale: float = 1.5
     min_crop_fraction: float = 0.0
     top_k: int = 10
     temperature: float = 0.05
