@@ -45,7 +45,7 @@ def add_model_options(parser: argparse.ArgumentParser, image_size: int = 448, pr
     group.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=precision,
                        help=f"backbone precision (default {precision}; auto: bf16 for the volume mode on a CPU with "
-                       "native bf16, where it matched fp32 and ran 1.5x faster; fp32 otherwise)")
+                       "native bf16 that measures at least 1.2x faster than fp32 at start-up; fp32 otherwise)")
     group.add_argument("--image-size", type=int, default=image_size, help=f"model input side (default {image_size})")
     group.add_argument("--feature-block", type=int, help="backbone block whose features are used (default: per "
                        "backbone)")

@@ -44,7 +44,7 @@ class ModelOptions:
     """How to build the segmenter: weights, device, precision, input side, feature block and engine parameters.
 
     precision: "fp32", "bf16" or "auto" (:func:`insid3_med.backbones.resolve_precision`: bf16 for the chained volume
-    propagation on a CPU with native bf16, else fp32).
+    propagation on a CPU where bf16 measures faster, else fp32).
     """
 
     weights: str | None = None

@@ -210,6 +210,16 @@ def test_bf16_attention_on_long_sequences_runs_by_blocks_and_matches_fp32() -> N
     assert torch.equal(backbones.attention(query, key, value), exact)  # fp32 is always fused
 
 
+def test_bf16_speedup_is_measured_once_per_thread_count_and_leaves_the_threads_alone() -> None:
+    from insid3_med import backbones
+
+    threads = torch.get_num_threads()
+    speedup = backbones.bf16_matmul_speedup(1)
+    assert speedup > 0 and speedup != float("inf")
+    assert backbones.bf16_matmul_speedup(1) == speedup  # cached: measured once per process and thread count
+    assert torch.get_num_threads() == threads
+
+
 def test_auto_precision_is_bf16_only_for_the_chained_propagation_on_a_native_bf16_cpu(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from insid3_med import backbones
@@ -217,10 +227,15 @@ def test_auto_precision_is_bf16_only_for_the_chained_propagation_on_a_native_bf1
     assert backbones.resolve_precision("fp32", "cpu", chained=True) == "fp32"
     assert backbones.resolve_precision("bf16", "cpu") == "bf16"
     monkeypatch.setattr(backbones, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(backbones, "bf16_matmul_speedup", lambda threads: 3.0)
     assert backbones.resolve_precision("auto", "cpu", chained=True) == "bf16"
     assert backbones.resolve_precision("auto", "cpu", chained=False) == "fp32"  # the published method stays fp32
     assert backbones.resolve_precision("auto", "meta", chained=True) == "fp32"  # not a CPU
+    # the flag is there but bf16 measures slower (as on an Intel Xeon here: 0.55 times the fp32 speed)
+    monkeypatch.setattr(backbones, "bf16_matmul_speedup", lambda threads: 0.55)
+    assert backbones.resolve_precision("auto", "cpu", chained=True) == "fp32"
     monkeypatch.setattr(backbones, "native_bf16_cpu", lambda: False)
+    monkeypatch.setattr(backbones, "bf16_matmul_speedup", lambda threads: 3.0)
     assert backbones.resolve_precision("auto", "cpu", chained=True) == "fp32"
     with pytest.raises(ValueError, match="precision must be"):
         backbones.resolve_precision("fp16")

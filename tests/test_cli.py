@@ -84,9 +84,9 @@ def test_propagate_writes_every_format_on_the_input_grid(hippocampus: dict[str, 
     assert summary["model"]["weights_sha256"].startswith("8b38fc0f")
     assert summary["labels"]["1"]["volume_ml"] > 0 and "propagate" in summary["timings_s"]
     assert summary["propagation"]["mode"] == "volume"
-    from insid3_med.backbones import native_bf16_cpu
+    from insid3_med.backbones import bf16_pays_on_cpu
 
-    assert summary["model"]["precision"] == ("bf16" if native_bf16_cpu() else "fp32")  # --precision auto
+    assert summary["model"]["precision"] == ("bf16" if bf16_pays_on_cpu() else "fp32")  # --precision auto
 
 
 def test_propagate_published_mode_segments_every_slice(hippocampus: dict[str, Path], tmp_path: Path,
