@@ -3,7 +3,8 @@
     python benchmarks/bench_volume.py acdc [--case patient001_frame01] [--model standin] [--size 448]
     python benchmarks/bench_volume.py ct [--slices 300] [--side 512] [--model standin] [--size 512]
     python benchmarks/bench_volume.py ct --slices 100 300 [--json PATH]     # one subprocess per slice count
-    common options: [--precision fp32|bf16] [--device cpu] [--mode M] [--crop-size S] [--profile] [--threads N]
+    common options: [--precision fp32|bf16] [--device cpu] [--mode M] [--crop-size S] [--set KEY=VALUE ...]
+                    [--profile] [--threads N]
 
 Both cases run ``insid3_med.volume.propagate_through_slices`` with its default mode and settings, from one labelled
 slice (the labelled slice holding the most foreground; along array axis 0, the CLI's default ``k``):
@@ -117,14 +118,15 @@ def profile_parts(profile: cProfile.Profile, slices: int, total: float) -> list[
 
 
 def propagation_options(args: argparse.Namespace) -> dict:
-    """Keyword arguments of ``propagate_through_slices`` that differ from its defaults (--mode, --crop-size)."""
+    """Keyword arguments of ``propagate_through_slices`` that differ from its defaults (--mode, --crop-size, --set)."""
     options: dict = {}
     if args.mode:
         options["mode"] = args.mode
-    if args.crop_size:
-        from insid3_med.propagation import PropagationParams
+    if args.crop_size or args.settings:
+        from insid3_med.propagation import PropagationParams, with_overrides
 
-        options["params"] = PropagationParams(image_size=args.crop_size)
+        sizes = [f"image_size={args.crop_size}"] if args.crop_size else []
+        options["params"] = with_overrides(PropagationParams(), sizes + list(args.settings))
     return options
 
 
@@ -215,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--mode", help="propagate_through_slices mode (default: its own default)")
     parser.add_argument("--crop-size", type=int, help="PropagationParams.image_size of the crops (default: its own)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="a volume-mode setting, as for insid3-med propagate (repeatable)")
     parser.add_argument("--profile", action="store_true", help="add a profiled run and print the cost per part")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path)
@@ -255,6 +259,8 @@ def run_in_subprocess(args: argparse.Namespace, slices: int) -> dict:
         command += ["--mode", args.mode]
     if args.crop_size:
         command += ["--crop-size", str(args.crop_size)]
+    for item in args.settings:
+        command += ["--set", item]
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.profile:

@@ -61,6 +61,11 @@ class PropagationParams:
         is ``patches_across`` patches thick (:func:`model_input_size`); equal sizes fix it.
     crop_scale: crop side = this times the larger side of the labelled structures' bounding box. 1.5 since
         2026-11-27 (was 2): ACDC 0.834 -> 0.838, BraTS 0.869 -> 0.885, hippocampus 0.780 -> 0.780 on every volume.
+    crop_ensemble: crop scales of an ensemble (empty: none, one chain with ``crop_scale``): the volume mode runs one
+        chain per scale and each voxel takes the label a strict majority of them give (else background); about
+        ``len`` times the time. Measured with 1.25, 1.5, 1.75 (harness, every volume): hippocampus 0.780 -> 0.788
+        (FP slices 2.2% -> 1.4%), ACDC 0.838 -> 0.842, BraTS 0.885 -> 0.883; see the README. In a transfer it
+        applies to the reference's own chain only (measured: hippocampus from one slice 0.596 -> 0.596).
     min_crop_fraction: the crop side is at least this fraction of the slice's larger side.
     top_k, temperature, neighbourhood (patches, Chebyshev radius): the label transfer.
     recent_slices: predicted slices kept as context beside the labelled slice(s).
@@ -115,6 +120,7 @@ class PropagationParams:
     max_image_size: int = 336
     patches_across: float = 2.0
     crop_scale: float = 1.5
+    crop_ensemble: tuple[float, ...] = ()
     min_crop_fraction: float = 0.0
     top_k: int = 10
     temperature: float = 0.05
@@ -148,6 +154,8 @@ class PropagationParams:
             raise ValueError(f"image_size must be at least one patch, not {self.image_size}")
         if self.crop_scale < 1.0:
             raise ValueError(f"crop_scale must be >= 1, not {self.crop_scale}")
+        if any(not scale >= 1.0 for scale in self.crop_ensemble):
+            raise ValueError(f"every crop_ensemble scale must be >= 1, not {self.crop_ensemble}")
         if self.top_k < 1 or self.recent_slices < 0 or self.neighbourhood < 0:
             raise ValueError("top_k must be >= 1, recent_slices and neighbourhood >= 0")
         if self.temperature <= 0:
@@ -192,6 +200,14 @@ def params_from_settings(settings: Mapping[str, object] | None) -> PropagationPa
 
 
 def _setting_value(key: str, text: str, hint: object) -> object:
+    if typing.get_origin(hint) is tuple:  # crop_ensemble=1.25,1.5,1.75 or [1.25, 1.5, 1.75] (a config file); none: ()
+        items = [item.strip() for item in text.strip("[]() ").split(",") if item.strip()]
+        if text.lower() in ("none", "null"):
+            return ()
+        try:
+            return tuple(float(item) for item in items)
+        except ValueError:
+            raise ValueError(f"propagation setting {key}={text!r}: expected comma-separated numbers") from None
     options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
     if text.lower() in ("none", "null"):
         if type(None) in typing.get_args(hint):
@@ -615,6 +631,21 @@ def propagate_crops(anchors: Mapping[int, np.ndarray], features: FeatureSource, 
     for n, lab in anchors.items():
         merged[n] = np.asarray(lab, dtype=dtype)
     return merged
+
+
+def majority_labels(label_maps: Sequence[np.ndarray]) -> np.ndarray:
+    """Per voxel, the label value that more than half of ``label_maps`` (M arrays of one shape) give; background (0)
+    where none has a strict majority. Returns an int64 array of that shape."""
+    if not label_maps:
+        raise ValueError("majority_labels needs at least one label map")
+    output = np.zeros(np.shape(label_maps[0]), dtype=np.int64)
+    values = sorted({int(v) for labels in label_maps for v in np.unique(labels) if v != 0})
+    for value in values:
+        votes = np.zeros(output.shape, dtype=np.int32)
+        for labels in label_maps:
+            votes += np.asarray(labels) == value
+        output[2 * votes > len(label_maps)] = value  # at most one value holds a strict majority
+    return output
 
 
 def label_dtype(values: Sequence[float]) -> type[np.integer]:

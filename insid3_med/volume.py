@@ -36,6 +36,7 @@ from insid3_med.propagation import (
     encode_crops,
     label_dtype,
     label_slice,
+    majority_labels,
     model_input_size,
     neighbourhood_mask,
     paste_square,
@@ -322,6 +323,9 @@ def _propagate_volume_mode(segmenter: OneShotSegmenter, stack: SliceStack, label
                            references: Sequence[int], start: int, stop: int, params: PropagationParams,
                            progress: ProgressCallback | None, batch_size: int) -> np.ndarray:
     """``mode="volume"`` of :func:`propagate_through_slices` on an already checked label map."""
+    if params.crop_ensemble:
+        return _propagate_crop_ensemble(segmenter, stack, labels, references, start, stop, params, progress,
+                                        batch_size)
     axis = stack.axis
     anchors_model = {n: stack.labels(labels, n) for n in references}
     values = sorted({int(v) for lab in anchors_model.values() for v in np.unique(lab) if v > 0})
@@ -354,6 +358,26 @@ def _propagate_volume_mode(segmenter: OneShotSegmenter, stack: SliceStack, label
     if progress is not None and done < total:
         progress(total, total)
     return output
+
+
+def _propagate_crop_ensemble(segmenter: OneShotSegmenter, stack: SliceStack, labels: np.ndarray,
+                             references: Sequence[int], start: int, stop: int, params: PropagationParams,
+                             progress: ProgressCallback | None, batch_size: int) -> np.ndarray:
+    """``params.crop_ensemble``: one volume-mode chain per crop scale, merged by :func:`majority_labels` (the
+    labelled slices, kept by every chain, stay as given). Member outputs are held in the smallest label dtype."""
+    scales = params.crop_ensemble
+    values = [int(v) for v in np.unique(labels) if v > 0]
+    members = []
+    for number, scale in enumerate(scales):
+
+        def step(done: int, total: int, number: int = number) -> None:
+            if progress is not None:
+                progress(number * total + done, len(scales) * total)
+
+        member = replace(params, crop_scale=scale, crop_ensemble=())
+        output = _propagate_volume_mode(segmenter, stack, labels, references, start, stop, member, step, batch_size)
+        members.append(output.astype(label_dtype(values)))
+    return majority_labels(members)
 
 
 def merge_by_nearest_labelled_slice(results: Sequence[tuple[np.ndarray, Sequence[int]]], axis: int) -> np.ndarray:

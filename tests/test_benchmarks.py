@@ -97,7 +97,7 @@ def test_volume_benchmark_on_a_small_ct_reports_memory_and_parts(bench, tmp_path
     volume_bench = bench("bench_volume")
     out = tmp_path / "ct.json"
     result = volume_bench.main(["ct", "--slices", "6", "--side", "64", "--model", "dinov3_vits16", "--size", "32",
-                                "--profile", "--json", str(out)])
+                                "--set", "crop_ensemble=1.25,1.5", "--profile", "--json", str(out)])
     printed = capsys.readouterr().out
     assert "slices/s" in printed and "peak" in printed and "ms/slice" in printed
     saved = json.loads(out.read_text())
@@ -105,6 +105,7 @@ def test_volume_benchmark_on_a_small_ct_reports_memory_and_parts(bench, tmp_path
     assert saved["peak_rss_mib"] >= saved["rss_after_model_mib"] > 0
     assert any(row["part"].startswith("backbones.encode ") for row in saved["parts"])
     assert result["propagate_seconds"] > 0
+    assert "crop_ensemble=(1.25, 1.5)" in saved["options"]["params"]
 
 
 @pytest.mark.slow

@@ -338,6 +338,9 @@ def test_network_takes_volume_mode_settings_and_names_a_bad_one(standin: Path) -
     network = OneShotNetwork(weights=standin, image_size=IMAGE_SIZE, propagation={"gate_sigma": 0.05,
                                                                                    "stop_confidence": None})
     assert network.params.gate_sigma == 0.05 and network.params.stop_confidence is None
+    # a config file's list (JSON or Python syntax on the command line) for the crop ensemble
+    ensemble = OneShotNetwork(weights=standin, image_size=IMAGE_SIZE, propagation={"crop_ensemble": [1.25, 1.5, 1.75]})
+    assert ensemble.params.crop_ensemble == (1.25, 1.5, 1.75)
     assert OneShotNetwork(weights=standin, image_size=IMAGE_SIZE, propagation={}).params is None  # the defaults
     with pytest.raises(ValueError, match="unknown propagation setting 'gate_sgima'"):
         OneShotNetwork(weights=standin, image_size=IMAGE_SIZE, propagation={"gate_sgima": 0.05})

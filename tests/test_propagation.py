@@ -17,6 +17,7 @@ from insid3_med.propagation import (
     SquareBox,
     carry_labels,
     crop_square,
+    majority_labels,
     neighbourhood_mask,
     params_from_settings,
     paste_square,
@@ -157,6 +158,28 @@ def test_with_overrides_reads_each_value_as_its_field_type() -> None:
     assert params_from_settings({"top_k": 5, "flip": True, "stop_confidence": None}) == PropagationParams(
         top_k=5, flip=True, stop_confidence=None)
     assert params_from_settings(None) == params_from_settings({}) == PropagationParams()
+
+
+def test_crop_ensemble_is_read_as_numbers_from_a_command_line_or_a_config_file() -> None:
+    assert PropagationParams().crop_ensemble == ()
+    assert with_overrides(PropagationParams(), ["crop_ensemble=1.25, 1.5,1.75"]).crop_ensemble == (1.25, 1.5, 1.75)
+    assert params_from_settings({"crop_ensemble": [1.25, 2]}).crop_ensemble == (1.25, 2.0)
+    assert with_overrides(PropagationParams(crop_ensemble=(1.5, 2.0)), ["crop_ensemble=none"]).crop_ensemble == ()
+    with pytest.raises(ValueError, match=re.escape("crop_ensemble='1.5,big': expected comma-separated numbers")):
+        with_overrides(PropagationParams(), ["crop_ensemble=1.5,big"])
+    with pytest.raises(ValueError, match="every crop_ensemble scale must be >= 1"):
+        with_overrides(PropagationParams(), ["crop_ensemble=0.5,1.5"])
+
+
+def test_majority_labels_keeps_what_more_than_half_of_the_maps_say() -> None:
+    maps = [np.array([[1, 1, 2, 0], [2, 0, 0, 3]]), np.array([[1, 2, 2, 0], [2, 1, 0, 0]]),
+            np.array([[1, 0, 2, 1], [0, 2, 0, 0]])]
+    voted = majority_labels(maps)
+    assert voted.dtype == np.int64
+    np.testing.assert_array_equal(voted, [[1, 0, 2, 0], [2, 0, 0, 0]])  # 1/2/0 split and 3 on 1 of 3: background
+    np.testing.assert_array_equal(majority_labels(maps[:2]), [[1, 0, 2, 0], [2, 0, 0, 0]])  # two: both agree
+    with pytest.raises(ValueError, match="at least one"):
+        majority_labels([])
 
 
 @pytest.mark.parametrize(("item", "message"), [
