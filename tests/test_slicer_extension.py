@@ -284,6 +284,14 @@ def test_propagate_command_line():
     default = validation.plan_propagation(one_slice_labels(), validation.PropagationSettings())
     default_command = commands.propagate_command(["py"], "v.nii.gz", "l.nii.gz", "o.nii.gz", default)
     assert default_command[default_command.index("--precision") + 1] == "auto"  # the tool picks bf16 or fp32
+    assert "--set" not in default_command
+    accurate = validation.plan_propagation(one_slice_labels(), validation.PropagationSettings(crop_ensemble=True))
+    accurate_command = commands.propagate_command(["py"], "v.nii.gz", "l.nii.gz", "o.nii.gz", accurate)
+    setting = accurate_command[accurate_command.index("--set") + 1]
+    assert setting == "crop_ensemble=1.25,1.5,1.75"
+    from insid3_med.propagation import PropagationParams, with_overrides
+
+    assert with_overrides(PropagationParams(), [setting]).crop_ensemble == (1.25, 1.5, 1.75)  # the tool reads it
 
 
 def test_transfer_command_line_and_output_names(tmp_path):

@@ -85,6 +85,7 @@ class OneShotPropagateParameterNode:
     axis - "auto" (the axis with the fewest labelled slices) or an array axis: k (slices), j (rows), i (columns).
     useSliceRange, firstSlice, lastSlice - propagate only through these slices (0-based, both included).
     device, precision, imageSize - where and how the backbone runs.
+    cropEnsemble - propagate with three crop scales and keep each voxel's majority label (2-3x slower).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -96,6 +97,7 @@ class OneShotPropagateParameterNode:
     device: Annotated[str, Choice(list(validation.DEVICE_CHOICES))] = "auto"
     precision: Annotated[str, Choice(list(validation.PRECISION_CHOICES))] = "auto"
     imageSize: Annotated[int, WithinRange(*validation.IMAGE_SIZE_LIMITS)] = 448
+    cropEnsemble: bool = False
 
 
 #
@@ -321,7 +323,7 @@ class OneShotPropagateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         sliceRange = (p.firstSlice, p.lastSlice) if p.useSliceRange else None
         return validation.PropagationSettings(
             axis=slices.parse_axis(p.axis), slice_range=sliceRange, device=p.device, precision=p.precision,
-            image_size=p.imageSize, weights=self.logic.weightsForRun())
+            image_size=p.imageSize, weights=self.logic.weightsForRun(), crop_ensemble=p.cropEnsemble)
 
     # Actions
 

@@ -19,6 +19,8 @@ CLI_MODULE = "insid3_med"
 EXIT_BAD_INPUT = 2
 EXIT_WEIGHTS_MISSING = 3
 
+CROP_ENSEMBLE = "crop_ensemble=1.25,1.5,1.75"  # the "three crop sizes" option: ``--set`` of insid3-med
+
 _VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr")
 
 
@@ -38,6 +40,8 @@ def _common_options(plan: PropagationPlan) -> list[str]:
         options += ["--device", settings.device]
     if settings.weights:
         options += ["--weights", str(settings.weights)]
+    if settings.crop_ensemble:
+        options += ["--set", CROP_ENSEMBLE]
     return options
 
 

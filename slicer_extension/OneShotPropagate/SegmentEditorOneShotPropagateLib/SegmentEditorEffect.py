@@ -92,11 +92,17 @@ One-shot Propagate module.<p>"""
         deviceLayout.addWidget(self.weightsButton)
         self.scriptedEffect.addLabeledOptionsWidget(_("Device:"), deviceLayout)
 
+        self.cropEnsembleCheckBox = qt.QCheckBox(_("three crop sizes, majority vote (2-3x slower)"))
+        self.cropEnsembleCheckBox.setToolTip(_("Propagate three times, zoomed 1.25, 1.5 and 1.75 times the structure, "
+                                               "and keep each voxel's majority label: slightly more accurate."))
+        self.scriptedEffect.addLabeledOptionsWidget(_("Accuracy:"), self.cropEnsembleCheckBox)
+
         self.axisComboBox.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
         self.deviceComboBox.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
         self.useRangeCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
         self.firstSliceSpinBox.connect("valueChanged(int)", self.updateMRMLFromGUI)
         self.lastSliceSpinBox.connect("valueChanged(int)", self.updateMRMLFromGUI)
+        self.cropEnsembleCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
         self.weightsButton.connect("clicked()", self.onWeightsButton)
 
         AbstractScriptedSegmentEditorAutoCompleteEffect.setupOptionsFrame(self)
@@ -109,12 +115,13 @@ One-shot Propagate module.<p>"""
         self.scriptedEffect.setParameterDefault("FirstSlice", "0")
         self.scriptedEffect.setParameterDefault("LastSlice", "0")
         self.scriptedEffect.setParameterDefault("Device", "auto")
+        self.scriptedEffect.setParameterDefault("CropEnsemble", "0")
         AbstractScriptedSegmentEditorAutoCompleteEffect.setMRMLDefaults(self)
 
     def updateGUIFromMRML(self):
         AbstractScriptedSegmentEditorAutoCompleteEffect.updateGUIFromMRML(self)
         widgets = (self.axisComboBox, self.deviceComboBox, self.useRangeCheckBox, self.firstSliceSpinBox,
-                   self.lastSliceSpinBox)
+                   self.lastSliceSpinBox, self.cropEnsembleCheckBox)
         blocked = [widget.blockSignals(True) for widget in widgets]
         for comboBox, name in ((self.axisComboBox, "Axis"), (self.deviceComboBox, "Device")):
             comboBox.setCurrentIndex(max(comboBox.findData(self.scriptedEffect.parameter(name)), 0))
@@ -124,6 +131,7 @@ One-shot Propagate module.<p>"""
         self.lastSliceSpinBox.setValue(self.scriptedEffect.integerParameter("LastSlice"))
         self.firstSliceSpinBox.setEnabled(useRange)
         self.lastSliceSpinBox.setEnabled(useRange)
+        self.cropEnsembleCheckBox.setChecked(self.scriptedEffect.integerParameter("CropEnsemble") != 0)
         for widget, wasBlocked in zip(widgets, blocked, strict=True):
             widget.blockSignals(wasBlocked)
 
@@ -134,6 +142,7 @@ One-shot Propagate module.<p>"""
         self.scriptedEffect.setParameter("UseSliceRange", 1 if self.useRangeCheckBox.checked else 0)
         self.scriptedEffect.setParameter("FirstSlice", self.firstSliceSpinBox.value)
         self.scriptedEffect.setParameter("LastSlice", self.lastSliceSpinBox.value)
+        self.scriptedEffect.setParameter("CropEnsemble", 1 if self.cropEnsembleCheckBox.checked else 0)
 
     def onWeightsButton(self):
         from OneShotPropagate import askForWeights
@@ -149,7 +158,8 @@ One-shot Propagate module.<p>"""
                           self.scriptedEffect.integerParameter("LastSlice"))
         return validation.PropagationSettings(
             axis=slices.parse_axis(self.scriptedEffect.parameter("Axis")), slice_range=sliceRange,
-            device=self.scriptedEffect.parameter("Device") or "auto", weights=weightsPath)
+            device=self.scriptedEffect.parameter("Device") or "auto", weights=weightsPath,
+            crop_ensemble=self.scriptedEffect.integerParameter("CropEnsemble") != 0)
 
     # Preview
 
