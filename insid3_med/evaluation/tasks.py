@@ -203,6 +203,26 @@ def _only_slice(mask: np.ndarray, axis: int, index: int) -> np.ndarray:
     return given
 
 
+def _each_on_its_largest_slice(structures: Sequence[Structure], labels: np.ndarray, axis: int, name: str,
+                               purpose: str) -> list[tuple[int, np.ndarray, int]]:
+    """For each structure present in the (K, J, I) ``labels``: (its index in ``structures``, the (K, J, I) bool mask
+    of it on its own slice of largest area along ``axis``, that slice's index). Structures that overlap are refused
+    with a ValueError naming ``name`` (the case) and ``purpose`` (what needs them apart)."""
+    chosen = []
+    covered = np.zeros(labels.shape, dtype=bool)
+    for structure_index, structure in enumerate(structures):
+        mask = structure.binary(labels)
+        if not mask.any():
+            continue
+        if np.any(mask & covered):
+            raise ValueError(f"{name}: structure {structure.name!r} overlaps another; the {EACH_LARGEST} {purpose} "
+                             "needs structures that do not overlap")
+        covered |= mask
+        index = labelled_slice(mask, axis, EACH_LARGEST, 0, 0, structure_index)
+        chosen.append((structure_index, _only_slice(mask, axis, index) != 0, index))
+    return chosen
+
+
 class SliceTask:
     """One labelled slice of one structure, propagated through its volume."""
 
@@ -284,18 +304,9 @@ class SliceTask:
         case = self.dataset.cases[case_index]
         given = np.zeros(labels.shape, dtype=np.int16)
         slices: dict[int, int] = {}
-        covered = np.zeros(labels.shape, dtype=bool)
-        for structure_index, structure in enumerate(self.dataset.structures):
-            mask = structure.binary(labels)
-            if not mask.any():
-                continue
-            if np.any(mask & covered):
-                raise ValueError(f"{case.name}: structure {structure.name!r} overlaps another; the {EACH_LARGEST} "
-                                 "slice kind needs structures that do not overlap")
-            covered |= mask
-            index = labelled_slice(mask, axis, EACH_LARGEST, self._seed, case_index, structure_index)
+        for structure_index, where, index in _each_on_its_largest_slice(self.dataset.structures, labels, axis,
+                                                                        case.name, "slice kind"):
             slices[structure_index] = index
-            where = _only_slice(mask, axis, index) != 0
             given[where] = structure_index + 1
         joint = np.asarray(method.propagate(volume, given, axis, cache_key=(case.name, "each_largest")))
         self._joint = (key, joint, slices)
@@ -400,18 +411,9 @@ class TransferTask:
         refused, as by the slices task's ``each_largest`` kind."""
         given = np.zeros_like(labels)
         slices: dict[str, int] = {}
-        covered = np.zeros(labels.shape, dtype=bool)
-        for structure in self.dataset.structures:
-            mask = structure.binary(labels)
-            if not mask.any():
-                continue
-            if np.any(mask & covered):
-                raise ValueError(f"{name}: structure {structure.name!r} overlaps another; the {EACH_LARGEST} "
-                                 "reference mode needs structures that do not overlap")
-            covered |= mask
-            index = labelled_slice(mask, axis, EACH_LARGEST, 0, 0, 0)
-            slices[structure.name] = index
-            where = _only_slice(mask, axis, index) != 0
+        for structure_index, where, index in _each_on_its_largest_slice(self.dataset.structures, labels, axis, name,
+                                                                        "reference mode"):
+            slices[self.dataset.structures[structure_index].name] = index
             given[where] = labels[where]
         return given, slices
 
