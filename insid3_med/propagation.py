@@ -201,9 +201,9 @@ def params_from_settings(settings: Mapping[str, object] | None) -> PropagationPa
 
 def _setting_value(key: str, text: str, hint: object) -> object:
     if typing.get_origin(hint) is tuple:  # crop_ensemble=1.25,1.5,1.75 or [1.25, 1.5, 1.75] (a config file); none: ()
-        items = [item.strip() for item in text.strip("[]() ").split(",") if item.strip()]
         if text.lower() in ("none", "null"):
             return ()
+        items = [item.strip() for item in text.strip("[]() ").split(",") if item.strip()]
         try:
             return tuple(float(item) for item in items)
         except ValueError:
