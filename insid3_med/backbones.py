@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +152,40 @@ def blocked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out
 
 
+class _Attention(nn.Module):
+    """The ``attn`` holder of a :class:`DINOv3Block`: ``qkv`` and ``proj`` layers and the ``qkv_bias_mask`` buffer
+    (attributes set by the block, typed here for the type checker)."""
+
+    qkv: nn.Linear
+    proj: nn.Linear
+    qkv_bias_mask: torch.Tensor
+
+
+class _Mlp(nn.Module):
+    """The ``mlp`` holder of a :class:`DINOv3Block`: ``fc1`` and ``fc2``."""
+
+    fc1: nn.Linear
+    fc2: nn.Linear
+
+
+class _LayerScale(nn.Module):
+    """The ``ls1`` / ``ls2`` holders of a :class:`DINOv3Block`: a ``gamma`` parameter."""
+
+    gamma: nn.Parameter
+
+
+class _PatchEmbed(nn.Module):
+    """The ``patch_embed`` holder of a :class:`DINOv3ViT`: a ``proj`` convolution."""
+
+    proj: nn.Conv2d
+
+
+class _RopeEmbed(nn.Module):
+    """The ``rope_embed`` holder of a :class:`DINOv3ViT`: a ``periods`` buffer."""
+
+    periods: torch.Tensor
+
+
 class DINOv3Block(nn.Module):
     """Pre-norm transformer block with LayerScale and RoPE on patch tokens (official key names)."""
 
@@ -158,17 +193,17 @@ class DINOv3Block(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = nn.Module()
+        self.attn = _Attention()
         self.attn.qkv = nn.Linear(dim, 3 * dim)
         self.attn.register_buffer("qkv_bias_mask", torch.ones(3 * dim), persistent=False)
         self.attn.proj = nn.Linear(dim, dim)
-        self.ls1 = nn.Module()
+        self.ls1 = _LayerScale()
         self.ls1.gamma = nn.Parameter(torch.ones(dim))
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = nn.Module()
+        self.mlp = _Mlp()
         self.mlp.fc1 = nn.Linear(dim, mlp_dim)
         self.mlp.fc2 = nn.Linear(mlp_dim, dim)
-        self.ls2 = nn.Module()
+        self.ls2 = _LayerScale()
         self.ls2.gamma = nn.Parameter(torch.ones(dim))
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -197,9 +232,9 @@ class DINOv3ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.storage_tokens = nn.Parameter(torch.zeros(1, spec.num_register_tokens, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
-        self.patch_embed = nn.Module()
+        self.patch_embed = _PatchEmbed()
         self.patch_embed.proj = nn.Conv2d(3, dim, spec.patch_size, spec.patch_size)
-        self.rope_embed = nn.Module()
+        self.rope_embed = _RopeEmbed()
         self.rope_embed.register_buffer("periods", torch.ones(dim // spec.num_heads // 4))
         self.blocks = nn.ModuleList(DINOv3Block(dim, spec.num_heads, spec.mlp_dim) for _ in range(spec.depth))
         self.norm = nn.LayerNorm(dim, eps=1e-5)
@@ -256,7 +291,7 @@ def load_dinov3_checkpoint(path: Path) -> tuple[DINOv3ViT, BackboneSpec]:
     own = {k: v for k, v in state.items() if not k.endswith("qkv.bias_mask")}
     model.load_state_dict(own, strict=True)
     for i, block in enumerate(model.blocks):
-        block.attn.qkv_bias_mask.copy_(state[f"blocks.{i}.attn.qkv.bias_mask"].float())
+        cast(DINOv3Block, block).attn.qkv_bias_mask.copy_(state[f"blocks.{i}.attn.qkv.bias_mask"].float())
     return model, spec
 
 
@@ -270,7 +305,7 @@ HF_ATTENTION = "insid3_med"
 
 def _hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                  **kwargs: object) -> tuple[torch.Tensor, None]:
+                  **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention function: :func:`attention`, or transformers' sdpa where a mask or dropout is asked."""
     if attention_mask is not None or dropout > 0.0 or kwargs.get("output_attentions"):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -285,9 +320,16 @@ def use_own_attention(model: nn.Module) -> None:
     to transformers' own "sdpa" (tested). Models without ``set_attn_implementation`` keep their own attention."""
     from transformers import AttentionInterface
 
-    if hasattr(model, "set_attn_implementation"):
+    set_attn_implementation = getattr(model, "set_attn_implementation", None)
+    if set_attn_implementation is not None:
         AttentionInterface.register(HF_ATTENTION, _hf_attention)
-        model.set_attn_implementation(HF_ATTENTION)
+        set_attn_implementation(HF_ATTENTION)
+
+
+def _layer_holder(model: nn.Module, family: str) -> nn.Module:
+    """The submodule of a transformers model that holds its ``layer`` list of blocks: ``model.model`` for DINOv3,
+    ``model.encoder`` for DINOv2."""
+    return cast(nn.Module, model.model if family == "dinov3" else model.encoder)
 
 
 class HuggingFaceViT(nn.Module):
@@ -298,16 +340,13 @@ class HuggingFaceViT(nn.Module):
         use_own_attention(model)
         self.model = model
         self.spec = spec
-        self.all_layers = nn.ModuleList(list(model.model.layer if spec.family == "dinov3" else model.encoder.layer))
+        self.all_layers = nn.ModuleList(list(cast(nn.ModuleList, _layer_holder(model, spec.family).layer)))
 
     def forward(self, images: torch.Tensor, num_blocks: int | None = None) -> torch.Tensor:
         batch, _, height, width = images.shape
         grid_h, grid_w = height // self.spec.patch_size, width // self.spec.patch_size
         kept = nn.ModuleList(list(self.all_layers)[: num_blocks or len(self.all_layers)])
-        if self.spec.family == "dinov3":
-            self.model.model.layer = kept
-        else:
-            self.model.encoder.layer = kept
+        _layer_holder(self.model, self.spec.family).layer = kept
         hidden = self.model(pixel_values=images).last_hidden_state
         patches = hidden[:, 1 + self.spec.num_register_tokens :]
         return patches.transpose(1, 2).reshape(batch, -1, grid_h, grid_w)
@@ -571,6 +610,7 @@ def load_backbone(weights: str | Path | None = None, *, device: str | torch.devi
     """
     location, how = resolve_weights(weights, cache_dir)
     path = Path(location).expanduser()
+    network: nn.Module
     if path.is_file():
         if path.suffix in (".pth", ".pt"):
             network, spec = load_dinov3_checkpoint(path)

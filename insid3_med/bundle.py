@@ -179,7 +179,8 @@ class ScaleIntensityPresetd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
-            modality, header = None, {}
+            modality: str | None = None
+            header: dict[str, Any] = {}
             if isinstance(image, MetaTensor) and image.meta.get("filename_or_obj"):
                 modality, header = dicom_header_metadata(image.meta["filename_or_obj"])
             volume = volume_from_metatensor(image, modality=self.modality or modality, metadata=header)
@@ -236,6 +237,17 @@ class _NetworkSegmenter(OneShotSegmenter):
         return self.state_basis.to(self.backbone.device)
 
 
+def _existing_reference_path(name: str, path: str | Path | None, either: str | Path | None) -> Path:
+    """``path`` of the reference pair's ``name`` ("reference_image" or "reference_label") as a Path, checked: raises
+    ImageReadError when it is not given (naming ``either``, the one of the pair that is) or ImageNotFoundError when
+    it does not exist."""
+    if not path:
+        raise ImageReadError(Path(str(either)), f"{name} is missing: give both the reference image and its label map")
+    if not Path(path).exists():
+        raise ImageNotFoundError(Path(path), f"{name} not found")
+    return Path(path)
+
+
 def _same_file(a: str | Path | None, b: str | Path | None) -> bool:
     if not a or not b:
         return False
@@ -272,6 +284,9 @@ class OneShotNetwork(nn.Module):
     and rank it was computed for. Loading a state with another fingerprint keeps the network's own basis and logs a
     warning. The backbone's weights are not part of the state; they load from ``weights``.
     """
+
+    positional_basis: torch.Tensor  # buffers registered in __init__
+    state_fingerprint: torch.Tensor
 
     def __init__(self, reference_image: str | Path | None = None, reference_label: str | Path | None = None, *,
                  reference_transform: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
@@ -345,28 +360,24 @@ class OneShotNetwork(nn.Module):
 
     def load_reference(self, image: str | Path | None, label: str | Path | None) -> BundleReference:
         """Read and check the reference pair through ``reference_transform``; raises ImageReadError on bad input."""
-        for name, path in (("reference_image", image), ("reference_label", label)):
-            if not path:
-                raise ImageReadError(Path(str(image or label)), f"{name} is missing: give both the reference image "
-                                                                  "and its label map")
-            if not Path(path).exists():
-                raise ImageNotFoundError(Path(path), f"{name} not found")
+        image_path = _existing_reference_path("reference_image", image, image or label)
+        label_path = _existing_reference_path("reference_label", label, image or label)
         data = self.reference_transform({"image": str(image), "label": str(label)})
         volume = volume_from_metatensor(data["image"], metadata=UNIT_DISPLAY)
         label_volume = volume_from_metatensor(data["label"])
         if label_volume.shape != volume.shape or not label_volume.geometry.allclose(volume.geometry, atol=1e-3):
-            raise ImageReadError(Path(label), f"the reference label map (shape {label_volume.shape}) is not on the "
-                                              f"grid of the reference image {image} (shape {volume.shape})")
+            raise ImageReadError(label_path, f"the reference label map (shape {label_volume.shape}) is not on the "
+                                             f"grid of the reference image {image} (shape {volume.shape})")
         try:
             labels = check_label_grid(volume, label_volume.array)
         except ValueError as error:
-            raise ImageReadError(Path(label), str(error)) from error
+            raise ImageReadError(label_path, str(error)) from error
         if labels.max() > MAX_LABEL:
-            raise ImageReadError(Path(label), f"label value {int(labels.max())} exceeds {MAX_LABEL}: the bundle "
-                                              "writes uint8 label maps")
+            raise ImageReadError(label_path, f"label value {int(labels.max())} exceeds {MAX_LABEL}: the bundle "
+                                             "writes uint8 label maps")
         if not labelled_slices(labels, slicing_axis(volume, self.axis)):
-            raise ImageReadError(Path(label), "the reference label map has no labelled voxel")
-        reference = BundleReference(volume, labels, Path(image), Path(label))
+            raise ImageReadError(label_path, "the reference label map has no labelled voxel")
+        reference = BundleReference(volume, labels, image_path, label_path)
         logger.info("reference %s with labels %s from %s (%d labelled slices along %s)", image,
                     reference.label_values, label, len(labelled_slices(labels, slicing_axis(volume, self.axis))),
                     self.axis)

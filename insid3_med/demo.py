@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from insid3_med.backbones import DINOV3_HELP, WeightsNotFoundError, resolve_weights
-from insid3_med.imaging.geometry import Geometry, Volume
+from insid3_med.imaging.geometry import Geometry, Volume, float_triple
 from insid3_med.imaging.overlay import write_overlay_montage
 from insid3_med.imaging.readers import read_volume
 from insid3_med.imaging.writers import write_nifti_labels, write_seg_nrrd
@@ -136,8 +136,8 @@ def crop_volume(volume: Volume, box: tuple[slice, slice, slice], metadata: dict[
     steps = [s.step or 1 for s in box]
     affine = volume.geometry.ijk_to_lps()
     origin = affine @ np.array([starts[2], starts[1], starts[0], 1.0])
-    spacing = tuple(float(volume.geometry.spacing[n] * steps[2 - n]) for n in range(3))
-    geometry = Geometry(spacing=spacing, origin=tuple(float(v) for v in origin[:3]),
+    spacing = float_triple(volume.geometry.spacing[n] * steps[2 - n] for n in range(3))
+    geometry = Geometry(spacing=spacing, origin=float_triple(origin[:3]),
                         direction=volume.geometry.direction)
     return Volume(np.ascontiguousarray(volume.array[box]), geometry, modality="MR", source=volume.source,
                   metadata=metadata)
@@ -167,8 +167,8 @@ def load_demo_case(slice_step: int = 2, border: int = 4) -> DemoCase:
         pad = 0 if axis == 0 else border
         step = slice_step if axis == 0 else 1
         box.append(slice(max(0, int(present[0]) - pad), min(brain.shape[axis], int(present[-1]) + 1 + pad), step))
-    region = tuple(box)
-    volume = crop_volume(t1, region, dict(t1.metadata))  # type: ignore[arg-type]
+    region = (box[0], box[1], box[2])
+    volume = crop_volume(t1, region, dict(t1.metadata))
     reference = np.ascontiguousarray(ventricles[region].astype(np.uint8))
     extent = np.flatnonzero(reference.any(axis=(1, 2)))
     return DemoCase(

@@ -11,7 +11,9 @@ maps; each label value > 0 is one structure, and the prediction carries the same
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 import numpy as np
 import torch
@@ -33,6 +35,12 @@ from insid3_med.engine import (
 )
 
 ImageLike = np.ndarray | torch.Tensor
+
+
+def _pair(sizes: Sequence[int]) -> tuple[int, int]:
+    """The two sizes of an (H, W) or (h, w) shape (for example ``tensor.shape[-2:]``) as a typed pair."""
+    first, second = sizes
+    return (first, second)
 
 
 @dataclass
@@ -150,7 +158,7 @@ class OneShotSegmenter:
 
     def place(self, image: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
         """(B, ch, H, W) float -> (B, ch, s, s): resized into the content box, zero elsewhere."""
-        top, left, height, width = self.content_box(tuple(image.shape[-2:]))
+        top, left, height, width = self.content_box(_pair(image.shape[-2:]))
         kwargs = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
         resized = F.interpolate(image, size=(height, width), mode=mode, **kwargs)
         if (height, width) == self.model_size:
@@ -163,24 +171,30 @@ class OneShotSegmenter:
         """An image -> (3, s, s) ImageNet-normalised tensor at the model size."""
         return normalise_for_backbone(self.place(image_to_tensor(image)[None]))[0]
 
+    @overload
+    def encode(self, images: ImageLike, batch_size: int = 8) -> EncodedImage: ...
+
+    @overload
+    def encode(self, images: list[ImageLike], batch_size: int = 8) -> list[EncodedImage]: ...
+
     def encode(self, images: ImageLike | list[ImageLike], batch_size: int = 8) -> EncodedImage | list[EncodedImage]:
         """Encode one image or a list (batched through the backbone). Returns EncodedImage(s)."""
         single = not isinstance(images, list)
-        items = [images] if single else images
+        items = images if isinstance(images, list) else [images]
         tensors = [image_to_tensor(item) for item in items]
-        sizes = [tuple(tensor.shape[1:]) for tensor in tensors]
+        sizes = [_pair(tensor.shape[1:]) for tensor in tensors]
         batch = torch.stack([self.prepare(tensor) for tensor in tensors])
         feature_maps = self.backbone.encode(batch, batch_size=batch_size)
         basis = self.basis()
         encoded = []
         for feature_map, size in zip(feature_maps, sizes, strict=True):
             plain = flatten_features(feature_map)
-            encoded.append(EncodedImage(plain, debias(plain, basis), tuple(feature_map.shape[1:]), self.model_size,
+            encoded.append(EncodedImage(plain, debias(plain, basis), _pair(feature_map.shape[1:]), self.model_size,
                                         size, self.content_box(size)))
         return encoded[0] if single else encoded
 
     def _encoded(self, image: ImageLike | EncodedImage) -> EncodedImage:
-        return image if isinstance(image, EncodedImage) else self.encode(image)  # type: ignore[return-value]
+        return image if isinstance(image, EncodedImage) else self.encode(image)
 
     # -- references -------------------------------------------------------------------------------------------
 

@@ -181,7 +181,7 @@ def with_overrides(params: PropagationParams, overrides: Iterable[str]) -> Propa
     raises a ValueError naming it and the choices."""
     hints = typing.get_type_hints(PropagationParams)
     names = [f.name for f in fields(PropagationParams)]
-    changes: dict[str, object] = {}
+    changes: dict[str, typing.Any] = {}  # each value of its field's type (_setting_value)
     for item in overrides:
         key, sep, text = item.partition("=")
         key, text = key.strip().replace("-", "_"), text.strip()
@@ -220,7 +220,7 @@ def _setting_value(key: str, text: str, hint: object) -> object:
             if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
                 raise ValueError(text)
             return lowered in ("true", "1", "yes", "on")
-        return kind(text)  # type: ignore[operator]
+        return kind(text)
     except ValueError:
         raise ValueError(f"propagation setting {key}={text!r}: expected {getattr(kind, '__name__', kind)}"
                          + (" or none" if len(typing.get_args(hint)) > 1 else "")) from None
@@ -696,7 +696,9 @@ def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource,
             image = images(index) if images is not None else None
             warped, prior = None, previous_labels
             if register or (track and tracked.any()):  # one registration of the slice pair serves both
-                warp = demons_label_warp(images(previous_index), image, shrink)  # type: ignore[misc,arg-type]
+                if images is None or image is None:  # register and track are only set with images
+                    raise ValueError("registration of neighbouring slices needs their images")
+                warp = demons_label_warp(images(previous_index), image, shrink)
                 if register:
                     warped = warp(previous_labels, values)
                 if track:

@@ -83,7 +83,11 @@ def through_plane_axis(volume: Volume) -> int:
     """The array axis with the coarsest spacing (ties: the one with fewest voxels): the acquisition's slice axis."""
     spacing = np.asarray(volume.geometry.spacing, dtype=float)[::-1]  # array-axis order (k, j, i)
     shape = np.asarray(volume.shape, dtype=float)
-    return int(sorted(range(3), key=lambda a: (-round(spacing[a], 3), shape[a]))[0])
+
+    def coarsest_first(a: int) -> tuple[float, float]:
+        return (-round(spacing[a], 3), shape[a])
+
+    return int(sorted(range(3), key=coarsest_first)[0])
 
 
 def labelled_slices(labels: np.ndarray, axis: int) -> list[int]:

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import HIPPOCAMPUS_IMAGE, oblique_ct_geometry, write_dicom_series
 
-from insid3_med.imaging.dicom import list_dicom_series
+from insid3_med.imaging.dicom import list_dicom_series, modality_values
 from insid3_med.imaging.errors import ImageReadError
 from insid3_med.imaging.geometry import Geometry
 from insid3_med.imaging.intensity import choose_preset, normalise
@@ -165,6 +165,19 @@ def test_garbage_after_dicom_marker_names_the_file(ct_series, tmp_path):
         read_volume(folder)
     with pytest.raises(ImageReadError, match="corrupt.dcm"):
         read_volume(bad)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_modality_values_of_an_unreadable_file_names_it(ct_series, tmp_path):
+    # An unknown VR makes pydicom's dcmread raise NotImplementedError: modality_values read the file itself (no
+    # dataset given) and once failed with a TypeError on the missing dataset instead of an ImageReadError.
+    content = ct_series.files[0].read_bytes()
+    tag = b"\x02\x00\x10\x00UI"  # TransferSyntaxUID, explicit VR
+    assert tag in content
+    bad = tmp_path / "bad_vr.dcm"
+    bad.write_bytes(content.replace(tag, b"\x02\x00\x10\x00U\xff", 1))
+    with pytest.raises(ImageReadError, match="bad_vr.dcm.*cannot be read"):
+        modality_values(bad)
 
 
 def test_two_slices_at_one_position_are_refused_as_4d(ct_series, tmp_path):

@@ -44,12 +44,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from PIL import Image
 
 from insid3_med.imaging.geometry import Volume
 from insid3_med.imaging.readers import read_label_volume, read_volume
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -273,8 +277,10 @@ def _paired_folder_dataset(root: Path, layout: str, name: str) -> ImageDataset:
         class_name = names.get("foreground", "foreground")
         classes = [ImageClass(class_name, None, 128 if 255 in all_values else 1)]
         return ImageDataset(name, layout, root, cases, classes, {class_name: list(range(len(cases)))})
-    classes = [ImageClass(names.get(v, f"label {v}"), (v,)) for v in sorted(all_values - {0})]
-    pools = {c.name: [i for i, vals in enumerate(values_per_case) if c.values[0] in vals] for c in classes}
+    class_values = sorted(all_values - {0})
+    classes = [ImageClass(names.get(v, f"label {v}"), (v,)) for v in class_values]
+    pools = {c.name: [i for i, vals in enumerate(values_per_case) if v in vals]
+             for c, v in zip(classes, class_values, strict=True)}
     return ImageDataset(name, layout, root, cases, classes, pools)
 
 
@@ -410,7 +416,7 @@ def _is_4d_nifti(path: Path) -> bool:
     if not path.name.lower().endswith((".nii", ".nii.gz")) or not path.is_file():
         return False
     try:
-        shape = nib.load(path).shape
+        shape = cast("SpatialImage", nib.load(path)).shape  # a NIfTI image; the stub says FileBasedImage
     except Exception:  # noqa: BLE001 - let the project's reader report what is wrong with the file
         return False
     return len(shape) == 4 and shape[3] > 1
@@ -421,7 +427,7 @@ def _read_nifti_channel(path: Path, channel: int) -> Volume:
 
     from insid3_med.imaging.geometry import Geometry
 
-    image = nib.load(path)
+    image = cast("SpatialImage", nib.load(path))  # a NIfTI image; the stub says FileBasedImage
     if not 0 <= channel < image.shape[3]:
         raise DatasetError(f"{path}: 4D volume has {image.shape[3]} channels, channel {channel} asked")
     data = np.asarray(image.dataobj[..., channel], dtype=np.float32)
@@ -502,7 +508,7 @@ def _label_values_cached(path: str, mtime: float) -> frozenset[int]:
     import nibabel as nib
 
     if path.endswith((".nii", ".nii.gz")):
-        data = np.asanyarray(nib.load(path).dataobj)
+        data = np.asanyarray(cast("SpatialImage", nib.load(path)).dataobj)  # a NIfTI image
     else:
         data = read_volume(Path(path)).array
     return frozenset(int(v) for v in np.unique(np.rint(data)))

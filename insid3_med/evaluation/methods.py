@@ -183,7 +183,7 @@ class RegistrationMethod(EvaluationMethod):
         if not areas.any():
             return warped
         seed = np.zeros_like(warped)
-        index = [slice(None)] * warped.ndim
+        index: list[slice | int] = [slice(None)] * warped.ndim
         index[axis] = int(np.argmax(areas))
         seed[tuple(index)] = warped[tuple(index)]
         return self.chain.propagate(target, seed, axis, cache_key=None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -24,11 +25,16 @@ def _batch(mask: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(mask != 0, dtype=np.float32))[None, None]
 
 
+def _tensor(result: object) -> torch.Tensor:
+    """A MONAI metric's result: typed ``Tensor | Sequence`` by MONAI, a Tensor for the one batch tensor passed here."""
+    return cast(torch.Tensor, result)
+
+
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     """Dice of two masks of any dimension; 1.0 when both are empty (MONAI ``ignore_empty=False``)."""
     _check_shapes(prediction, truth)
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
-    return float(metric(_batch(prediction), _batch(truth))[0, 0])
+    return float(_tensor(metric(_batch(prediction), _batch(truth)))[0, 0])
 
 
 def slice_dice(prediction: np.ndarray, truth: np.ndarray, axis: int) -> np.ndarray:
@@ -37,7 +43,7 @@ def slice_dice(prediction: np.ndarray, truth: np.ndarray, axis: int) -> np.ndarr
     pred = torch.from_numpy(np.ascontiguousarray(np.moveaxis(prediction != 0, axis, 0), dtype=np.float32))
     gt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(truth != 0, axis, 0), dtype=np.float32))
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
-    return metric(pred[:, None], gt[:, None])[:, 0].numpy().astype(np.float64)
+    return _tensor(metric(pred[:, None], gt[:, None]))[:, 0].numpy().astype(np.float64)
 
 
 def diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
@@ -62,7 +68,7 @@ def hd95_mm(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float])
     metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        value = float(metric(_batch(prediction), _batch(truth), spacing=[float(s) for s in spacing])[0, 0])
+        value = float(_tensor(metric(_batch(prediction), _batch(truth), spacing=[float(s) for s in spacing]))[0, 0])
     if not math.isfinite(value):
         return diagonal_mm(prediction.shape, spacing), True
     return value, False

@@ -35,7 +35,7 @@ class ReportExistsError(FileExistsError, ValueError):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(temporary_path)`` for a temporary file beside ``path``, then move it onto ``path`` (replacing
     it), with the permissions a plain new file gets (the umask's), as every output of the library."""
     with atomic_output(path, overwrite=True) as temporary:

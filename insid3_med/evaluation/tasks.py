@@ -50,7 +50,7 @@ from insid3_med.evaluation.metrics import (
     hd95_mm,
     pooled_iou,
 )
-from insid3_med.imaging.geometry import Volume
+from insid3_med.imaging.geometry import Volume, float_triple
 
 TASKS = ("images", "slices", "transfer")
 REFERENCE_MODES = ("volume", "slice", EACH_LARGEST)
@@ -111,8 +111,9 @@ class ImageTask:
         if image.shape[:2] != mask.shape:
             raise ValueError(f"{case.mask_path}: mask size {mask.shape} differs from image {image.shape[:2]}")
         size = (self.size, self.size)
-        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-        mask = np.asarray(Image.fromarray(mask.astype(np.int32)).resize(size, Image.NEAREST)).astype(np.int32)
+        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+        mask = np.asarray(Image.fromarray(mask.astype(np.int32)).resize(size, Image.Resampling.NEAREST))
+        mask = mask.astype(np.int32)
         self._cache[index] = (image, mask)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -192,7 +193,7 @@ class _CaseCache:
 
 
 def _spacing_kji(volume: Volume) -> tuple[float, float, float]:
-    return tuple(float(s) for s in volume.geometry.spacing[::-1])  # type: ignore[return-value]
+    return float_triple(volume.geometry.spacing[::-1])
 
 
 def _only_slice(mask: np.ndarray, axis: int, index: int) -> np.ndarray:

@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 import numpy as np
 import pydicom
@@ -30,7 +30,9 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError
-from insid3_med.imaging.geometry import Geometry, Volume
+from insid3_med.imaging.geometry import Geometry, Volume, direction_rows, float_triple
+
+_T = TypeVar("_T")
 
 #: Non-image SOP classes that can sit in a series folder (DICOMDIR, SR, SEG, RT structures, presentation
 # states...).
@@ -316,6 +318,10 @@ def modality_values(path: Path, ds: Dataset | None = None) -> np.ndarray:
             path, f"DICOM file cannot be read ({type(error).__name__}: {error})"
         ) from error
     except (RuntimeError, NotImplementedError, ValueError) as error:
+        if ds is None:  # dcmread itself failed (for example an unknown VR in a damaged header)
+            raise ImageReadError(
+                path, f"DICOM file cannot be read ({type(error).__name__}: {error})"
+            ) from error
         if "PixelData" not in ds:
             raise ImageReadError(path, "DICOM file holds no pixel data") from error
         try:
@@ -343,6 +349,11 @@ def _compact(slices: list[np.ndarray]) -> np.ndarray:
                     return array.astype(dtype)
         return array.astype(np.float32)
     return array
+
+
+def _all_known(values: list[_T | None]) -> TypeGuard[list[_T]]:
+    """True when no item of ``values`` is None."""
+    return all(value is not None for value in values)
 
 
 def _orientation(ds: Dataset) -> np.ndarray | None:
@@ -432,7 +443,7 @@ def read_dicom_files(files: Sequence[Path], source: Path) -> Volume:
     spacing_i, spacing_j = _pixel_spacing(first)
     metadata: dict[str, Any] = {}
 
-    if all(o is not None for o in orientations) and all(p is not None for p in positions):
+    if _all_known(orientations) and _all_known(positions):
         reference = orientations[0]
         if any(not np.allclose(o, reference, atol=_ORIENTATION_ATOL) for o in orientations):
             raise ImageReadError(source, "slices of one series have different ImageOrientationPatient")
@@ -459,10 +470,10 @@ def read_dicom_files(files: Sequence[Path], source: Path) -> Volume:
                 )
                 metadata["irregular_slice_spacing"] = [float(s) for s in steps]
         else:
-            spacing_k = _first_float(first.get("SpacingBetweenSlices")) or _first_float(
+            given_k = _first_float(first.get("SpacingBetweenSlices")) or _first_float(
                 first.get("SliceThickness")
             )
-            spacing_k = spacing_k if spacing_k and spacing_k > 0 else 1.0
+            spacing_k = given_k if given_k and given_k > 0 else 1.0
         origin = positions[int(order[0])]
         direction = np.stack([row_cosine, column_cosine, normal], axis=1)
     else:
@@ -474,10 +485,10 @@ def read_dicom_files(files: Sequence[Path], source: Path) -> Volume:
                 key=lambda n: (numbers[n] is None, numbers[n] or 0, str(headers[n][0])),
             )
         )
-        spacing_k = _first_float(first.get("SpacingBetweenSlices")) or _first_float(
+        given_k = _first_float(first.get("SpacingBetweenSlices")) or _first_float(
             first.get("SliceThickness")
         )
-        spacing_k = spacing_k if spacing_k and spacing_k > 0 else 1.0
+        spacing_k = given_k if given_k and given_k > 0 else 1.0
         origin = np.zeros(3)
         direction = np.eye(3)
         metadata["patient_position_unknown"] = True
@@ -492,8 +503,8 @@ def read_dicom_files(files: Sequence[Path], source: Path) -> Volume:
         metadata["rescale_varies_per_slice"] = True
     geometry = Geometry(
         spacing=(float(spacing_i), float(spacing_j), float(spacing_k)),
-        origin=tuple(float(v) for v in origin),
-        direction=tuple(tuple(float(v) for v in row) for row in direction),
+        origin=float_triple(origin),
+        direction=direction_rows(direction),
     )
     return Volume(
         array=_compact(slices),

@@ -12,13 +12,32 @@ NIfTI/nibabel and MONAI use RAS: :meth:`Geometry.ijk_to_ras` gives the affine th
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsFloat, SupportsInt, cast
 
 import numpy as np
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+Float3 = tuple[float, float, float]
+
+
+def float_triple(values: Iterable[SupportsFloat]) -> Float3:
+    """``tuple(float(v) for v in values)``, typed as the (x, y, z) triple of a spacing, origin or direction row
+    (the caller passes three values; the length is not checked)."""
+    return cast(Float3, tuple(float(v) for v in values))
+
+
+def direction_rows(rows: Iterable[Iterable[SupportsFloat]]) -> tuple[Float3, ...]:
+    """A 3x3 matrix (rows of three numbers) as the nested float tuple of :attr:`Geometry.direction`."""
+    return tuple(float_triple(row) for row in rows)
+
+
+def int_triple(values: Iterable[SupportsInt]) -> tuple[int, int, int]:
+    """``tuple(int(v) for v in values)``, typed as a (K, J, I) shape (the caller passes three values)."""
+    return cast(tuple[int, int, int], tuple(int(v) for v in values))
 
 
 @dataclass(frozen=True)
@@ -54,9 +73,9 @@ class Geometry:
             raise ValueError(f"degenerate affine (zero spacing): {affine.tolist()}")
         direction = linear / spacing[None, :]
         return cls(
-            spacing=tuple(float(s) for s in spacing),
-            origin=tuple(float(o) for o in affine[:3, 3]),
-            direction=tuple(tuple(float(v) for v in row) for row in direction),
+            spacing=float_triple(spacing),
+            origin=float_triple(affine[:3, 3]),
+            direction=direction_rows(direction),
         )
 
     @classmethod
@@ -88,7 +107,7 @@ class Volume:
     @property
     def shape(self) -> tuple[int, int, int]:
         """(K, J, I) spatial shape."""
-        return tuple(int(s) for s in self.array.shape[:3])  # type: ignore[return-value]
+        return int_triple(self.array.shape[:3])
 
     @property
     def is_rgb(self) -> bool:

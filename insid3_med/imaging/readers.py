@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -23,7 +23,11 @@ from insid3_med.imaging.dicom import (
     read_dicom_series,
 )
 from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError
-from insid3_med.imaging.geometry import Geometry, Volume
+from insid3_med.imaging.geometry import Geometry, Volume, direction_rows, float_triple
+
+if TYPE_CHECKING:
+    from nibabel.nifti1 import Nifti1Header
+    from nibabel.spatialimages import SpatialImage
 
 __all__ = [
     "ImageNotFoundError",
@@ -63,7 +67,9 @@ def _read_nibabel(path: Path) -> Volume:
     from nibabel.filebasedimages import ImageFileError
 
     try:
-        image = nib.load(path)
+        # Every image class nibabel reads for these suffixes (NIfTI-1/2, MGH) is a SpatialImage: the stub says only
+        # FileBasedImage.
+        image = cast("SpatialImage", nib.load(path))
         shape = tuple(int(s) for s in image.shape)
         if len(shape) > 3 and any(s != 1 for s in shape[3:]):
             raise ImageReadError(
@@ -80,8 +86,8 @@ def _read_nibabel(path: Path) -> Volume:
         raise ImageReadError(path, f"structured voxel type {data.dtype} (RGB NIfTI) is not supported")
     data = data.reshape(shape[:3] + (1,) * (3 - min(len(shape), 3)))
     metadata: dict[str, Any] = {"format": "mgh" if _suffix(path) in (".mgz", ".mgh") else "nifti"}
-    header = image.header
     if metadata["format"] == "nifti":
+        header = cast("Nifti1Header", image.header)  # Nifti1Header or its subclass Nifti2Header
         metadata["nifti_qform_code"] = int(header["qform_code"])
         metadata["nifti_sform_code"] = int(header["sform_code"])
         intent = header.get_intent()[0]
@@ -137,9 +143,9 @@ def _read_simpleitk(path: Path) -> Volume:
     return Volume(
         array=np.ascontiguousarray(_as_float32(array)),
         geometry=Geometry(
-            spacing=tuple(float(s) for s in spacing),
-            origin=tuple(float(o) for o in origin),
-            direction=tuple(tuple(float(v) for v in row) for row in direction),
+            spacing=float_triple(spacing),
+            origin=float_triple(origin),
+            direction=direction_rows(direction),
         ),
         modality=str(modality).upper() if modality else None,
         source=path,

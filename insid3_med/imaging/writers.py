@@ -170,7 +170,8 @@ def _rgb01(color: Sequence[float]) -> tuple[float, float, float]:
         raise ValueError(f"a colour needs three components, got {color!r}")
     if any(v > 1.0 for v in values):
         values = [v / 255.0 for v in values]
-    return tuple(min(max(v, 0.0), 1.0) for v in values)  # type: ignore[return-value]
+    red, green, blue = (min(max(v, 0.0), 1.0) for v in values)
+    return (red, green, blue)
 
 
 def _segment_values(array: np.ndarray, segment_names: Mapping[int, str] | None) -> list[int]:
@@ -298,7 +299,7 @@ def write_dicom_seg(
             ijk_to_lps[:3, 0],
         )
         affine[:3, 3] = ijk_to_lps[:3, 3]
-        pixel_array = hd.Volume(
+        pixel_array: hd.Volume | np.ndarray = hd.Volume(
             array,
             affine,
             coordinate_system="PATIENT",
