@@ -152,6 +152,26 @@ def test_propagate_dicom_series_writes_dicom_seg(ct_series, data_file: Callable[
     assert seg.number_of_segments == 2
 
 
+def test_propagate_reads_a_dicom_seg_as_the_labelled_slice(ct_series, data_file: Callable[[str], Path],
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The label map may be a DICOM SEG of the series (as a PACS viewer such as OHIF saves one)."""
+    from insid3_med.imaging.writers import write_dicom_seg
+
+    volume = read_volume(ct_series.folder)
+    truth = np.asarray(nib.load(data_file("hippocampus/labels/hippocampus_007.nii.gz")).dataobj).transpose(2, 1, 0)
+    one = np.zeros_like(truth)
+    one[20] = truth[20]
+    seg = write_dicom_seg(one, volume, tmp_path / "slice20_seg.dcm", {1: "anterior", 2: "posterior"})
+    out = tmp_path / "from_seg.nii.gz"
+    code, _, stderr = run_cli(["propagate", str(ct_series.folder), str(seg), "-o", str(out), "--slices", "15:25",
+                               *FAST], capsys)
+    assert code == 0, stderr
+    labels = read_label_volume(out, volume)
+    np.testing.assert_array_equal(labels[20], one[20])
+    assert labels[:15].max() == 0 and labels[25:].max() == 0
+    assert all(labels[k].max() > 0 for k in (18, 19, 21, 22))
+
+
 def test_transfer_writes_one_output_per_target(hippocampus: dict[str, Path], tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     code, stdout, stderr = run_cli(["transfer", str(hippocampus["image"]), str(hippocampus["one"]),

@@ -24,7 +24,7 @@ from conftest import (
 from PIL import Image
 
 from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError
-from insid3_med.imaging.geometry import Geometry
+from insid3_med.imaging.geometry import Geometry, OutsideGridError, Volume, place_on_grid
 from insid3_med.imaging.readers import describe, read_image_2d, read_label_volume, read_volume
 
 
@@ -166,7 +166,7 @@ def test_label_grid_mismatch_is_refused(data_file, tmp_path):
         read_label_volume(other_labels, like)
     labels = nib.load(data_file(HIPPOCAMPUS_LABELS))
     shifted_affine = labels.affine.copy()
-    shifted_affine[:3, 3] += [2.0, 0.0, 0.0]
+    shifted_affine[:3, 3] += [0.5, 0.0, 0.0]  # half a voxel: off the image's voxel lattice
     shifted = tmp_path / "shifted.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(labels.dataobj), shifted_affine), shifted)
     with pytest.raises(ImageReadError, match="geometry") as caught:
@@ -261,3 +261,135 @@ def test_describe_a_nifti_file_and_a_photo(data_file):
     assert info["intensity_max"] == pytest.approx(float(volume.array.max()))
     photo = describe(data_file(PH2_IMAGE))
     assert photo["rgb"] is True and photo["preset"] == "rgb" and photo["modality"] == "XC"
+
+
+def _sub_grid(labels: np.ndarray, geometry: Geometry, low_ijk: tuple[int, int, int], high_ijk: tuple[int, int, int],
+              order: tuple[int, int, int] = (0, 1, 2), reversed_axes: tuple[bool, bool, bool] = (False, False, False),
+              ) -> tuple[np.ndarray, Geometry]:
+    """The box [low, high) (i, j, k) of ``labels`` (K, J, I) stored as its own grid: its voxel axis c runs along the
+    image's axis ``order[c]``, backwards where ``reversed_axes[c]``. Zeros where the box leaves the image."""
+    size = [high_ijk[a] - low_ijk[a] for a in range(3)]
+    box = np.zeros(size[::-1], dtype=labels.dtype)
+    inside = tuple(slice(max(low_ijk[a], 0), min(high_ijk[a], labels.shape[2 - a])) for a in (2, 1, 0))
+    box[tuple(slice(s.start - low_ijk[2 - n], s.stop - low_ijk[2 - n]) for n, s in enumerate(inside))] = labels[inside]
+    array = np.transpose(box, [2 - order[c] for c in (2, 1, 0)])  # source (k, j, i) axes
+    axes = np.zeros((3, 3))
+    start = np.asarray(low_ijk, dtype=np.float64)
+    for c in range(3):
+        axes[order[c], c] = -1.0 if reversed_axes[c] else 1.0
+        if reversed_axes[c]:
+            array = np.flip(array, axis=2 - c)
+            start[order[c]] = high_ijk[order[c]] - 1
+    image = geometry.ijk_to_lps()
+    affine = np.eye(4)
+    affine[:3, :3] = image[:3, :3] @ axes
+    affine[:3, 3] = image[:3, :3] @ start + image[:3, 3]
+    return np.ascontiguousarray(array), Geometry.from_ijk_to_lps(affine)
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (1, 0, 2), (2, 0, 1)])
+@pytest.mark.parametrize("reversed_axes", [(False, False, False), (True, False, False), (False, True, True)])
+def test_place_on_grid_undoes_crop_axis_order_and_reversal(order, reversed_axes):
+    rng = np.random.default_rng(3)
+    image = oblique_ct_geometry()
+    labels = np.zeros((12, 30, 25), dtype=np.uint8)
+    labels[3:8, 10:20, 5:15] = rng.integers(0, 3, (5, 10, 10))
+    array, geometry = _sub_grid(labels, image, (3, 8, 2), (20, 25, 10), order, reversed_axes)
+    assert not geometry.allclose(image)
+    placed = place_on_grid(array, geometry, image, labels.shape)
+    expected = np.zeros_like(labels)
+    expected[2:10, 8:25, 3:20] = labels[2:10, 8:25, 3:20]
+    assert placed is not None and placed.dtype == labels.dtype
+    np.testing.assert_array_equal(placed, expected)
+
+
+def test_place_on_grid_refuses_other_lattices_and_labels_outside():
+    image = oblique_ct_geometry()
+    labels = np.zeros((12, 30, 25), dtype=np.uint8)
+    labels[3:8, 10:20, 5:15] = 1
+    array, geometry = _sub_grid(labels, image, (3, 8, 2), (20, 25, 10))
+    half_voxel = Geometry(geometry.spacing, tuple(np.add(geometry.origin, np.asarray(image.direction_matrix())[:, 0]
+                                                         * 0.35)), geometry.direction)
+    coarser = Geometry(tuple(2 * s for s in geometry.spacing), geometry.origin, geometry.direction)
+    assert place_on_grid(array, half_voxel, image, labels.shape) is None
+    assert place_on_grid(array, coarser, image, labels.shape) is None
+    beyond, beyond_geometry = _sub_grid(labels, image, (-4, 8, 2), (20, 25, 10))  # 4 columns left of the image
+    assert place_on_grid(beyond, beyond_geometry, image, labels.shape) is not None  # empty there: fine
+    beyond[:, :, 0] = 2
+    with pytest.raises(OutsideGridError, match="outside"):
+        place_on_grid(beyond, beyond_geometry, image, labels.shape)
+
+
+def test_cropped_and_reordered_label_maps_land_on_the_image_grid(data_file, tmp_path):
+    """A segmentation saved cropped to its structure (older 3D Slicer versions did so by default), as .seg.nrrd or
+    NRRD, or a NIfTI label map whose axes are stored reversed, reads back on the image's grid."""
+    from insid3_med.imaging.writers import write_seg_nrrd
+
+    like = read_volume(data_file(HIPPOCAMPUS_IMAGE))
+    labels = read_label_volume(data_file(HIPPOCAMPUS_LABELS), like)
+    nonzero = np.nonzero(labels)
+    low = tuple(int(nonzero[2 - a].min()) for a in range(3))
+    high = tuple(int(nonzero[2 - a].max()) + 1 for a in range(3))
+    cropped, cropped_geometry = _sub_grid(labels, like.geometry, low, high)
+    assert cropped.shape != labels.shape and int(np.count_nonzero(cropped)) == int(np.count_nonzero(labels))
+    seg = write_seg_nrrd(cropped, Volume(array=cropped, geometry=cropped_geometry), tmp_path / "cropped.seg.nrrd")
+    np.testing.assert_array_equal(read_label_volume(seg, like), labels)
+    image = sitk.GetImageFromArray(cropped)
+    image.SetSpacing(cropped_geometry.spacing)
+    image.SetOrigin(cropped_geometry.origin)
+    image.SetDirection(cropped_geometry.direction_matrix().ravel().tolist())
+    sitk.WriteImage(image, str(tmp_path / "cropped.nrrd"))
+    np.testing.assert_array_equal(read_label_volume(tmp_path / "cropped.nrrd", like), labels)
+    full = tuple(int(s) for s in like.shape[::-1])
+    flipped, flipped_geometry = _sub_grid(labels, like.geometry, (0, 0, 0), full, reversed_axes=(True, False, True))
+    nib.save(nib.Nifti1Image(flipped.transpose(2, 1, 0), flipped_geometry.ijk_to_ras()), tmp_path / "flipped.nii.gz")
+    np.testing.assert_array_equal(read_label_volume(tmp_path / "flipped.nii.gz", like), labels)
+    # Two voxels further along i: the same lattice, so the labels move with it
+    moved, moved_geometry = _sub_grid(labels, like.geometry, (-2, 0, 0), (full[0] - 2, full[1], full[2]))
+    nib.save(nib.Nifti1Image(moved.transpose(2, 1, 0), moved_geometry.ijk_to_ras()), tmp_path / "moved.nii.gz")
+    np.testing.assert_array_equal(read_label_volume(tmp_path / "moved.nii.gz", like), labels)
+
+
+def test_labels_beyond_the_image_are_refused_naming_the_file(data_file, tmp_path):
+    like = read_volume(data_file(HIPPOCAMPUS_IMAGE))
+    labels = read_label_volume(data_file(HIPPOCAMPUS_LABELS), like)
+    full = tuple(int(s) for s in like.shape[::-1])
+    larger, larger_geometry = _sub_grid(labels, like.geometry, (-3, 0, 0), full)
+    larger[:, :, 0] = 1  # a column of labels left of the image
+    nib.save(nib.Nifti1Image(larger.transpose(2, 1, 0), larger_geometry.ijk_to_ras()), tmp_path / "larger.nii.gz")
+    with pytest.raises(ImageReadError, match="outside the image") as caught:
+        read_label_volume(tmp_path / "larger.nii.gz", like)
+    assert "larger.nii.gz" in str(caught.value)
+
+
+def test_dicom_seg_reads_as_labels_on_its_series_and_on_a_nifti_copy(ct_series, data_file, tmp_path):
+    """A DICOM SEG (here this package's own, holding three labelled slices) as the label map of the series it
+    references, by SOPInstanceUID, and of a NIfTI copy of that series, by its frames' positions."""
+    from insid3_med.imaging.writers import write_dicom_seg
+
+    volume = read_volume(ct_series.folder)
+    truth = np.asarray(nib.load(data_file(HIPPOCAMPUS_LABELS)).dataobj).transpose(2, 1, 0).astype(np.uint8)
+    some = np.zeros_like(truth)
+    some[[10, 12, 20]] = truth[[10, 12, 20]]
+    seg = write_dicom_seg(some, volume, tmp_path / "three_slices.dcm", {1: "anterior", 2: "posterior"})
+    np.testing.assert_array_equal(read_label_volume(seg, volume), some)
+    nifti = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(volume.array.transpose(2, 1, 0), volume.geometry.ijk_to_ras()), nifti)
+    np.testing.assert_array_equal(read_label_volume(seg, read_volume(nifti)), some)
+    first = np.zeros_like(truth)  # frames from the series' first slice on: the SEG's volume starts where the image does
+    first[:3, 10:30, 10:20] = 1
+    seg = write_dicom_seg(first, volume, tmp_path / "first_slices.dcm")
+    np.testing.assert_array_equal(read_label_volume(seg, read_volume(nifti)), first)
+
+
+def test_a_broken_dicom_seg_names_the_file(ct_series, data_file, tmp_path):
+    from insid3_med.imaging.writers import write_dicom_seg
+
+    volume = read_volume(ct_series.folder)
+    truth = np.asarray(nib.load(data_file(HIPPOCAMPUS_LABELS)).dataobj).transpose(2, 1, 0).astype(np.uint8)
+    seg = write_dicom_seg(truth, volume, tmp_path / "seg.dcm")
+    broken = tmp_path / "broken_seg.dcm"
+    broken.write_bytes(seg.read_bytes()[: seg.stat().st_size // 2])
+    with pytest.raises(ImageReadError) as caught:
+        read_label_volume(broken, volume)
+    assert "broken_seg.dcm" in str(caught.value)

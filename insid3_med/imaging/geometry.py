@@ -88,6 +88,63 @@ class Geometry:
         return bool(np.allclose(self.ijk_to_lps(), other.ijk_to_lps(), atol=atol))
 
 
+
+class OutsideGridError(ValueError):
+    """Labelled voxels of an array lie outside the grid it is placed on (:func:`place_on_grid`)."""
+
+
+def place_on_grid(array: np.ndarray, geometry: Geometry, target: Geometry, shape: tuple[int, int, int],
+                  atol: float = 1e-3) -> np.ndarray | None:
+    """``array`` (K, J, I) on ``geometry``, re-indexed voxel for voxel onto ``target``'s (K, J, I) grid of ``shape``.
+
+    This is for grids that share one voxel lattice, such as a segmentation saved cropped to its structure (older
+    3D Slicer versions), a DICOM SEG holding only its labelled frames, or a label map whose axes are stored in
+    another order or reversed: each voxel axis of ``geometry`` must be a voxel axis of ``target``, possibly
+    reversed, with the same spacing, and its origin must lie on a voxel of ``target`` (all to ``atol`` mm). Nothing
+    is interpolated.
+    Returns None when the lattices differ. Voxels of ``target`` that ``array`` does not cover are 0; non-zero voxels
+    of ``array`` outside ``target``'s extent raise :class:`OutsideGridError`.
+    """
+    source_axes = geometry.ijk_to_lps()[:3, :3]
+    target_axes = target.ijk_to_lps()[:3, :3]
+    steps = np.linalg.solve(target_axes, source_axes)  # column c: source axis c in target (i, j, k) voxel steps
+    signed = np.round(steps)
+    spacing = np.asarray(target.spacing, dtype=np.float64)
+    if not np.allclose((steps - signed) * spacing[:, None], 0.0, atol=atol):
+        return None
+    magnitude = np.abs(signed)
+    if not (np.all(magnitude.sum(axis=0) == 1) and np.all(magnitude.sum(axis=1) == 1)):
+        return None
+    offset = np.linalg.solve(target_axes, np.asarray(geometry.origin, dtype=np.float64)
+                             - np.asarray(target.origin, dtype=np.float64))
+    start = np.round(offset)
+    if not np.allclose((offset - start) * spacing, 0.0, atol=atol):
+        return None
+    source_axis = [int(np.flatnonzero(signed[a])[0]) for a in range(3)]  # target axis a (i, j, k) <- source axis
+    source_size = array.shape[:3][::-1]  # (I, J, K)
+    moved = np.transpose(array, [2 - source_axis[a] for a in (2, 1, 0)])  # axes now follow the target's (k, j, i)
+    first = np.zeros(3, dtype=np.int64)  # target index (i, j, k) of moved[0, 0, 0]
+    for a, c in enumerate(source_axis):
+        if signed[a, c] < 0:
+            moved = np.flip(moved, axis=2 - a)
+            first[a] = int(start[a]) - (source_size[c] - 1)
+        else:
+            first[a] = int(start[a])
+    placed = np.zeros(shape, dtype=array.dtype)
+    source_box, target_box = [], []
+    for axis in range(3):  # array axis (k, j, i) is target axis 2 - axis
+        low = int(first[2 - axis])
+        begin, end = max(low, 0), min(low + moved.shape[axis], shape[axis])
+        end = max(end, begin)
+        target_box.append(slice(begin, end))
+        source_box.append(slice(begin - low, end - low))
+    kept = moved[tuple(source_box)]
+    outside = int(np.count_nonzero(moved)) - int(np.count_nonzero(kept))
+    if outside:
+        raise OutsideGridError(f"{outside} labelled voxels lie outside the image's extent")
+    placed[tuple(target_box)] = kept
+    return placed
+
 @dataclass
 class Volume:
     """A 3D image (or a 2D image as one slice) with its geometry and what is known of its origin.

@@ -23,7 +23,14 @@ from insid3_med.imaging.dicom import (
     read_dicom_series,
 )
 from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError
-from insid3_med.imaging.geometry import Geometry, Volume, direction_rows, float_triple
+from insid3_med.imaging.geometry import (
+    Geometry,
+    OutsideGridError,
+    Volume,
+    direction_rows,
+    float_triple,
+    place_on_grid,
+)
 
 if TYPE_CHECKING:
     from nibabel.nifti1 import Nifti1Header
@@ -277,6 +284,57 @@ def _read_seg_nrrd(path: Path) -> tuple[np.ndarray, Geometry]:
     return voxels.transpose(2, 1, 0), Geometry.from_ijk_to_lps(np.asarray(segmentation["ijkToLPS"]))
 
 
+def _declares_other_placement(geometry: Geometry, image: Geometry, atol: float) -> bool:
+    """True when ``geometry`` puts its first voxel elsewhere than ``image`` does, or orders its axes otherwise."""
+    ours, theirs = geometry.ijk_to_lps(), image.ijk_to_lps()
+    same_origin = np.allclose(ours[:3, 3], theirs[:3, 3], atol=atol)
+    return not (same_origin and np.allclose(geometry.direction_matrix(), image.direction_matrix(), atol=atol))
+
+
+def _dicom_modality(path: Path) -> str | None:
+    import pydicom
+
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality", ""))
+    except Exception:  # noqa: BLE001 - not readable as DICOM here: the volume reader reports what is wrong
+        return None
+
+
+def _read_dicom_seg(path: Path, like: Volume) -> tuple[np.ndarray, Geometry]:
+    """A DICOM SEG as (K, J, I) labels (segment n -> n) with its geometry.
+
+    On the frames of ``like`` when ``like`` is the classic DICOM series the SEG references (the standard link, by
+    SOPInstanceUID); otherwise on the SEG's own volume (its frames' plane positions), for :func:`place_on_grid`.
+    """
+    import highdicom as hd
+    import pydicom
+
+    try:
+        segmentation = hd.seg.segread(path)
+    except Exception as error:  # noqa: BLE001 - pydicom/highdicom raise assorted types on bad files
+        raise ImageReadError(path, f"cannot be read as a DICOM SEG ({error})") from error
+    if segmentation.segmentation_type != hd.seg.SegmentationTypeValues.BINARY:
+        raise ImageReadError(path, "fractional DICOM SEG; a label map needs a binary segmentation")
+    files = like.metadata.get("source_files") or []
+    try:
+        classic_series = like.metadata.get("format") == "dicom" and not like.metadata.get("multiframe")
+        if classic_series and len(files) == like.shape[0]:
+            uids = [str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+                    for f in files]
+            referenced = {uid for _, _, uid in segmentation.get_source_image_uids()}
+            if referenced & set(uids):
+                pixels = segmentation.get_pixels_by_source_instance(
+                    source_sop_instance_uids=uids, combine_segments=True, relabel=False,
+                    ignore_spatial_locations=True, assert_missing_frames_are_empty=True)
+                return np.asarray(pixels), like.geometry
+        volume = segmentation.get_volume(combine_segments=True, relabel=False)
+    except Exception as error:  # noqa: BLE001 - highdicom reports overlap, missing positions etc. as assorted types
+        raise ImageReadError(path, f"DICOM SEG cannot be turned into a label map ({error})") from error
+    # highdicom's affine maps (frame, row, column) indices to LPS; ours maps (i, j, k) = (column, row, frame).
+    affine = np.asarray(volume.affine, dtype=np.float64)[:, [2, 1, 0, 3]]
+    return np.asarray(volume.array), Geometry.from_ijk_to_lps(affine)
+
+
 def _describe_geometry(geometry: Geometry) -> dict[str, Any]:
     return {
         "spacing": [float(v) for v in geometry.spacing],
@@ -288,16 +346,23 @@ def _describe_geometry(geometry: Geometry) -> dict[str, Any]:
 def read_label_volume(path: str | Path, like: Volume, atol: float = 1e-3) -> np.ndarray:
     """A label map on the grid of ``like``: integer array (K, J, I), uint8/uint16 when the labels fit.
 
-    Reads any volume format, Slicer ``.seg.nrrd`` (one layer) and PNG/TIFF masks (palette indices are labels).
-    Raises :class:`ImageReadError` when the map is RGB, holds non-integer or negative values, or when its
-    shape or geometry (spacing, origin, direction to ``atol`` mm) differs from ``like``'s.
+    Reads any volume format, Slicer ``.seg.nrrd`` (one layer), DICOM SEG (binary, segment n -> label n) and
+    PNG/TIFF masks (palette indices are labels). A map on the same voxel lattice as ``like`` but another extent or
+    axis order (a segmentation saved cropped, a DICOM SEG holding only its labelled frames) is placed onto
+    ``like``'s grid voxel for voxel (:func:`~insid3_med.imaging.geometry.place_on_grid`). Raises
+    :class:`ImageReadError` when the map is RGB, holds non-integer or negative values, has labels outside the
+    image, or lies on another lattice (spacing, origin, direction to ``atol`` mm).
     """
     path = Path(path)
     if not path.exists():
         raise ImageNotFoundError(path, "no such file or folder")
     suffix = _suffix(path)
+    placed_by_positions = False
     if suffix == ".seg.nrrd":
         array, geometry = _read_seg_nrrd(path)
+    elif path.is_file() and _is_dicom_file(path) and _dicom_modality(path) == "SEG":
+        array, geometry = _read_dicom_seg(path, like)
+        placed_by_positions = True  # a DICOM SEG's frames carry their true positions
     elif suffix in IMAGE_2D_SUFFIXES:
         array, _ = _pil_array(path, as_labels=True)
         if array.ndim == 3:
@@ -309,12 +374,26 @@ def read_label_volume(path: str | Path, like: Volume, atol: float = 1e-3) -> np.
         if volume.is_rgb:
             raise ImageReadError(path, "colour (RGB) volume; a label map needs one integer channel")
         array, geometry = volume.array, volume.geometry
-    if array.shape[:3] != like.shape:
+    same_grid = array.shape[:3] == like.shape and like.geometry.allclose(geometry, atol=atol)
+    if not same_grid and array.ndim == 3 and (
+        placed_by_positions or _declares_other_placement(geometry, like.geometry, atol)
+    ):
+        # Same voxel lattice, other extent or axis order (a cropped Slicer segmentation, a DICOM SEG's frames).
+        # A map with the image's own origin and axes but another shape is more likely another study's (many data
+        # sets carry an identity header): that stays an error.
+        try:
+            placed = place_on_grid(array, geometry, like.geometry, like.shape, atol=atol)
+        except OutsideGridError as error:
+            raise ImageReadError(path, f"label map on the image's voxel grid, but {error}") from error
+        if placed is not None:
+            array, geometry, same_grid = placed, like.geometry, True
+    if not same_grid and array.shape[:3] != like.shape:
         raise ImageReadError(
             path,
-            f"label map shape (K, J, I) = {tuple(array.shape)} differs from the image's {like.shape}",
+            f"label map shape (K, J, I) = {tuple(array.shape)} differs from the image's {like.shape}, and its "
+            "voxels do not lie on the image's voxel grid",
         )
-    if not like.geometry.allclose(geometry, atol=atol):
+    if not same_grid:
         raise ImageReadError(
             path,
             f"label map geometry {_describe_geometry(geometry)} differs from the image's "
