@@ -22,7 +22,7 @@ from insid3_med.imaging.errors import ImageReadError
 from insid3_med.imaging.geometry import Volume
 from insid3_med.imaging.intensity import intensity_mapping
 from insid3_med.imaging.overlay import write_overlay_montage
-from insid3_med.imaging.readers import read_image_2d, read_label_volume, read_volume
+from insid3_med.imaging.readers import read_image_2d, read_label_names, read_label_volume, read_volume
 from insid3_med.imaging.writers import write_dicom_seg, write_nifti_labels, write_seg_nrrd
 from insid3_med.outputs import OutputSet, label_statistics, output_set, write_json
 from insid3_med.predictor import OneShotSegmenter
@@ -163,7 +163,8 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
             "model": model_description(segmenter), "propagation": propagation,
             "timings_s": {"read_and_load": round(loaded - started, 3), "propagate": round(finished - loaded, 3)},
         }
-        write_volume_outputs(result, volume, claimed, references, array_axis, summary)
+        write_volume_outputs(result, volume, claimed, references, array_axis, summary,
+                             names=read_label_names(labels_path) or None)
     return summary
 
 
@@ -188,6 +189,7 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
     stems = [volume_stem(path) for path in targets]
     if len(set(stems)) != len(stems):
         raise ImageReadError(output_dir, f"targets share a name, so their outputs would collide: {stems}")
+    names = read_label_names(reference_labels_path) or None
     summaries = []
     with output_set(force) as outputs_set:
         plans = []
@@ -212,7 +214,7 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
                 "propagation": propagation,
                 "timings_s": {"transfer": round(time.perf_counter() - started, 3)},
             }
-            write_volume_outputs(result, study, claimed, [], target_axis, record)
+            write_volume_outputs(result, study, claimed, [], target_axis, record, names=names)
             summaries.append(record)
     return summaries
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from insid3_med.cli import main
-from insid3_med.imaging.readers import read_label_volume, read_volume
+from insid3_med.imaging.readers import read_label_names, read_label_volume, read_volume
 from insid3_med.imaging.writers import write_nifti_labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,12 +164,18 @@ def test_propagate_reads_a_dicom_seg_as_the_labelled_slice(ct_series, data_file:
     seg = write_dicom_seg(one, volume, tmp_path / "slice20_seg.dcm", {1: "anterior", 2: "posterior"})
     out = tmp_path / "from_seg.nii.gz"
     code, _, stderr = run_cli(["propagate", str(ct_series.folder), str(seg), "-o", str(out), "--slices", "15:25",
-                               *FAST], capsys)
+                               "--seg-nrrd", str(tmp_path / "from_seg.seg.nrrd"), "--dicom-seg",
+                               str(tmp_path / "from_seg.dcm"), *FAST], capsys)
     assert code == 0, stderr
     labels = read_label_volume(out, volume)
     np.testing.assert_array_equal(labels[20], one[20])
     assert labels[:15].max() == 0 and labels[25:].max() == 0
     assert all(labels[k].max() > 0 for k in (18, 19, 21, 22))
+    # The segment names travel from the input to the outputs
+    names = {1: "anterior", 2: "posterior"}
+    assert read_label_names(tmp_path / "from_seg.seg.nrrd") == names
+    assert read_label_names(tmp_path / "from_seg.dcm") == names
+    np.testing.assert_array_equal(read_label_volume(tmp_path / "from_seg.dcm", volume), labels)
 
 
 def test_transfer_writes_one_output_per_target(hippocampus: dict[str, Path], tmp_path: Path,

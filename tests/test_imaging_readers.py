@@ -25,7 +25,13 @@ from PIL import Image
 
 from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError
 from insid3_med.imaging.geometry import Geometry, OutsideGridError, Volume, place_on_grid
-from insid3_med.imaging.readers import describe, read_image_2d, read_label_volume, read_volume
+from insid3_med.imaging.readers import (
+    describe,
+    read_image_2d,
+    read_label_names,
+    read_label_volume,
+    read_volume,
+)
 
 
 def _sitk_geometry(image: sitk.Image) -> Geometry:
@@ -393,3 +399,21 @@ def test_a_broken_dicom_seg_names_the_file(ct_series, data_file, tmp_path):
     with pytest.raises(ImageReadError) as caught:
         read_label_volume(broken, volume)
     assert "broken_seg.dcm" in str(caught.value)
+
+
+def test_label_names_and_info_of_segmentation_files(ct_series, data_file, tmp_path):
+    from insid3_med.imaging.writers import write_dicom_seg, write_seg_nrrd
+
+    volume = read_volume(ct_series.folder)
+    truth = np.asarray(nib.load(data_file(HIPPOCAMPUS_LABELS)).dataobj).transpose(2, 1, 0).astype(np.uint8)
+    names = {1: "anterior hippocampus", 2: "posterior hippocampus"}
+    seg = write_dicom_seg(truth, volume, tmp_path / "seg.dcm", names)
+    nrrd = write_seg_nrrd(truth, volume, tmp_path / "labels.seg.nrrd", segment_names=names)
+    assert read_label_names(seg) == names
+    assert read_label_names(nrrd) == names
+    assert read_label_names(data_file(HIPPOCAMPUS_LABELS)) == {}  # NIfTI carries no names
+    info = describe(seg)
+    assert info["kind"] == "dicom_seg" and info["segmentation_type"] == "BINARY"
+    assert [s["label"] for s in info["segments"]] == list(names.values())
+    assert info["referenced_series_instance_uids"] == [ct_series.series_uid]
+    assert info["rows"] == volume.shape[1] and info["columns"] == volume.shape[2]

@@ -43,6 +43,7 @@ __all__ = [
     "describe",
     "list_dicom_series",
     "read_image_2d",
+    "read_label_names",
     "read_label_volume",
     "read_volume",
 ]
@@ -284,6 +285,33 @@ def _read_seg_nrrd(path: Path) -> tuple[np.ndarray, Geometry]:
     return voxels.transpose(2, 1, 0), Geometry.from_ijk_to_lps(np.asarray(segmentation["ijkToLPS"]))
 
 
+def read_label_names(path: str | Path) -> dict[int, str]:
+    """The structure names a label-map file carries: {label value: name}.
+
+    A Slicer ``.seg.nrrd``'s segment names (by label value) and a DICOM SEG's segment labels (by segment number);
+    empty for formats without names (NIfTI, NRRD, MHA, PNG) or a file that cannot be read (:func:`read_label_volume`
+    reports that).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        if _suffix(path) == ".seg.nrrd":
+            import slicerio
+
+            segments = slicerio.read_segmentation(str(path), skip_voxels=True)["segments"]
+            return {int(s["labelValue"]): str(s["name"]) for s in segments if "labelValue" in s and s.get("name")}
+        if _is_dicom_file(path) and _dicom_modality(path) == "SEG":
+            import highdicom as hd
+
+            segmentation = hd.seg.segread(path)
+            return {int(n): str(segmentation.get_segment_description(n).segment_label)
+                    for n in segmentation.get_segment_numbers()}
+    except Exception:  # noqa: BLE001 - names are a courtesy; reading the labels reports a bad file
+        return {}
+    return {}
+
+
 def _declares_other_placement(geometry: Geometry, image: Geometry, atol: float) -> bool:
     """True when ``geometry`` puts its first voxel elsewhere than ``image`` does, or orders its axes otherwise."""
     ours, theirs = geometry.ijk_to_lps(), image.ijk_to_lps()
@@ -455,7 +483,8 @@ def describe(path: str | Path) -> dict[str, Any]:
 
     For a DICOM folder: ``series`` (one entry per series); when it holds exactly one series, also that
     volume's description. For a file: format, shape, dtype, modality, geometry (spacing, origin, direction in
-    LPS), intensity range and the intensity preset :func:`choose_preset` would pick.
+    LPS), intensity range and the intensity preset :func:`choose_preset` would pick. For a DICOM SEG: its segments
+    (number and label), frames and the series it references.
     """
     path = Path(path)
     if not path.exists():
@@ -470,6 +499,35 @@ def describe(path: str | Path) -> dict[str, Any]:
         elif not series:
             raise ImageReadError(path, "no DICOM image series found in this folder")
         return info
+    if _is_dicom_file(path) and _dicom_modality(path) == "SEG":
+        info["kind"] = "dicom_seg"
+        info.update(_describe_dicom_seg(path))
+        return info
     info["kind"] = "file"
     info.update(_describe_volume(read_volume(path)))
     return info
+
+
+def _describe_dicom_seg(path: Path) -> dict[str, Any]:
+    """A DICOM SEG's segments, frames and the series it references (for ``info``; usable as a label map)."""
+    import highdicom as hd
+
+    try:
+        segmentation = hd.seg.segread(path)
+    except Exception as error:  # noqa: BLE001 - pydicom/highdicom raise assorted types on bad files
+        raise ImageReadError(path, f"cannot be read as a DICOM SEG ({error})") from error
+    referenced = sorted({series for _, series, _ in segmentation.get_source_image_uids()})
+    return {
+        "format": "dicom_seg",
+        "modality": "SEG",
+        "segmentation_type": str(segmentation.segmentation_type.value),
+        "segments": [
+            {"number": int(number), "label": str(segmentation.get_segment_description(number).segment_label)}
+            for number in segmentation.get_segment_numbers()
+        ],
+        "frames": int(segmentation.number_of_frames),
+        "rows": int(segmentation.Rows),
+        "columns": int(segmentation.Columns),
+        "series_instance_uid": str(segmentation.SeriesInstanceUID),
+        "referenced_series_instance_uids": [str(uid) for uid in referenced],
+    }
