@@ -368,17 +368,29 @@ def test_labels_beyond_the_image_are_refused_naming_the_file(data_file, tmp_path
     assert "larger.nii.gz" in str(caught.value)
 
 
-def test_dicom_seg_reads_as_labels_on_its_series_and_on_a_nifti_copy(ct_series, data_file, tmp_path):
+def test_dicom_seg_reads_as_labels_on_its_series_and_on_a_nifti_copy(ct_series, data_file, tmp_path,
+                                                                      monkeypatch):
     """A DICOM SEG (here this package's own, holding three labelled slices) as the label map of the series it
     references, by SOPInstanceUID, and of a NIfTI copy of that series, by its frames' positions."""
+    import highdicom as hd
+    import pydicom
+
     from insid3_med.imaging.writers import write_dicom_seg
 
     volume = read_volume(ct_series.folder)
+    assert volume.metadata["sop_instance_uids"] == [
+        pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in volume.metadata["source_files"]]
     truth = np.asarray(nib.load(data_file(HIPPOCAMPUS_LABELS)).dataobj).transpose(2, 1, 0).astype(np.uint8)
     some = np.zeros_like(truth)
     some[[10, 12, 20]] = truth[[10, 12, 20]]
     seg = write_dicom_seg(some, volume, tmp_path / "three_slices.dcm", {1: "anterior", 2: "posterior"})
-    np.testing.assert_array_equal(read_label_volume(seg, volume), some)
+    with monkeypatch.context() as patch:  # on its own series, the SEG is read by SOPInstanceUID, not by positions
+
+        def by_positions(*args: object, **kwargs: object) -> None:
+            raise AssertionError("read by positions")
+
+        patch.setattr(hd.seg.Segmentation, "get_volume", by_positions)
+        np.testing.assert_array_equal(read_label_volume(seg, volume), some)
     nifti = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(volume.array.transpose(2, 1, 0), volume.geometry.ijk_to_ras()), nifti)
     np.testing.assert_array_equal(read_label_volume(seg, read_volume(nifti)), some)

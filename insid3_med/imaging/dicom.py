@@ -9,8 +9,9 @@ presets and the DICOM SEG writer:
 invert it), ``window_center``/``window_width``/``voi_lut_function`` (first window in the header, if any),
 ``voi_lut`` (a VOI LUT sequence: ``{"first_mapped", "bits", "data"}``), ``presentation_lut_shape``,
 ``series_instance_uid``, ``study_instance_uid``, ``frame_of_reference_uid``, ``series_number``,
-``series_description``, ``rescale_slope``, ``rescale_intercept``, ``rescale_type`` and ``source_files``
-(absolute paths, one per slice k, in slice order).
+``series_description``, ``rescale_slope``, ``rescale_intercept``, ``rescale_type``, ``source_files``
+(absolute paths, one per slice k, in slice order) and, for a series of single-frame files, ``sop_instance_uids``
+(one per slice k, in slice order).
 
 Pixel data is decoded by pydicom, or by SimpleITK (GDCM) when pydicom has no decoder for its transfer syntax;
 enhanced multi-frame files go through highdicom.
@@ -497,6 +498,7 @@ def read_dicom_files(files: Sequence[Path], source: Path) -> Volume:
     slices = [modality_values(path) for path, _ in ordered]
     metadata.update(display_metadata(first))
     metadata["source_files"] = [str(path.resolve()) for path, _ in ordered]
+    metadata["sop_instance_uids"] = [str(ds.get("SOPInstanceUID", "")) for _, ds in ordered]
     slopes = {_first_float(ds.get("RescaleSlope")) or 1.0 for _, ds in ordered}
     intercepts = {_first_float(ds.get("RescaleIntercept")) or 0.0 for _, ds in ordered}
     if len(slopes) > 1 or len(intercepts) > 1:

@@ -335,7 +335,6 @@ def _read_dicom_seg(path: Path, like: Volume) -> tuple[np.ndarray, Geometry]:
     SOPInstanceUID); otherwise on the SEG's own volume (its frames' plane positions), for :func:`place_on_grid`.
     """
     import highdicom as hd
-    import pydicom
 
     try:
         segmentation = hd.seg.segread(path)
@@ -343,12 +342,9 @@ def _read_dicom_seg(path: Path, like: Volume) -> tuple[np.ndarray, Geometry]:
         raise ImageReadError(path, f"cannot be read as a DICOM SEG ({error})") from error
     if segmentation.segmentation_type != hd.seg.SegmentationTypeValues.BINARY:
         raise ImageReadError(path, "fractional DICOM SEG; a label map needs a binary segmentation")
-    files = like.metadata.get("source_files") or []
+    uids = [str(uid) for uid in like.metadata.get("sop_instance_uids") or []]  # a classic series, in slice order
     try:
-        classic_series = like.metadata.get("format") == "dicom" and not like.metadata.get("multiframe")
-        if classic_series and len(files) == like.shape[0]:
-            uids = [str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
-                    for f in files]
+        if len(uids) == like.shape[0]:
             referenced = {uid for _, _, uid in segmentation.get_source_image_uids()}
             if referenced & set(uids):
                 pixels = segmentation.get_pixels_by_source_instance(
