@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -411,6 +412,58 @@ def test_a_broken_dicom_seg_names_the_file(ct_series, data_file, tmp_path):
     with pytest.raises(ImageReadError) as caught:
         read_label_volume(broken, volume)
     assert "broken_seg.dcm" in str(caught.value)
+
+
+def _highdicom_seg(volume, pixels: np.ndarray, path: Path, segments: int, fractional: bool = False) -> Path:
+    """A DICOM SEG built with highdicom itself on the series ``volume`` was read from; pixels: (frames, rows,
+    columns, segments) (binary) or (frames, rows, columns) in [0, 1] (fractional, one segment)."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    sources = [pydicom.dcmread(f) for f in volume.metadata["source_files"]]
+    algorithm = hd.AlgorithmIdentificationSequence(name="test", family=codes.cid7162.ArtificialIntelligence,
+                                                   version="1")
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=n, segment_label=f"part {n}", segmented_property_category=codes.SCT.AnatomicalStructure,
+        segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm) for n in range(1, segments + 1)]
+    kind = hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY
+    segmentation = hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixels, segmentation_type=kind, segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="test", manufacturer_model_name="test", software_versions="1", device_serial_number="0")
+    segmentation.save_as(path)
+    return path
+
+
+def test_fractional_or_overlapping_dicom_seg_is_refused_naming_the_file(ct_series, tmp_path):
+    """A label map needs one label per voxel: a fractional SEG (probabilities) and a binary SEG whose segments
+    overlap are both refused with a message that names the file."""
+    volume = read_volume(ct_series.folder)
+    frames = np.zeros(volume.shape, dtype=np.float32)
+    frames[10, 5:15, 5:15] = 0.7
+    fractional = _highdicom_seg(volume, frames, tmp_path / "fractional_seg.dcm", 1, fractional=True)
+    with pytest.raises(ImageReadError, match="needs a binary segmentation") as caught:
+        read_label_volume(fractional, volume)
+    assert "fractional_seg.dcm" in str(caught.value)
+    both = np.zeros((*volume.shape, 2), dtype=np.uint8)
+    both[10, 5:15, 5:15, 0] = 1
+    both[10, 10:20, 10:20, 1] = 1  # overlaps segment 1 on a 5 x 5 square
+    overlapping = _highdicom_seg(volume, both, tmp_path / "overlapping_seg.dcm", 2)
+    nifti = tmp_path / "ct.nii.gz"  # by SOPInstanceUID on its series, by positions on a NIfTI copy
+    nib.save(nib.Nifti1Image(volume.array.transpose(2, 1, 0), volume.geometry.ijk_to_ras()), nifti)
+    for like in (volume, read_volume(nifti)):
+        with pytest.raises(ImageReadError, match="cannot be turned into a label map") as caught:
+            read_label_volume(overlapping, like)
+        assert "overlapping_seg.dcm" in str(caught.value)
+    apart = both.copy()
+    apart[10, 10:15, 10:15, 1] = 0  # without the overlap the same file reads: segment n -> label n
+    expected = np.zeros(volume.shape, dtype=np.uint8)
+    expected[10, 5:15, 5:15] = 1
+    expected[10][(apart[10, ..., 1] == 1)] = 2
+    read = read_label_volume(_highdicom_seg(volume, apart, tmp_path / "apart_seg.dcm", 2), volume)
+    np.testing.assert_array_equal(read, expected)
 
 
 def test_label_names_and_info_of_segmentation_files(ct_series, data_file, tmp_path):
