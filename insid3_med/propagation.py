@@ -629,8 +629,19 @@ def propagate_crops(anchors: Mapping[int, np.ndarray], features: FeatureSource, 
                 visited.add(n)
                 progress(n)
     for n, lab in anchors.items():
-        merged[n] = np.asarray(lab, dtype=dtype)
+        merged[n] = keep_drawn_labels(merged.get(n, np.zeros(lab.shape, dtype=dtype)), lab).astype(dtype)
     return merged
+
+
+def keep_drawn_labels(predicted: np.ndarray, drawn: np.ndarray) -> np.ndarray:
+    """A labelled slice's result: each structure drawn on it exactly as drawn, the structures not drawn on it as
+    ``predicted`` (chained from the slices that hold them) outside the drawn ones. predicted, drawn: label maps of
+    one shape (a slice, (H, W)); returns a new array of ``predicted``'s dtype."""
+    drawn = np.asarray(drawn)
+    result = np.array(predicted, copy=True)
+    result[np.isin(result, np.unique(drawn[drawn != 0]))] = 0
+    result[drawn != 0] = drawn[drawn != 0]
+    return result
 
 
 def majority_labels(label_maps: Sequence[np.ndarray]) -> np.ndarray:

@@ -34,6 +34,7 @@ from insid3_med.propagation import (
     SquareBox,
     crop_square,
     encode_crops,
+    keep_drawn_labels,
     label_dtype,
     label_slice,
     majority_labels,
@@ -425,8 +426,8 @@ def _propagate_groups(segmenter: OneShotSegmenter, stack: SliceStack, labels: np
         results.append((_propagate_volume_mode(segmenter, stack, own, holders, start, stop, params, step, batch_size),
                         holders))
     output = merge_by_nearest_labelled_slice(results, axis)
-    for n in sorted({n for holders, _ in groups for n in holders}):
-        take_slice(output, axis, n)[...] = take_slice(labels, axis, n)
+    for n in sorted({n for holders, _ in groups for n in holders}):  # the other structures' chains stay there
+        take_slice(output, axis, n)[...] = keep_drawn_labels(take_slice(output, axis, n), take_slice(labels, axis, n))
     return output
 
 

@@ -329,9 +329,10 @@ def test_real_hippocampus_crop_ensemble_stops_where_a_single_crop_runs_on(segmen
 @pytest.mark.slow
 def test_real_hippocampus_parts_drawn_on_different_slices_are_each_chained_from_their_own(segmenter) -> None:
     # The anterior part drawn on its largest slice (12), the posterior on its own (16), in one label map: each part
-    # is chained from its own slice in its own crop. Measured with the defaults: anterior 0.845, posterior 0.779;
-    # with one crop around both parts 0.837 / 0.728; when each drawn slice served only the half of the volume nearer
-    # to it (before 2026-11-26) the posterior scored 0.374.
+    # is chained from its own slice in its own crop, and each drawn slice keeps the other part's prediction. Measured
+    # with the defaults: anterior 0.853, posterior 0.797 (0.845 / 0.779 while each drawn slice was put back alone,
+    # erasing the other part there, until 2026-11-27); with one crop around both parts 0.837 / 0.728; when each drawn
+    # slice served only the half of the volume nearer to it (before 2026-11-26) the posterior scored 0.374.
     volume, labels = hippocampus_case("hippocampus_017")
     given = np.zeros_like(labels)
     for value in (1, 2):
@@ -339,8 +340,8 @@ def test_real_hippocampus_parts_drawn_on_different_slices_are_each_chained_from_
         given[index][labels[index] == value] = value
     output = propagate_through_slices(segmenter, volume, given, axis=0)
     anterior, posterior = (dice(output == v, labels == v) for v in (1, 2))
-    assert anterior >= 0.8, f"anterior 3D Dice {anterior:.3f} below the measured floor"
-    assert posterior >= 0.75, f"posterior 3D Dice {posterior:.3f} below the measured floor"
+    assert anterior >= 0.82, f"anterior 3D Dice {anterior:.3f} below the measured floor"
+    assert posterior >= 0.77, f"posterior 3D Dice {posterior:.3f} below the measured floor"
 
 
 @needs_real
