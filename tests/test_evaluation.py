@@ -45,6 +45,7 @@ from insid3_med.evaluation.metrics import (
 )
 from insid3_med.evaluation.report import ReportExistsError, compare_reports
 from insid3_med.evaluation.run import run_evaluation
+from insid3_med.evaluation.store import code_fingerprint
 from insid3_med.evaluation.tasks import SliceTask
 from insid3_med.imaging.geometry import Geometry, Volume
 
@@ -557,6 +558,15 @@ def test_resume_skips_finished_episodes(tmp_path: Path, monkeypatch: pytest.Monk
                                overwrite=True, progress=False)
     assert len(calls) == 3 and restarted["summary"]["episodes"] == 3
     assert len((report / "episodes.jsonl").read_text().splitlines()) == 3
+    assert restarted["config"]["code"] == code_fingerprint() and len(code_fingerprint()) == 16
+    with monkeypatch.context() as patch:  # the same command after a change of the package's code: nothing reused
+        patch.setattr("insid3_med.evaluation.run.code_fingerprint", lambda: "changed code")
+        with pytest.raises(ReportExistsError, match="another configuration"):
+            run_evaluation("slices", data, report, method="copy", episodes=3, kinds=["largest"], progress=False)
+        calls.clear()
+        rerun = run_evaluation("slices", data, report, method="copy", episodes=3, kinds=["largest"],
+                               overwrite=True, progress=False)
+        assert len(calls) == 3 and rerun["config"]["code"] == "changed code"
 
 
 def test_images_task_pools_iou_over_episodes(tmp_path: Path) -> None:

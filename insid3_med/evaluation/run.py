@@ -24,7 +24,7 @@ from insid3_med.evaluation.report import (
     now_iso,
     write_reports,
 )
-from insid3_med.evaluation.store import EpisodeStore, config_hash
+from insid3_med.evaluation.store import EpisodeStore, code_fingerprint, config_hash
 from insid3_med.evaluation.tasks import TASKS, ImageTask, SliceTask, TransferTask, headline
 
 DEFAULT_IMAGE_EPISODES = 600
@@ -122,6 +122,7 @@ def run_evaluation(
         "method": evaluator.describe(),
         "seed": seed,
         "task_options": runner.options(),
+        "code": code_fingerprint(),  # episodes of other code are not reused
     }
     key = config_hash(config)
     store = EpisodeStore(report_dir, key)

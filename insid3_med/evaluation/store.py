@@ -1,12 +1,15 @@
 """Finished episodes on disk, so that an interrupted evaluation resumes where it stopped.
 
 One JSON object per line in ``REPORT_DIR/episodes.jsonl``: ``{"config": HASH, "id": EPISODE_ID, "result": {...}}``.
+The configuration hashed includes :func:`code_fingerprint`: after a change of the package's code, every episode runs
+again.
 A line is appended (and flushed to disk) as soon as an episode is scored. A line cut short by an interruption is
 ignored when the file is read back, and the episode is run again.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -16,6 +19,17 @@ from typing import Any
 from insid3_med.evaluation.report import write_text
 
 EPISODES_FILE = "episodes.jsonl"
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """Short sha256 of this package's Python sources (paths and contents): part of an evaluation's configuration,
+    so that finished episodes are reused only by the code that produced them."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def config_hash(config: dict[str, Any]) -> str:
