@@ -595,9 +595,10 @@ def propagate_crops(anchors: Mapping[int, np.ndarray], features: FeatureSource, 
     Structures are chained together from the labelled slices that hold them (:func:`structure_groups`): when the
     slices hold different structures, or with ``params.independent_structures`` (each structure on its own), each
     group is chained from its own slices, the others counting as background, and a pixel claimed by several goes to
-    the most confident. Returns slice index -> (S, S) label map for every slice reached (anchors included,
-    unchanged; uint8 when every value is below 256, else int32, so that a long chain of large crops stays small in
-    memory); beyond a structure's end it is absent from the slices.
+    the most confident. Returns slice index -> (S, S) label map for every slice reached (on an anchor, the
+    structures drawn there exactly as drawn and the others as their own chains predict them; uint8 when every
+    value is below 256, else int32, so that a long chain of large crops stays small in memory); beyond a
+    structure's end it is absent from the slices.
     """
     if not anchors:
         raise ValueError("propagate_crops needs at least one labelled slice")

@@ -239,9 +239,10 @@ def propagate_through_slices(segmenter: OneShotSegmenter, volume: Volume, labels
 
     volume: the study; labels: (K, J, I) label map with one or more labelled slices along ``axis`` (all label values
     propagate in one pass). mode: ``"volume"`` (chained propagation, ``params``) or ``"published"`` (every slice
-    segmented on its own, every labelled slice a shot). Returns the (K, J, I) int64 label map, with the labelled
-    slices kept exactly as given and slices outside ``slice_range`` left empty; in ``"volume"`` mode the slices
-    beyond a structure's end are empty too.
+    segmented on its own, every labelled slice a shot). Returns the (K, J, I) int64 label map, with the structures
+    drawn on a labelled slice kept there exactly as drawn (in ``"volume"`` mode a structure drawn on other slices only
+    is predicted on it too) and slices outside ``slice_range`` left empty; in ``"volume"`` mode the slices beyond a
+    structure's end are empty too.
     """
     check_propagation_mode(mode)
     labels = check_label_grid(volume, labels)
