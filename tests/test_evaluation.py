@@ -33,6 +33,7 @@ from insid3_med.evaluation.episodes import (
     sample_image_episodes,
     sample_pairs,
     select_cases,
+    spaced_slices,
 )
 from insid3_med.evaluation.methods import CopyMethod
 from insid3_med.evaluation.metrics import (
@@ -434,6 +435,49 @@ def test_each_largest_kind_draws_every_structure_on_its_own_slice_in_one_run(tmp
                        kinds=["each_largest"], progress=False)
 
 
+def test_spaced_slices_spread_over_the_extent() -> None:
+    mask = np.zeros((20, 4, 4), bool)
+    mask[4:16] = True  # extent 4..15: three parts of 4 slices, centres 5.5, 9.5, 13.5
+    assert spaced_slices(mask, 0, 3) == [5, 9, 13]
+    assert spaced_slices(mask, 0, 2) == [6, 12] and spaced_slices(mask, 0, 1) == [9]
+    mask[9:11] = False  # a gap: the nearest slice holding the structure
+    assert spaced_slices(mask, 0, 3) == [5, 8, 13]
+    assert spaced_slices(np.moveaxis(mask, 0, 2), 2, 3) == [5, 8, 13]
+    short = np.zeros((20, 4, 4), bool)
+    short[4:6] = True
+    assert spaced_slices(short, 0, 3) == [4, 5]  # no more slices than the extent holds
+    with pytest.raises(ValueError, match="absent"):
+        spaced_slices(np.zeros((5, 4, 4), bool), 0, 2)
+
+
+def test_a_structure_drawn_on_several_slices_serves_the_nearer_slices_in_the_baselines() -> None:
+    labels = np.zeros((10, 8, 8), np.int16)
+    labels[2, 1:3, 1:3] = 1  # drawn on slices 2 and 8, another shape on each
+    labels[8, 4:7, 4:7] = 1
+    copied = CopyMethod().propagate(Volume(np.zeros(labels.shape, np.float32)), labels, axis=0)
+    for n in range(10):  # slice 5 lies 3 from both: the lower one serves it
+        np.testing.assert_array_equal(copied[n], labels[2] if n <= 5 else labels[8], err_msg=f"slice {n}")
+    truth = np.zeros((10, 8, 8), bool)
+    truth[1:10, 1:3, 1:3] = True
+    by_distance = dice_by_distance(copied > 0, truth, 0, [2, 8])
+    assert sorted(by_distance) == [1, 2, 3] and by_distance[3] == 1.0  # slice 5, from slice 2
+    assert by_distance[1] == pytest.approx(np.mean([1.0, 1.0, 0.0, 0.0]))  # slices 1, 3 right; 7, 9 wrong
+
+
+def test_spaced_kind_labels_several_slices_of_one_structure(tmp_path: Path) -> None:
+    data = make_volume_set(tmp_path / "data", cases=2)
+    document = run_evaluation("slices", data, tmp_path / "report", method="copy", kinds=["spaced3", "largest"],
+                              progress=False)
+    records = [json.loads(line)["result"] for line in (tmp_path / "report" / "episodes.jsonl").read_text().splitlines()]
+    spaced = [r for r in records if r["kind"] == "spaced3"]
+    assert len(spaced) == 2 and all(len(r["slice"]) == 3 for r in spaced)
+    summary = document["summary"]["overall"]
+    assert summary["spaced3"]["dice"]["mean"] > summary["largest"]["dice"]["mean"]  # the disk moves: more slices help
+    assert all(r["dice_unlabelled"] < r["dice"] for r in spaced)
+    with pytest.raises(ValueError, match="unknown slice kinds"):
+        run_evaluation("slices", data, tmp_path / "other", method="copy", kinds=["spaced1"], progress=False)
+
+
 def test_transfer_each_largest_reference_draws_every_structure_on_its_own_largest_slice(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = shared("hippocampus")
@@ -481,9 +525,10 @@ def test_baselines_take_each_structure_from_its_own_slice() -> None:
     # each structure copied to every slice; where the two copies meet (1, 1), the nearer drawn slice wins
     assert (copied[0:3, 1, 1] == 1).all() and (copied[3:6, 1, 1] == 2).all()
     assert (copied[:, 0, 0] == 1).all() and (copied[:, 2, 2] == 2).all()
-    labels[5, 4, 4] = 2  # structure 2 on two slices: the baselines take one slice per structure
-    with pytest.raises(ValueError, match="label 2 lies on 2 slices"):
-        CopyMethod().propagate(Volume(np.zeros((6, 5, 5), np.float32)), labels, axis=0)
+    labels[5, 4, 4] = 2  # structure 2 on two slices too: slice 5 serves itself, slice 4 the slices below it
+    copied = CopyMethod().propagate(Volume(np.zeros((6, 5, 5), np.float32)), labels, axis=0)
+    assert (copied[3:5, 2, 2] == 2).all() and copied[5, 2, 2] == 0 and copied[5, 4, 4] == 2
+    assert (copied[:5, 4, 4] == 0).all() and (copied[:, 0, 0] == 1).all()
 
 
 def test_transfer_baselines_take_each_structure_from_its_own_slice() -> None:

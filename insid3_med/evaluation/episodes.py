@@ -4,7 +4,8 @@
   class ``i mod n_classes``, draws the target from the class's pool with ``np.random.choice(pool, 1,
   replace=False)``, then draws references the same way until it has ``shots`` that differ from the target.
 - ``slices``: one episode per (case, structure, kind); kind ``largest`` labels the slice where the structure's
-  area is largest, kind ``random`` a slice drawn (seeded per case and structure) among those holding it.
+  area is largest, kind ``random`` a slice drawn (seeded per case and structure) among those holding it, kind
+  ``spacedN`` N slices spread evenly over the structure's extent (:func:`spaced_slices`).
 - ``transfer``: ordered pairs (reference A, target B) of different subjects, the first ``count`` of a seeded
   permutation of all such pairs.
 
@@ -28,7 +29,10 @@ SLICE_KINDS = ("largest", "random")
 EACH_LARGEST = "each_largest"
 """A slice kind: every structure of the volume drawn at once, each on its own slice of largest area (one run per
 volume, scored structure by structure; the structures must not overlap)."""
-ALL_SLICE_KINDS = (*SLICE_KINDS, EACH_LARGEST)
+SPACED_KINDS = tuple(f"spaced{n}" for n in range(2, 10))
+"""Slice kinds ``spacedN`` (N = 2 to 9): one structure per episode, labelled on N slices spread evenly over its
+extent (:func:`spaced_slices`), the way a user labels every few slices."""
+ALL_SLICE_KINDS = (*SLICE_KINDS, EACH_LARGEST, *SPACED_KINDS)
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,25 @@ def labelled_slice(mask: np.ndarray, axis: int, kind: str, seed: int, case_index
         rng = np.random.default_rng([seed, case_index, structure_index])
         return int(present[rng.integers(present.size)])
     raise ValueError(f"unknown slice kind {kind!r}; choose from {ALL_SLICE_KINDS}")
+
+
+def spaced_slices(mask: np.ndarray, axis: int, count: int) -> list[int]:
+    """``count`` distinct slice indices along ``axis`` spread evenly over the extent of ``mask`` (first to last
+    slice holding it): the centres of ``count`` equal parts of the extent, each moved to the nearest slice holding
+    the structure; fewer when the extent holds fewer slices."""
+    other = tuple(a for a in range(mask.ndim) if a != axis)
+    present = np.flatnonzero(np.count_nonzero(mask, axis=other))
+    if present.size == 0:
+        raise ValueError("the structure is absent from this volume")
+    first, length = int(present[0]), int(present[-1] - present[0] + 1)
+    chosen: list[int] = []
+    for part in range(count):
+        centre = first + (part + 0.5) * length / count - 0.5
+        for index in sorted(present.tolist(), key=lambda n: (abs(n - centre), n)):
+            if index not in chosen:
+                chosen.append(int(index))
+                break
+    return sorted(chosen)
 
 
 def sample_pairs(total: int, count: int, seed: int = 0,

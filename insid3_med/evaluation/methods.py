@@ -68,9 +68,10 @@ def _single_slice(labels: np.ndarray, axis: int) -> bool:
 
 def _each_structure_from_its_slice(labels: np.ndarray, axis: int,
                                    single: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Labels on one slice go to ``single`` as they are. Labels on several slices, each structure (label value) on
-    one: each structure goes to ``single`` on its own, and the results merge as the volume mode merges structures
-    drawn on different slices (:func:`insid3_med.volume.merge_by_nearest_labelled_slice`)."""
+    """Labels on one slice go to ``single`` as they are. Labels on several slices: each structure (label value) goes
+    on its own, and the results merge as the volume mode merges structures drawn on different slices
+    (:func:`insid3_med.volume.merge_by_nearest_labelled_slice`). A structure drawn on several slices goes to
+    ``single`` once per slice, and each slice of the result comes from its nearest labelled slice."""
     from insid3_med.volume import merge_by_nearest_labelled_slice
 
     if _single_slice(labels, axis):
@@ -79,11 +80,29 @@ def _each_structure_from_its_slice(labels: np.ndarray, axis: int,
     results = []
     for value in (int(v) for v in np.unique(labels) if v != 0):
         own = np.where(labels == value, labels, 0).astype(labels.dtype)
-        slices = np.flatnonzero(np.any(own != 0, axis=other))
-        if slices.size != 1:
-            raise ValueError(f"label {value} lies on {slices.size} slices; this baseline takes each structure on one")
-        results.append((single(own), [int(slices[0])]))
+        slices = [int(n) for n in np.flatnonzero(np.any(own != 0, axis=other))]
+        if len(slices) == 1:
+            results.append((single(own), slices))
+        else:
+            results.append((_from_nearest_labelled_slice(own, axis, slices, single), slices))
     return merge_by_nearest_labelled_slice(results, axis).astype(labels.dtype)
+
+
+def _from_nearest_labelled_slice(labels: np.ndarray, axis: int, slices: Sequence[int],
+                                 single: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """One structure drawn on several ``slices`` of ``labels`` (K, J, I): ``single`` from each labelled slice on its
+    own; slice n of the result is slice n of the run from the labelled slice nearest to n (the lower on a tie)."""
+    runs = []
+    for index in slices:
+        selector: list[Any] = [slice(None)] * labels.ndim
+        selector[axis] = index
+        one = np.zeros_like(labels)
+        one[tuple(selector)] = labels[tuple(selector)]
+        runs.append(np.moveaxis(np.asarray(single(one)), axis, 0))
+    output = np.zeros_like(runs[0])
+    for n in range(output.shape[0]):
+        output[n] = runs[int(np.argmin([abs(n - index) for index in slices]))][n]
+    return np.moveaxis(output, 0, axis)
 
 
 def _structures_on_their_own_slices(labels: np.ndarray, axis: int) -> list[int] | None:

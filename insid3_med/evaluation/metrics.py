@@ -119,18 +119,21 @@ def false_positive_slices(prediction: np.ndarray, truth: np.ndarray, axis: int) 
     return int(np.count_nonzero(predicted & outside)), int(np.count_nonzero(outside))
 
 
-def dice_by_distance(prediction: np.ndarray, truth: np.ndarray, axis: int, labelled_index: int) -> dict[int, float]:
-    """2D Dice of each slice inside the truth's extent, keyed by its distance (in slices) from the labelled slice.
+def dice_by_distance(prediction: np.ndarray, truth: np.ndarray, axis: int,
+                     labelled_index: int | Sequence[int]) -> dict[int, float]:
+    """2D Dice of each slice inside the truth's extent, keyed by its distance (in slices) from the labelled slice
+    (the nearest one when several are given).
 
-    The labelled slice itself (distance 0) is left out. Slices at the same distance on both sides are averaged.
+    The labelled slices themselves (distance 0) are left out. Slices at the same distance are averaged.
     """
     extent = structure_extent(truth, axis)
     if extent is None:
         return {}
+    labelled = np.atleast_1d(np.asarray(labelled_index, dtype=np.int64))
     per_slice = slice_dice(prediction, truth, axis)
     by_distance: dict[int, list[float]] = {}
     for index in range(extent[0], extent[1] + 1):
-        distance = abs(index - labelled_index)
+        distance = int(np.min(np.abs(labelled - index)))
         if distance:
             by_distance.setdefault(distance, []).append(float(per_slice[index]))
     return {d: float(np.mean(v)) for d, v in sorted(by_distance.items())}

@@ -35,11 +35,13 @@ from insid3_med.evaluation.episodes import (
     ALL_SLICE_KINDS,
     EACH_LARGEST,
     SLICE_KINDS,
+    SPACED_KINDS,
     ImageEpisode,
     labelled_slice,
     sample_image_episodes,
     sample_pairs,
     select_cases,
+    spaced_slices,
 )
 from insid3_med.evaluation.methods import EvaluationMethod
 from insid3_med.evaluation.metrics import (
@@ -204,6 +206,14 @@ def _only_slice(mask: np.ndarray, axis: int, index: int) -> np.ndarray:
     return given
 
 
+def _only_slices(mask: np.ndarray, axis: int, indices: Sequence[int]) -> np.ndarray:
+    """(K, J, I) int16: ``mask`` on the slices ``indices`` along ``axis``, 0 elsewhere."""
+    given = np.zeros(mask.shape, dtype=np.int16)
+    for index in indices:
+        given += _only_slice(mask, axis, index)
+    return given
+
+
 def _each_on_its_largest_slice(structures: Sequence[Structure], labels: np.ndarray, axis: int, name: str,
                                purpose: str) -> list[tuple[int, np.ndarray, int]]:
     """For each structure present in the (K, J, I) ``labels``: (its index in ``structures``, the (K, J, I) bool mask
@@ -265,9 +275,14 @@ class SliceTask:
         if not truth.any():
             return {**record, "absent": True}
         start = time.perf_counter()
+        index: int | list[int]
         if kind == EACH_LARGEST:
             joint, slices = self._each_largest(case_index, volume, labels, axis, method)
             index, predicted = slices[structure_index], joint == structure_index + 1
+        elif kind in SPACED_KINDS:
+            index = spaced_slices(truth, axis, int(kind.removeprefix("spaced")))
+            given = _only_slices(truth, axis, index)
+            predicted = method.propagate(volume, given, axis, cache_key=(case.name, structure.modality)) != 0
         else:
             index = labelled_slice(truth, axis, kind, self._seed, case_index, structure_index)
             given = _only_slice(truth, axis, index)
@@ -277,7 +292,7 @@ class SliceTask:
         distance, capped = hd95_mm(predicted, truth, spacing)
         fp_slices, outside = false_positive_slices(predicted, truth, axis)
         unlabelled = np.ones(truth.shape, dtype=bool)
-        unlabelled[tuple(index if a == axis else slice(None) for a in range(3))] = False
+        unlabelled[tuple(index if a == axis else slice(None) for a in range(3))] = False  # index: one or a list
         return {
             **record,
             "slice": index,
