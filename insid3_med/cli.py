@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("task", choices=("images", "slices", "transfer"))
     evaluate.add_argument("data_dir", type=Path)
     evaluate.add_argument("-o", "--output", type=Path, required=True, help="report folder")
-    evaluate.add_argument("--method", default="ours", help="ours, copy or registration")
+    evaluate.add_argument("--method", default="ours",
+                          help="ours, copy, registration or interpolation (between labelled slices)")
     evaluate.add_argument("--episodes", type=int, help="images: episodes (default 600); slices: volumes, a seeded "
                           "subset (default all); transfer: seeded pairs (default 50)")
     evaluate.add_argument("--kinds", default="largest,random", help="slices task: which slice is labelled "

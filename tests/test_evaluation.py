@@ -17,6 +17,7 @@ from insid3_med.evaluation.baselines import (
     copy_by_position,
     copy_labelled_slice,
     copy_mask_2d,
+    interpolate_between_slices,
     register_volume_labels,
     sitk_threads,
 )
@@ -35,7 +36,7 @@ from insid3_med.evaluation.episodes import (
     select_cases,
     spaced_slices,
 )
-from insid3_med.evaluation.methods import CopyMethod
+from insid3_med.evaluation.methods import CopyMethod, InterpolationMethod
 from insid3_med.evaluation.metrics import (
     confusion_counts,
     dice,
@@ -464,6 +465,26 @@ def test_a_structure_drawn_on_several_slices_serves_the_nearer_slices_in_the_bas
     assert by_distance[1] == pytest.approx(np.mean([1.0, 1.0, 0.0, 0.0]))  # slices 1, 3 right; 7, 9 wrong
 
 
+def test_interpolation_between_labelled_slices() -> None:
+    labels = np.zeros((9, 21, 21), np.int16)
+    labels[2][disk((21, 21), (10, 10), 3)] = 1  # radius 3 on slice 2, radius 7 on slice 6
+    labels[6][disk((21, 21), (10, 10), 7)] = 1
+    labels[4, 0:2, 0:2] = 2  # another structure, drawn on slice 4 only: kept as drawn
+    output = InterpolationMethod().propagate(Volume(np.zeros(labels.shape, np.float32)), labels, axis=0)
+    np.testing.assert_array_equal(output[[2, 6]], labels[[2, 6]])
+    assert not output[[0, 1, 7, 8]].any()  # nothing beyond the first and last labelled slice
+    areas = [int(np.count_nonzero(output[n] == 1)) for n in range(2, 7)]
+    assert areas == sorted(areas) and areas[0] < areas[2] < areas[4]  # grows from radius 3 to 7
+    middle = np.zeros((21, 21), bool)
+    middle[disk((21, 21), (10, 10), 5)] = True
+    assert dice(output[4] == 1, middle) > 0.9  # halfway: about radius 5
+    assert (output[4, 0:2, 0:2] == 2).all()
+    scaled = interpolate_between_slices(labels, 0, (1.0, 2.0))  # anisotropic pixels: distances in mm
+    assert scaled.shape == labels.shape and (scaled[2] == labels[2]).all()
+    with pytest.raises(ValueError, match="several labelled slices"):
+        InterpolationMethod().segment_image([], np.zeros((4, 4, 3)))
+
+
 def test_spaced_kind_labels_several_slices_of_one_structure(tmp_path: Path) -> None:
     data = make_volume_set(tmp_path / "data", cases=2)
     document = run_evaluation("slices", data, tmp_path / "report", method="copy", kinds=["spaced3", "largest"],
@@ -474,6 +495,9 @@ def test_spaced_kind_labels_several_slices_of_one_structure(tmp_path: Path) -> N
     summary = document["summary"]["overall"]
     assert summary["spaced3"]["dice"]["mean"] > summary["largest"]["dice"]["mean"]  # the disk moves: more slices help
     assert all(r["dice_unlabelled"] < r["dice"] for r in spaced)
+    interpolated = run_evaluation("slices", data, tmp_path / "interpolation", method="interpolation",
+                                  kinds=["spaced3"], progress=False)["summary"]["overall"]["spaced3"]
+    assert 0.6 < interpolated["dice"]["mean"] < 1.0  # the slices beyond the first and last labelled one stay empty
     with pytest.raises(ValueError, match="unknown slice kinds"):
         run_evaluation("slices", data, tmp_path / "other", method="copy", kinds=["spaced1"], progress=False)
 

@@ -26,12 +26,13 @@ from insid3_med.evaluation.baselines import (
     copy_by_position,
     copy_labelled_slice,
     copy_mask_2d,
+    interpolate_between_slices,
     register_mask_2d,
     register_volume_labels,
 )
 from insid3_med.imaging.geometry import Volume
 
-METHODS = ("copy", "registration", "ours")
+METHODS = ("copy", "registration", "interpolation", "ours")
 
 
 class EvaluationMethod(ABC):
@@ -161,6 +162,28 @@ class CopyMethod(EvaluationMethod):
                                                                             reference_labels, 0), axis),
                                                reference, target))
         return copy_by_position(reference_labels, reference, target)
+
+
+class InterpolationMethod(EvaluationMethod):
+    """Interpolation between labelled slices (a "fill between slices" tool), for slices episodes with several
+    labelled slices of a structure (the ``spacedN`` kinds); one labelled slice stays as it is."""
+
+    name = "interpolation"
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name,
+                "slices": "signed distances blended linearly between labelled slices; none beyond the first and last"}
+
+    def segment_image(self, references: Sequence[tuple[np.ndarray, np.ndarray]],
+                      target_image: np.ndarray) -> np.ndarray:
+        raise ValueError("the interpolation baseline needs a volume with several labelled slices (slices task)")
+
+    def propagate(self, volume: Volume, labels: np.ndarray, axis: int, cache_key: object = None) -> np.ndarray:
+        spacing_kji = np.asarray(volume.geometry.spacing, dtype=float)[::-1]
+        return interpolate_between_slices(labels, axis, [spacing_kji[a] for a in range(3) if a != axis])
+
+    def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int) -> np.ndarray:
+        raise ValueError("the interpolation baseline needs a volume with several labelled slices (slices task)")
 
 
 class RegistrationMethod(EvaluationMethod):
@@ -325,6 +348,8 @@ def build_method(name: str, *, model: Any = None, backbone_options: dict[str, An
         return CopyMethod()
     if name == "registration":
         return RegistrationMethod(registration)
+    if name == "interpolation":
+        return InterpolationMethod()
     if name != "ours":
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     if model is not None:
