@@ -109,6 +109,11 @@ class PropagationParams:
     transfer_deformable_iterations: 3D demons iterations after the affine registration of the two studies (0: none).
     transfer_context_span: a target slice is labelled from the reference slices within this many of its height.
     transfer_registration_weight: weight of the carried reference labels against the feature evidence there.
+    fill_between_labelled: between two slices labelled with a structure, the voxels the chain leaves to the
+        background take the structure where shape-based interpolation of the two labelled slices puts it
+        (:func:`insid3_med.interpolation.interpolate_between_slices`). Measured (development run, 20 hippocampus
+        volumes, each part on 3 / 5 slices spread over its extent): 0.838 -> 0.870 / 0.895 -> 0.926; the
+        interpolation alone 0.758 / 0.899. One labelled slice per structure: no change.
     transfer_reference_gate_tracking, transfer_reference_gate_sigma, transfer_reference_stop_confidence: the chain
         through the reference study (``transfer_self_propagation``) uses these in place of ``gate_tracking``,
         ``gate_sigma`` and ``stop_confidence``. Measured on 50 hippocampus pairs (one labelled slice): the
@@ -148,6 +153,7 @@ class PropagationParams:
     transfer_reference_gate_tracking: bool = False
     transfer_reference_gate_sigma: float | None = 0.03
     transfer_reference_stop_confidence: float | None = 0.85
+    fill_between_labelled: bool = True
 
     def __post_init__(self) -> None:
         if self.image_size < 14:

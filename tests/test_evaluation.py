@@ -17,7 +17,6 @@ from insid3_med.evaluation.baselines import (
     copy_by_position,
     copy_labelled_slice,
     copy_mask_2d,
-    interpolate_between_slices,
     register_volume_labels,
     sitk_threads,
 )
@@ -50,6 +49,7 @@ from insid3_med.evaluation.run import run_evaluation
 from insid3_med.evaluation.store import code_fingerprint
 from insid3_med.evaluation.tasks import SliceTask
 from insid3_med.imaging.geometry import Geometry, Volume
+from insid3_med.interpolation import interpolate_between_slices
 
 DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
 

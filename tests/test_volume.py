@@ -402,3 +402,27 @@ def test_label_maps_are_kept_in_a_compact_dtype_and_outputs_stay_int64() -> None
     output = propagate_through_slices(segmenter, volume, only_slice(truth, 5).astype(np.uint16) * 300,  # type: ignore[arg-type]
                                       axis="k")
     assert output.dtype == np.int64 and set(np.unique(output)) == {0, 300}
+
+
+@needs_real
+def test_real_hippocampus_between_labelled_slices_the_interpolated_shape_is_kept(segmenter) -> None:
+    # The posterior part of hippocampus_017 drawn on three slices spread over its extent: between them, every voxel
+    # the shape-based interpolation of the drawn slices holds is in the result (fill_between_labelled), and the chain
+    # alone misses some of them.
+    from insid3_med.evaluation.episodes import spaced_slices
+    from insid3_med.interpolation import interpolate_between_slices
+
+    volume, labels = hippocampus_case("hippocampus_017")
+    truth = (labels == 2).astype(np.int64)
+    slices = spaced_slices(truth, 0, 3)
+    given = np.zeros_like(truth)
+    given[slices] = truth[slices]
+    interpolated = interpolate_between_slices(given, 0, volume.geometry.spacing[1::-1]) > 0
+    output = propagate_through_slices(segmenter, volume, given, axis=0)
+    chain_only = propagate_through_slices(segmenter, volume, given, axis=0,
+                                          params=PropagationParams(fill_between_labelled=False))
+    assert interpolated.any() and (output[interpolated] == 1).all()
+    assert (chain_only[interpolated] == 0).any()
+    np.testing.assert_array_equal(output[slices], given[slices])
+    assert (output[chain_only == 1] == 1).all()  # the fill only adds
+    assert dice(output > 0, truth > 0) >= dice(chain_only > 0, truth > 0) - 0.01

@@ -4,8 +4,9 @@
   after aligning the centres of the two images' grids (:func:`copy_by_position`); a 2D mask resized onto the
   target image (:func:`copy_mask_2d`).
 - Interpolation: shape-based interpolation of signed distances between labelled slices, what a "fill between
-  slices" tool does (:func:`interpolate_between_slices`; 3D Slicer's own effect uses morphological contour
-  interpolation); for several labelled slices of a structure, nothing beyond the first and last.
+  slices" tool does (:func:`insid3_med.interpolation.interpolate_between_slices`; 3D Slicer's own effect uses
+  morphological contour interpolation); for several labelled slices of a structure, nothing beyond the first and
+  last.
 - Registration (SimpleITK): slice-to-slice deformable registration chained outwards from the labelled slice
   (:class:`SliceChainRegistration`); affine then deformable registration of one image to another, label warped
   with nearest-neighbour interpolation (:func:`register_affine_deformable`, :func:`warp_labels`), in 2D or 3D.
@@ -83,40 +84,6 @@ def copy_by_position(reference_labels: np.ndarray, reference: Volume, target: Vo
     transform = sitk.TranslationTransform(3, tuple(float(s) for s in shift))
     warped = sitk.Resample(moving, fixed, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt16)
     return sitk.GetArrayFromImage(warped).astype(reference_labels.dtype)
-
-
-def signed_distance_mm(mask: np.ndarray, spacing_rows_cols: Sequence[float] = (1.0, 1.0)) -> np.ndarray:
-    """(H, W) bool mask -> (H, W) float64 signed distance in mm: negative inside (minus the distance to the nearest
-    outside pixel), positive outside (the distance to the nearest inside pixel); +inf everywhere when empty."""
-    from scipy.ndimage import distance_transform_edt
-
-    mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return np.full(mask.shape, np.inf)
-    spacing = tuple(float(s) for s in spacing_rows_cols)
-    return distance_transform_edt(~mask, sampling=spacing) - distance_transform_edt(mask, sampling=spacing)
-
-
-def interpolate_between_slices(labels: np.ndarray, axis: int,
-                               spacing_rows_cols: Sequence[float] = (1.0, 1.0)) -> np.ndarray:
-    """Shape-based interpolation between labelled slices: between two slices that hold a structure, each slice
-    takes the structure where the linear blend of the two slices' signed distances (:func:`signed_distance_mm`) is
-    negative; nothing beyond its first and last labelled slice. A voxel several structures claim goes to the one it
-    lies deepest in; the slices a structure is drawn on keep it as drawn. labels: (K, J, I); same shape and dtype."""
-    moved = np.moveaxis(np.asarray(labels), axis, 0)
-    output = moved.copy()
-    depth = np.full(moved.shape, np.inf)
-    for value in (int(v) for v in np.unique(moved) if v != 0):
-        slices = [n for n in range(moved.shape[0]) if np.any(moved[n] == value)]
-        distances = {n: signed_distance_mm(moved[n] == value, spacing_rows_cols) for n in slices}
-        for below, above in zip(slices[:-1], slices[1:], strict=True):
-            for n in range(below + 1, above):
-                weight = (n - below) / (above - below)
-                blend = (1.0 - weight) * distances[below] + weight * distances[above]
-                take = (blend < 0) & (blend < depth[n]) & ~np.isin(moved[n], [v for v in np.unique(moved[n]) if v])
-                output[n][take] = value
-                depth[n][take] = blend[take]
-    return np.moveaxis(output, 0, axis)
 
 
 def _grid_centre(image: sitk.Image) -> tuple[float, ...]:

@@ -26,11 +26,11 @@ from insid3_med.evaluation.baselines import (
     copy_by_position,
     copy_labelled_slice,
     copy_mask_2d,
-    interpolate_between_slices,
     register_mask_2d,
     register_volume_labels,
 )
 from insid3_med.imaging.geometry import Volume
+from insid3_med.interpolation import interpolate_between_slices
 
 METHODS = ("copy", "registration", "interpolation", "ours")
 
