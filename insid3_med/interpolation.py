@@ -40,7 +40,7 @@ def interpolate_between_slices(labels: np.ndarray, axis: int,
             for n in range(below + 1, above):
                 weight = (n - below) / (above - below)
                 blend = (1.0 - weight) * distances[below] + weight * distances[above]
-                take = (blend < 0) & (blend < depth[n]) & ~np.isin(moved[n], [v for v in np.unique(moved[n]) if v])
+                take = (blend < 0) & (blend < depth[n]) & (moved[n] == 0)  # drawn voxels stay as drawn
                 output[n][take] = value
                 depth[n][take] = blend[take]
     return np.moveaxis(output, 0, axis)

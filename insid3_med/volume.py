@@ -361,7 +361,7 @@ def _propagate_volume_mode(segmenter: OneShotSegmenter, stack: SliceStack, label
         if start <= n < stop and n not in anchors:
             take_slice(output, axis, n)[...] = stack.to_native(paste_square(crop, box, stack.model_shape))
     if params.fill_between_labelled and len(references) > 1:
-        _fill_between_labelled(output, labels, references, axis, stack.volume, start, stop)
+        _fill_between_labelled(output, labels, axis, stack.volume, start, stop)
     for n in references:
         take_slice(output, axis, n)[...] = take_slice(labels, axis, n)
     if progress is not None and done < total:
@@ -369,16 +369,12 @@ def _propagate_volume_mode(segmenter: OneShotSegmenter, stack: SliceStack, label
     return output
 
 
-def _fill_between_labelled(output: np.ndarray, labels: np.ndarray, references: Sequence[int], axis: int,
-                           volume: Volume, start: int, stop: int) -> None:
+def _fill_between_labelled(output: np.ndarray, labels: np.ndarray, axis: int, volume: Volume, start: int,
+                           stop: int) -> None:
     """``params.fill_between_labelled``: in place, the (K, J, I) ``output``'s background voxels in slices
-    [start, stop) take the structure that shape-based interpolation between the labelled slices ``references`` of
-    ``labels`` puts there (in mm, with the volume's in-plane spacing)."""
-    drawn = np.zeros_like(labels)
-    for n in references:
-        take_slice(drawn, axis, n)[...] = take_slice(labels, axis, n)
-    spacing_kji = np.asarray(volume.geometry.spacing, dtype=float)[::-1]
-    filled = interpolate_between_slices(drawn, axis, [spacing_kji[a] for a in range(3) if a != axis])
+    [start, stop) take the structure that shape-based interpolation between the labelled slices of ``labels`` (the
+    slices it holds anything on) puts there (in mm, with the volume's in-plane spacing)."""
+    filled = interpolate_between_slices(labels, axis, volume.in_plane_spacing(axis))
     inside = np.zeros(labels.shape[axis], dtype=bool)
     inside[start:stop] = True
     shape = [labels.shape[axis] if a == axis else 1 for a in range(labels.ndim)]

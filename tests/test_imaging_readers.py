@@ -482,3 +482,10 @@ def test_label_names_and_info_of_segmentation_files(ct_series, data_file, tmp_pa
     assert [s["label"] for s in info["segments"]] == list(names.values())
     assert info["referenced_series_instance_uids"] == [ct_series.series_uid]
     assert info["rows"] == volume.shape[1] and info["columns"] == volume.shape[2]
+
+
+def test_in_plane_spacing_follows_the_slicing_axis() -> None:
+    volume = Volume(np.zeros((4, 5, 6), np.float32), Geometry(spacing=(0.5, 0.7, 3.0)))  # (i, j, k) spacing
+    assert volume.in_plane_spacing(0) == (0.7, 0.5)  # slices across k: rows j, columns i
+    assert volume.in_plane_spacing(1) == (3.0, 0.5)
+    assert volume.in_plane_spacing(2) == (3.0, 0.7)

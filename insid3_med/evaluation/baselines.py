@@ -238,8 +238,7 @@ class SliceChainRegistration:
         key = (cache_key, axis) if cache_key is not None else None
         if key is not None and key == self._cache_key:
             return
-        spacing_kji = np.asarray(volume.geometry.spacing, dtype=float)[::-1]
-        in_plane = [spacing_kji[a] for a in range(3) if a != axis]
+        in_plane = volume.in_plane_spacing(axis)
         normalised = np.moveaxis(unit_intensity(volume.array), axis, 0)
         self._slices = [image_2d(s, in_plane) for s in normalised]
         self._transforms = {}

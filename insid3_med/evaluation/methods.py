@@ -179,8 +179,7 @@ class InterpolationMethod(EvaluationMethod):
         raise ValueError("the interpolation baseline needs a volume with several labelled slices (slices task)")
 
     def propagate(self, volume: Volume, labels: np.ndarray, axis: int, cache_key: object = None) -> np.ndarray:
-        spacing_kji = np.asarray(volume.geometry.spacing, dtype=float)[::-1]
-        return interpolate_between_slices(labels, axis, [spacing_kji[a] for a in range(3) if a != axis])
+        return interpolate_between_slices(labels, axis, volume.in_plane_spacing(axis))
 
     def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int) -> np.ndarray:
         raise ValueError("the interpolation baseline needs a volume with several labelled slices (slices task)")

@@ -169,3 +169,9 @@ class Volume:
     @property
     def is_rgb(self) -> bool:
         return self.array.ndim == 4 and self.array.shape[-1] == 3
+
+    def in_plane_spacing(self, axis: int) -> tuple[float, float]:
+        """(row, column) pixel spacing in mm of the slices across array ``axis`` (0, 1 or 2 of (K, J, I))."""
+        spacing_kji = [float(s) for s in self.geometry.spacing][::-1]
+        rows, cols = (spacing_kji[a] for a in range(3) if a != axis)
+        return rows, cols
