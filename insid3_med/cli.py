@@ -250,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "subset (default all); transfer: seeded pairs (default 50)")
     evaluate.add_argument("--kinds", default="largest,random", help="slices task: which slice is labelled "
                           "(largest, random: one structure per episode; each_largest: every structure at once, "
-                          "each on its own largest slice; spaced2 to spaced9: one structure labelled on N slices "
-                          "spread evenly over its extent; comma-separated)")
+                          "each on its own largest slice; union_largest: every structure on the one slice of "
+                          "largest union; spaced2 to spaced9: one structure labelled on N slices spread evenly over "
+                          "its extent; comma-separated)")
     evaluate.add_argument("--reference-mode", choices=("volume", "slice", "each_largest"), default="volume",
                           help="transfer task: the whole labelled volume, its one slice of largest labelled area, "
                           "or each structure on its own slice of largest area (each_largest) as reference")

@@ -436,6 +436,43 @@ def test_each_largest_kind_draws_every_structure_on_its_own_slice_in_one_run(tmp
                        kinds=["each_largest"], progress=False)
 
 
+def test_union_largest_kind_draws_every_structure_on_the_slice_of_largest_union(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = shared("hippocampus")
+    calls: list[np.ndarray] = []
+    original = CopyMethod.propagate
+
+    def counting(self: CopyMethod, volume, labels, axis, cache_key=None):  # noqa: ANN001, ANN202
+        calls.append(np.asarray(labels))
+        return original(self, volume, labels, axis, cache_key)
+
+    monkeypatch.setattr(CopyMethod, "propagate", counting)
+    document = run_evaluation("slices", data, tmp_path / "report", method="copy", limit_cases=2,
+                              kinds=["union_largest", "each_largest"], progress=False)
+    assert document["summary"]["episodes"] == 8 and len(calls) == 4  # one run per volume and kind
+    records = [json.loads(line)["result"] for line in (tmp_path / "report" / "episodes.jsonl").read_text().splitlines()
+               if "result" in json.loads(line)]
+    dataset = open_volume_dataset(data)
+    for case in dataset.cases[:2]:
+        volume = dataset.load_image(case)
+        labels = dataset.load_labels(case, volume)
+        axis = dataset.slice_axis(volume)
+        other = tuple(a for a in range(3) if a != axis)
+        union = int(np.argmax(np.count_nonzero(labels, axis=other)))
+        given = next(g for g in calls if np.any(np.moveaxis(g, axis, 0)[union]) and
+                     np.count_nonzero(np.any(g != 0, axis=other)) == 1)
+        expected = np.zeros_like(given)  # both parts exactly as in the data (the hippocampus labels are 1 and 2)
+        expected[tuple(union if a == axis else slice(None) for a in range(3))] = labels.take(union, axis=axis)
+        np.testing.assert_array_equal(given, expected)
+        mine = [r for r in records if r["case"] == case.name and r["kind"] == "union_largest"]
+        assert len(mine) == 2 and {r["slice"] for r in mine} == {union}
+        own = {r["structure"]: r["slice"] for r in records if r["case"] == case.name and r["kind"] == "each_largest"}
+        assert set(own.values()) != {union}  # the parts' own largest slices are not the union's
+    with pytest.raises(ValueError, match="overlaps another"):
+        run_evaluation("slices", shared("brats"), tmp_path / "brats", method="copy", limit_cases=1,
+                       kinds=["union_largest"], progress=False)
+
+
 def test_spaced_slices_spread_over_the_extent() -> None:
     mask = np.zeros((20, 4, 4), bool)
     mask[4:16] = True  # extent 4..15: three parts of 4 slices, centres 5.5, 9.5, 13.5

@@ -5,7 +5,8 @@
   replace=False)``, then draws references the same way until it has ``shots`` that differ from the target.
 - ``slices``: one episode per (case, structure, kind); kind ``largest`` labels the slice where the structure's
   area is largest, kind ``random`` a slice drawn (seeded per case and structure) among those holding it, kind
-  ``spacedN`` N slices spread evenly over the structure's extent (:func:`spaced_slices`).
+  ``spacedN`` N slices spread evenly over the structure's extent (:func:`spaced_slices`); kinds ``each_largest`` and
+  ``union_largest`` draw every structure of the volume at once (one run per volume).
 - ``transfer``: ordered pairs (reference A, target B) of different subjects, the first ``count`` of a seeded
   permutation of all such pairs.
 
@@ -29,10 +30,14 @@ SLICE_KINDS = ("largest", "random")
 EACH_LARGEST = "each_largest"
 """A slice kind: every structure of the volume drawn at once, each on its own slice of largest area (one run per
 volume, scored structure by structure; the structures must not overlap)."""
+UNION_LARGEST = "union_largest"
+"""A slice kind: every structure of the volume drawn on the one slice where their union's area is largest, the way
+a user labels a single slice (one run per volume, scored structure by structure; a structure absent from that slice
+is not labelled, and scores what the method makes of that; the structures must not overlap)."""
 SPACED_KINDS = tuple(f"spaced{n}" for n in range(2, 10))
 """Slice kinds ``spacedN`` (N = 2 to 9): one structure per episode, labelled on N slices spread evenly over its
 extent (:func:`spaced_slices`), the way a user labels every few slices."""
-ALL_SLICE_KINDS = (*SLICE_KINDS, EACH_LARGEST, *SPACED_KINDS)
+ALL_SLICE_KINDS = (*SLICE_KINDS, EACH_LARGEST, UNION_LARGEST, *SPACED_KINDS)
 
 
 @dataclass(frozen=True)

@@ -73,9 +73,11 @@ def run_evaluation(
     a folder holding another configuration (or any episodes when ``resume`` is False) raises
     :class:`ReportExistsError` unless ``overwrite`` (the earlier reports are then replaced once the new ones are
     complete). threads: torch and SimpleITK threads (default: SimpleITK 1, torch unchanged). kinds (slices):
-    ``largest``, ``random`` (one structure per episode) and/or ``each_largest`` (every structure drawn at once, each
-    on its own slice of largest area, scored per structure). reference_mode (transfer): ``volume`` or ``slice``.
-    shots (images): references per episode. mode (ours, volumes): propagation mode, ``volume`` or
+    ``largest``, ``random`` (one structure per episode), ``each_largest`` (every structure drawn at once, each
+    on its own slice of largest area, scored per structure), ``union_largest`` (every structure drawn on the one
+    slice of largest union) and/or ``spacedN`` (one structure on N evenly spread slices). reference_mode
+    (transfer): ``volume``, ``slice`` or ``each_largest``. shots (images): references per episode. mode (ours,
+    volumes): propagation mode, ``volume`` or
     ``published``; propagation (ours, volume mode): its :class:`~insid3_med.propagation.PropagationParams`
     (default: the defaults; recorded in the report's configuration, so a run with other settings is another
     evaluation).

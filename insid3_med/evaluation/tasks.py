@@ -36,6 +36,7 @@ from insid3_med.evaluation.episodes import (
     EACH_LARGEST,
     SLICE_KINDS,
     SPACED_KINDS,
+    UNION_LARGEST,
     ImageEpisode,
     labelled_slice,
     sample_image_episodes,
@@ -214,23 +215,32 @@ def _only_slices(mask: np.ndarray, axis: int, indices: Sequence[int]) -> np.ndar
     return given
 
 
+def _structure_map(structures: Sequence[Structure], labels: np.ndarray, name: str, purpose: str) -> np.ndarray:
+    """(K, J, I) int16: each structure's index in ``structures`` + 1 where it lies in the (K, J, I) ``labels``, 0
+    elsewhere. Structures that overlap are refused with a ValueError naming ``name`` (the case) and ``purpose`` (what
+    needs them apart)."""
+    mapped = np.zeros(labels.shape, dtype=np.int16)
+    for structure_index, structure in enumerate(structures):
+        mask = structure.binary(labels)
+        if np.any(mask & (mapped != 0)):
+            raise ValueError(f"{name}: structure {structure.name!r} overlaps another; the {purpose} needs structures "
+                             "that do not overlap")
+        mapped[mask] = structure_index + 1
+    return mapped
+
+
 def _each_on_its_largest_slice(structures: Sequence[Structure], labels: np.ndarray, axis: int, name: str,
                                purpose: str) -> list[tuple[int, np.ndarray, int]]:
     """For each structure present in the (K, J, I) ``labels``: (its index in ``structures``, the (K, J, I) bool mask
     of it on its own slice of largest area along ``axis``, that slice's index). Structures that overlap are refused
-    with a ValueError naming ``name`` (the case) and ``purpose`` (what needs them apart)."""
+    (:func:`_structure_map`)."""
+    mapped = _structure_map(structures, labels, name, f"{EACH_LARGEST} {purpose}")
     chosen = []
-    covered = np.zeros(labels.shape, dtype=bool)
-    for structure_index, structure in enumerate(structures):
-        mask = structure.binary(labels)
-        if not mask.any():
-            continue
-        if np.any(mask & covered):
-            raise ValueError(f"{name}: structure {structure.name!r} overlaps another; the {EACH_LARGEST} {purpose} "
-                             "needs structures that do not overlap")
-        covered |= mask
-        index = labelled_slice(mask, axis, EACH_LARGEST, 0, 0, structure_index)
-        chosen.append((structure_index, _only_slice(mask, axis, index) != 0, index))
+    for structure_index in range(len(structures)):
+        mask = mapped == structure_index + 1
+        if mask.any():
+            index = labelled_slice(mask, axis, EACH_LARGEST, 0, 0, structure_index)
+            chosen.append((structure_index, _only_slice(mask, axis, index) != 0, index))
     return chosen
 
 
@@ -247,7 +257,8 @@ class SliceTask:
         self.kinds = tuple(kinds)
         self._cases = _CaseCache(dataset)
         self._seed = 0
-        self._joint: tuple[object, np.ndarray, dict[int, int]] | None = None  # the last each_largest run
+        # per kind, the last every-structure run: (case index, method id), prediction, labelled slices
+        self._joint: dict[str, tuple[tuple[int, int], np.ndarray, dict[int, int]]] = {}
 
     def options(self) -> dict[str, Any]:
         return {"kinds": list(self.kinds), "slice_axis_rule": self.dataset.slice_axis_rule}
@@ -276,8 +287,8 @@ class SliceTask:
             return {**record, "absent": True}
         start = time.perf_counter()
         index: int | list[int]
-        if kind == EACH_LARGEST:
-            joint, slices = self._each_largest(case_index, volume, labels, axis, method)
+        if kind in (EACH_LARGEST, UNION_LARGEST):
+            joint, slices = self._every_structure(case_index, kind, volume, labels, axis, method)
             index, predicted = slices[structure_index], joint == structure_index + 1
         elif kind in SPACED_KINDS:
             index = spaced_slices(truth, axis, int(kind.removeprefix("spaced")))
@@ -309,23 +320,30 @@ class SliceTask:
             "seconds": seconds,
         }
 
-    def _each_largest(self, case_index: int, volume: Volume, labels: np.ndarray, axis: int,
-                      method: EvaluationMethod) -> tuple[np.ndarray, dict[int, int]]:
-        """Every present structure drawn on its own slice of largest area (value: structure index + 1), propagated in
-        one run; the (K, J, I) prediction and each structure's labelled slice. The run is kept for the case's other
-        structures (their episodes follow one another)."""
+    def _every_structure(self, case_index: int, kind: str, volume: Volume, labels: np.ndarray, axis: int,
+                         method: EvaluationMethod) -> tuple[np.ndarray, dict[int, int]]:
+        """Every present structure drawn at once (value: structure index + 1), propagated in one run: each on its own
+        slice of largest area (``each_largest``) or all on the slice where their union's area is largest
+        (``union_largest``). Returns the (K, J, I) prediction and each present structure's labelled slice. The run is
+        kept, per kind, for the case's other structures (their episodes follow one another)."""
         key = (case_index, id(method))
-        if self._joint is not None and self._joint[0] == key:
-            return self._joint[1], self._joint[2]
+        if kind in self._joint and self._joint[kind][0] == key:
+            return self._joint[kind][1], self._joint[kind][2]
         case = self.dataset.cases[case_index]
-        given = np.zeros(labels.shape, dtype=np.int16)
         slices: dict[int, int] = {}
-        for structure_index, where, index in _each_on_its_largest_slice(self.dataset.structures, labels, axis,
-                                                                        case.name, "slice kind"):
-            slices[structure_index] = index
-            given[where] = structure_index + 1
-        joint = np.asarray(method.propagate(volume, given, axis, cache_key=(case.name, "each_largest")))
-        self._joint = (key, joint, slices)
+        if kind == EACH_LARGEST:
+            given = np.zeros(labels.shape, dtype=np.int16)
+            for structure_index, where, index in _each_on_its_largest_slice(self.dataset.structures, labels, axis,
+                                                                            case.name, "slice kind"):
+                slices[structure_index] = index
+                given[where] = structure_index + 1
+        else:
+            mapped = _structure_map(self.dataset.structures, labels, case.name, f"{UNION_LARGEST} slice kind")
+            index = labelled_slice(mapped != 0, axis, "largest", 0, 0, 0)
+            given = _only_slice(mapped, axis, index)
+            slices = {int(v) - 1: index for v in np.unique(mapped) if v != 0}
+        joint = np.asarray(method.propagate(volume, given, axis, cache_key=(case.name, kind)))
+        self._joint[kind] = (key, joint, slices)
         return joint, slices
 
     def summarise(self, results: list[dict[str, Any]]) -> dict[str, Any]:
