@@ -38,6 +38,7 @@ from insid3_med.imaging.dicom import display_metadata, list_dicom_series
 from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError, OutputExistsError
 from insid3_med.imaging.geometry import Geometry, Volume
 from insid3_med.imaging.intensity import intensity_mapping
+from insid3_med.imaging.readers import read_label_volume
 from insid3_med.predictor import OneShotSegmenter
 from insid3_med.propagation import params_from_settings
 from insid3_med.volume import (
@@ -193,14 +194,48 @@ class ScaleIntensityPresetd(MapTransform):
         return d
 
 
+class LoadLabelOnImageGridd(MapTransform):
+    """Read label maps onto the grid of an image already loaded (by ``LoadImaged``), as the command line reads them.
+
+    Each key holds a label map's path: NIfTI, NRRD, MHA, a Slicer ``.seg.nrrd`` or a DICOM SEG (segment n -> label
+    n), also one saved cropped to its structure or holding only its labelled frames, which is placed onto the image's
+    grid voxel for voxel (:func:`insid3_med.imaging.readers.read_label_volume`). The result is a MetaTensor laid out
+    and oriented like ``data[image_key]`` ((X, Y, Z) with its affine and meta, ``filename_or_obj`` the label's path).
+    A label map that cannot be read or lies on another grid raises :class:`ImageReadError` naming its file.
+    """
+
+    def __init__(self, keys: KeysCollection, image_key: str = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d[self.image_key]
+        if not isinstance(image, MetaTensor):
+            raise TypeError(f"{self.image_key!r} must be loaded first (a MetaTensor, as LoadImaged gives)")
+        like = volume_from_metatensor(image)
+        for key in self.key_iterator(d):
+            path = Path(str(d[key]))
+            labels = read_label_volume(path, like=like)  # (K, J, I) on the image's grid
+            array = torch.from_numpy(np.ascontiguousarray(labels.transpose(2, 1, 0)))
+            if image.ndim == 4:  # the image has its channel already
+                array = array[None]
+            meta = dict(image.meta)
+            meta["filename_or_obj"] = str(path)
+            d[key] = MetaTensor(array, affine=image.affine.clone(), meta=meta)
+        return d
+
+
 def reference_preprocessing(preset: str | None = None, modality: str | None = None) -> Compose:
-    """The default reference transform: load image and label, channel first, RAS, image scaled to [0, 1].
+    """The default reference transform: load the image, its label map onto its grid (any label format the command
+    line reads, :class:`LoadLabelOnImageGridd`), channel first, RAS, image scaled to [0, 1].
 
     The bundle's configs spell the same transforms out (``reference_preprocessing``) so that they can be overridden.
     """
     keys = ["image", "label"]
     return Compose([
-        LoadImaged(keys=keys, image_only=True),
+        LoadImaged(keys="image", image_only=True),
+        LoadLabelOnImageGridd(keys="label", image_key="image"),
         EnsureChannelFirstd(keys=keys),
         Orientationd(keys=keys, axcodes="RAS", labels=None),
         ScaleIntensityPresetd(keys="image", preset=preset, modality=modality),
@@ -362,7 +397,15 @@ class OneShotNetwork(nn.Module):
         """Read and check the reference pair through ``reference_transform``; raises ImageReadError on bad input."""
         image_path = _existing_reference_path("reference_image", image, image or label)
         label_path = _existing_reference_path("reference_label", label, image or label)
-        data = self.reference_transform({"image": str(image), "label": str(label)})
+        try:
+            data = self.reference_transform({"image": str(image), "label": str(label)})
+        except RuntimeError as error:  # MONAI's Compose wraps what a transform raises: name the file, not the chain
+            cause: BaseException | None = error
+            while cause is not None and not isinstance(cause, ImageReadError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from error
         volume = volume_from_metatensor(data["image"], metadata=UNIT_DISPLAY)
         label_volume = volume_from_metatensor(data["label"])
         if label_volume.shape != volume.shape or not label_volume.geometry.allclose(volume.geometry, atol=1e-3):

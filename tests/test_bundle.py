@@ -29,12 +29,14 @@ from monai.transforms import EnsureChannelFirstd, LoadImage, LoadImaged, Orienta
 from insid3_med.backbones import load_backbone
 from insid3_med.bundle import (
     UNIT_DISPLAY,
+    LoadLabelOnImageGridd,
     OneShotNetwork,
     ScaleIntensityPresetd,
     check_outputs_absent,
     labels_to_channel_first,
     list_studies,
     locate_bundle_root,
+    reference_preprocessing,
     volume_from_metatensor,
     write_network_state,
 )
@@ -42,7 +44,7 @@ from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError, Output
 from insid3_med.imaging.geometry import Geometry, Volume
 from insid3_med.imaging.intensity import ct_window, intensity_mapping
 from insid3_med.imaging.readers import read_label_volume, read_volume
-from insid3_med.imaging.writers import write_nifti_labels
+from insid3_med.imaging.writers import write_dicom_seg, write_nifti_labels, write_seg_nrrd
 from insid3_med.predictor import OneShotSegmenter
 from insid3_med.volume import transfer_to_study
 
@@ -223,6 +225,44 @@ def test_scale_intensity_preset_matches_the_library(hippocampus: Path, ct_series
                                atol=1e-6)
 
 
+def test_reference_label_reads_dicom_seg_and_cropped_seg_nrrd_onto_the_image_grid(
+        ct_series, hippocampus: Path, tmp_path: Path) -> None:
+    """The reference's label map is read as the command line reads it: a DICOM SEG of the reference series, or a
+    Slicer .seg.nrrd saved cropped to its structure, gives the same labels as a NIfTI label map on the grid."""
+    from insid3_med.demo import crop_volume
+
+    transform = reference_preprocessing()
+    series = read_volume(ct_series.folder)
+    truth = np.asarray(nib.load(hippocampus / "labels" / f"{REFERENCE}.nii.gz").dataobj).transpose(2, 1, 0)
+    some = np.zeros(truth.shape, np.uint8)
+    some[[10, 20]] = truth[[10, 20]]
+    nifti = write_nifti_labels(some, series, tmp_path / "two_slices.nii.gz")
+    seg = write_dicom_seg(some, series, tmp_path / "two_slices_seg.dcm", {1: "anterior", 2: "posterior"})
+    from_nifti = transform({"image": str(ct_series.folder), "label": str(nifti)})
+    from_seg = transform({"image": str(ct_series.folder), "label": str(seg)})
+    assert from_seg["label"].shape == from_seg["image"].shape  # (1, X, Y, Z), reoriented to RAS with the image
+    np.testing.assert_array_equal(from_seg["label"].numpy(), from_nifti["label"].numpy())
+    assert torch.allclose(from_seg["label"].affine, from_seg["image"].affine)
+    assert from_seg["label"].meta["filename_or_obj"] == str(seg)
+
+    image = hippocampus / "images" / f"{REFERENCE}.nii.gz"
+    volume = read_volume(image)
+    labels = read_label_volume(hippocampus / "labels" / f"{REFERENCE}.nii.gz", volume)
+    k, j, i = (np.flatnonzero(np.any(labels, axis=other)) for other in ((1, 2), (0, 2), (0, 1)))
+    cropped = crop_volume(Volume(labels, volume.geometry), (slice(k[0], k[-1] + 1), slice(j[0], j[-1] + 1),
+                                                            slice(i[0], i[-1] + 1)), {})
+    assert cropped.shape != labels.shape
+    seg_nrrd = write_seg_nrrd(cropped.array, cropped, tmp_path / "cropped.seg.nrrd")
+    whole = transform({"image": str(image), "label": str(hippocampus / "labels" / f"{REFERENCE}.nii.gz")})
+    placed = transform({"image": str(image), "label": str(seg_nrrd)})
+    np.testing.assert_array_equal(placed["label"].numpy(), whole["label"].numpy())
+
+    other = hippocampus / "labels" / f"{TARGETS[0]}.nii.gz"  # another subject's grid: refused, naming the file
+    with pytest.raises(ImageReadError, match="voxel grid") as error:
+        LoadLabelOnImageGridd(keys="label")({"image": LoadImage(image_only=True)(str(image)), "label": str(other)})
+    assert str(other) in str(error.value)
+
+
 def test_unit_display_maps_scaled_values_to_themselves() -> None:
     values = np.linspace(0.0, 1.0, 101, dtype=np.float32).reshape(1, 1, 101)
     volume = Volume(values, metadata=dict(UNIT_DISPLAY))
@@ -321,7 +361,7 @@ def test_network_rejects_bad_input(standin: Path, hippocampus: Path, tmp_path: P
     with pytest.raises(ImageReadError, match="give both"):
         bare.load_reference(image, None)
     other_grid = hippocampus / "labels" / f"{TARGETS[0]}.nii.gz"
-    with pytest.raises(ImageReadError, match="not on the grid"):
+    with pytest.raises(ImageReadError, match="voxel grid"):  # not MONAI's RuntimeError around it
         bare.load_reference(image, other_grid)
     empty = tmp_path / "empty.nii.gz"
     write_nifti_labels(np.zeros(read_volume(image).shape, np.uint8), read_volume(image), empty)
