@@ -94,7 +94,9 @@ class PropagationParams:
     refine_band, refine_strength: boundary refinement with the slice's grey values within this fraction of the crop
         side from the boundaries (None: none); see :func:`refine_with_intensity`.
     gate_union: with several structures chained together, each may take any place inside the union of the previous
-        slice's structures (not only near its own mask).
+        slice's structures (not only near its own mask). Measured (harness, every structure drawn on the slice of
+        largest union, every volume): hippocampus 0.618 -> 0.695 (its head and body are one tissue, and the body
+        grows where the head was), ACDC 0.851 -> 0.828 (its structures keep their places): off by default.
     area_calibration: weigh each structure so that the patch-grid round trip keeps its area on the labelled slice
         (:func:`area_preserving_weights`); helps structures thinner than a patch, hurts others (measured: off).
     independent_structures: chain each structure on its own, the others as background, and merge by confidence
