@@ -117,11 +117,12 @@ class PropagationParams:
         structure on 2 / 3 / 5 slices spread over its extent): hippocampus 0.805 / 0.844 / 0.899 -> 0.824 / 0.873
         / 0.929 (the interpolation alone 0.550 / 0.767 / 0.903); ACDC with 3 slices 0.905 -> 0.907. One labelled
         slice per structure: no change.
-    transfer_reference_gate_tracking, transfer_reference_gate_sigma, transfer_reference_stop_confidence: the chain
-        through the reference study (``transfer_self_propagation``) uses these in place of ``gate_tracking``,
-        ``gate_sigma`` and ``stop_confidence``. Measured on 50 hippocampus pairs (one labelled slice): the
-        within-study settings there gave 0.546 mean Dice, these 0.591. Only the target slices the reference's
-        (pseudo-)labels reach after registration are labelled, so a reference chain that runs on longer pays.
+    transfer_reference_gate_tracking, transfer_reference_gate_sigma, transfer_reference_stop_confidence,
+    transfer_reference_gate_union: the chain through the reference study (``transfer_self_propagation``) uses these
+        in place of ``gate_tracking``, ``gate_sigma``, ``stop_confidence`` and ``gate_union``. Measured on 50
+        hippocampus pairs (one labelled slice): the within-study settings there gave 0.546 mean Dice, these 0.591.
+        Only the target slices the reference's (pseudo-)labels reach after registration are labelled, so a
+        reference chain that runs on longer pays.
     """
 
     image_size: int = 224
@@ -156,6 +157,7 @@ class PropagationParams:
     transfer_reference_gate_tracking: bool = False
     transfer_reference_gate_sigma: float | None = 0.03
     transfer_reference_stop_confidence: float | None = 0.85
+    transfer_reference_gate_union: bool = False
     fill_between_labelled: bool = True
 
     def __post_init__(self) -> None:

@@ -550,11 +550,12 @@ def reference_self_propagation(segmenter: OneShotSegmenter, ref_stack: SliceStac
                                shots: Sequence[int], params: PropagationParams, batch_size: int = 4) -> np.ndarray:
     """The reference's labelled slices chained through the reference study itself, exactly as
     :func:`propagate_through_slices` does (structures drawn on different slices each chained from their own), with
-    the ``transfer_reference_*`` gate and stop settings: its (K, J, I) int64 label map, shots kept as given, so that
-    every reference slice the structures reach holds (pseudo-)labels."""
+    the ``transfer_reference_*`` gate, union gate and stop settings: its (K, J, I) int64 label map, shots kept as
+    given, so that every reference slice the structures reach holds (pseudo-)labels."""
     params = replace(params, gate_tracking=params.transfer_reference_gate_tracking,
                      gate_sigma=params.transfer_reference_gate_sigma,
-                     stop_confidence=params.transfer_reference_stop_confidence)
+                     stop_confidence=params.transfer_reference_stop_confidence,
+                     gate_union=params.transfer_reference_gate_union)
     return _propagate_volume_mode(segmenter, ref_stack, reference_labels, shots, 0, len(ref_stack), params, None,
                                   batch_size)
 

@@ -179,13 +179,14 @@ def test_reference_chain_uses_the_transfer_reference_gate_and_stop(monkeypatch: 
     monkeypatch.setattr(volume_module, "propagate_crops", spy)
     reference, reference_truth = synthetic_study()
     target, _ = synthetic_study(shift=(1, 3, -4), seed=1)
-    params = PropagationParams(gate_tracking=True, gate_sigma=0.02, stop_confidence=0.9,
+    params = PropagationParams(gate_tracking=True, gate_sigma=0.02, stop_confidence=0.9, gate_union=True,
                                transfer_reference_gate_tracking=False, transfer_reference_gate_sigma=0.04,
-                               transfer_reference_stop_confidence=0.7)
+                               transfer_reference_stop_confidence=0.7, transfer_reference_gate_union=False)
     transfer_to_study(SimpleNamespace(backbone=GreyLevelBackbone()), reference,  # type: ignore[arg-type]
                       only_slice(reference_truth, 5), target, axis="k", params=params)
     assert len(seen) == 1  # the reference's own chain; the target's slices are labelled by height
-    assert (seen[0].gate_tracking, seen[0].gate_sigma, seen[0].stop_confidence) == (False, 0.04, 0.7)
+    assert (seen[0].gate_tracking, seen[0].gate_sigma, seen[0].stop_confidence, seen[0].gate_union) == (
+        False, 0.04, 0.7, False)
 
 
 def test_reference_chain_follows_structures_drawn_on_different_slices_like_the_volume_mode() -> None:
@@ -210,7 +211,8 @@ def test_reference_chain_follows_structures_drawn_on_different_slices_like_the_v
     assert labelled_slices(pseudo == 2, 0) == [9, 10, 11]
     within = replace(params, gate_tracking=params.transfer_reference_gate_tracking,
                      gate_sigma=params.transfer_reference_gate_sigma,
-                     stop_confidence=params.transfer_reference_stop_confidence)
+                     stop_confidence=params.transfer_reference_stop_confidence,
+                     gate_union=params.transfer_reference_gate_union)
     np.testing.assert_array_equal(pseudo, propagate_through_slices(segmenter, reference, given, axis=0,  # type: ignore[arg-type]
                                                                    params=within))
 
