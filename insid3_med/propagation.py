@@ -65,7 +65,8 @@ class PropagationParams:
         chain per scale and each voxel takes the label a strict majority of them give (else background); about
         ``len`` times the time. Measured with 1.25, 1.5, 1.75 (harness, every volume): hippocampus 0.780 -> 0.788
         (FP slices 2.2% -> 1.4%), ACDC 0.838 -> 0.842, BraTS 0.885 -> 0.883; see the README. In a transfer it
-        applies to the reference's own chain only (measured: hippocampus from one slice 0.596 -> 0.596).
+        applies to the reference's own chain only (measured with its former settings: hippocampus from one slice
+        0.596 -> 0.596).
     min_crop_fraction: the crop side is at least this fraction of the slice's larger side.
     top_k, temperature, neighbourhood (patches, Chebyshev radius): the label transfer.
     recent_slices: predicted slices kept as context beside the labelled slice(s).
