@@ -220,7 +220,7 @@ class LoadLabelOnImageGridd(MapTransform):
             array = torch.from_numpy(np.ascontiguousarray(labels.transpose(2, 1, 0)))
             if image.ndim == 4:  # the image has its channel already
                 array = array[None]
-            meta = dict(image.meta)
+            meta = {k: v for k, v in image.meta.items() if k != "affine"}  # the affine is given on its own
             meta["filename_or_obj"] = str(path)
             d[key] = MetaTensor(array, affine=image.affine.clone(), meta=meta)
         return d
