@@ -118,10 +118,9 @@ class SliceStack:
     mapping: IntensityMapping
 
     def __post_init__(self) -> None:
-        spacing = np.asarray(self.volume.geometry.spacing, dtype=float)[::-1]
         rows, cols = (a for a in range(3) if a != self.axis)
         self.native_shape = (self.volume.shape[rows], self.volume.shape[cols])
-        row_spacing, col_spacing = spacing[rows], spacing[cols]
+        row_spacing, col_spacing = self.volume.in_plane_spacing(self.axis)
         finest = min(row_spacing, col_spacing)
         if abs(row_spacing / col_spacing - 1.0) > 1e-3:
             self.model_shape = (max(1, round(self.native_shape[0] * row_spacing / finest)),

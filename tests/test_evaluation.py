@@ -409,9 +409,8 @@ def test_slices_copy_end_to_end_on_two_hippocampus_volumes(tmp_path: Path) -> No
     assert "| anterior hippocampus | largest | 2 |" in (tmp_path / "report" / "results.md").read_text()
 
 
-def test_each_largest_kind_draws_every_structure_on_its_own_slice_in_one_run(tmp_path: Path,
-                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    data = shared("hippocampus")
+def record_copy_propagations(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
+    """The label maps CopyMethod.propagate is given from now on (one per run), appended to the returned list."""
     calls: list[np.ndarray] = []
     original = CopyMethod.propagate
 
@@ -420,6 +419,13 @@ def test_each_largest_kind_draws_every_structure_on_its_own_slice_in_one_run(tmp
         return original(self, volume, labels, axis, cache_key)
 
     monkeypatch.setattr(CopyMethod, "propagate", counting)
+    return calls
+
+
+def test_each_largest_kind_draws_every_structure_on_its_own_slice_in_one_run(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    data = shared("hippocampus")
+    calls = record_copy_propagations(monkeypatch)
     document = run_evaluation("slices", data, tmp_path / "report", method="copy", limit_cases=2,
                               kinds=["each_largest"], progress=False)
     summary = document["summary"]
@@ -439,14 +445,7 @@ def test_each_largest_kind_draws_every_structure_on_its_own_slice_in_one_run(tmp
 def test_union_largest_kind_draws_every_structure_on_the_slice_of_largest_union(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = shared("hippocampus")
-    calls: list[np.ndarray] = []
-    original = CopyMethod.propagate
-
-    def counting(self: CopyMethod, volume, labels, axis, cache_key=None):  # noqa: ANN001, ANN202
-        calls.append(np.asarray(labels))
-        return original(self, volume, labels, axis, cache_key)
-
-    monkeypatch.setattr(CopyMethod, "propagate", counting)
+    calls = record_copy_propagations(monkeypatch)
     document = run_evaluation("slices", data, tmp_path / "report", method="copy", limit_cases=2,
                               kinds=["union_largest", "each_largest"], progress=False)
     assert document["summary"]["episodes"] == 8 and len(calls) == 4  # one run per volume and kind
