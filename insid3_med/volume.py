@@ -48,6 +48,7 @@ from insid3_med.propagation import (
     region_of_interest,
     structure_groups,
 )
+from insid3_med.refinement import refine_boundaries
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -254,8 +255,10 @@ def propagate_through_slices(segmenter: OneShotSegmenter, volume: Volume, labels
                                    "slice")
     stack = SliceStack(volume, axis, intensity_mapping(volume, preset))
     if mode == "volume":
-        return _propagate_volume_mode(segmenter, stack, labels, references, start, stop, params or
-                                      PropagationParams(), progress, batch_size)
+        params = params or PropagationParams()
+        output = _propagate_volume_mode(segmenter, stack, labels, references, start, stop, params, progress,
+                                        batch_size)
+        return refine_volume_boundaries(output, stack, references, params)
     set_references_from_slices(segmenter, stack, labels, references, batch_size)
     output = np.zeros(labels.shape, dtype=np.int64)
     targets = [n for n in range(start, stop) if n not in set(references)]
@@ -366,6 +369,20 @@ def _propagate_volume_mode(segmenter: OneShotSegmenter, stack: SliceStack, label
     if progress is not None and done < total:
         progress(total, total)
     return output
+
+
+def refine_volume_boundaries(labels: np.ndarray, stack: SliceStack, keep_slices: Sequence[int],
+                             params: PropagationParams) -> np.ndarray:
+    """``params.random_walk_beta``: the (K, J, I) ``labels`` of ``stack``'s volume with the voxels within
+    ``params.random_walk_band`` pixels of a boundary re-decided by a 3D random walk on its grey values
+    (:func:`insid3_med.refinement.refine_boundaries`; the slices ``keep_slices`` stay as they are); unchanged if
+    the beta is None."""
+    if params.random_walk_beta is None or not np.any(labels):
+        return labels
+    array = stack.volume.array
+    grey = stack.mapping(array).mean(axis=-1) if stack.volume.is_rgb else stack.mapping.to_unit(array)
+    return refine_boundaries(labels, grey, stack.axis, beta=params.random_walk_beta, band=params.random_walk_band,
+                             keep_slices=keep_slices)
 
 
 def _fill_between_labelled(output: np.ndarray, labels: np.ndarray, axis: int, volume: Volume, start: int,
@@ -555,8 +572,9 @@ def reference_self_propagation(segmenter: OneShotSegmenter, ref_stack: SliceStac
                      gate_sigma=params.transfer_reference_gate_sigma,
                      stop_confidence=params.transfer_reference_stop_confidence,
                      gate_union=params.transfer_reference_gate_union)
-    return _propagate_volume_mode(segmenter, ref_stack, reference_labels, shots, 0, len(ref_stack), params, None,
-                                  batch_size)
+    pseudo = _propagate_volume_mode(segmenter, ref_stack, reference_labels, shots, 0, len(ref_stack), params, None,
+                                    batch_size)
+    return refine_volume_boundaries(pseudo, ref_stack, shots, params)
 
 
 def registered_reference(ref_stack: SliceStack, reference_labels: np.ndarray, tgt_stack: SliceStack,
@@ -676,8 +694,9 @@ def _transfer_volume_mode(segmenter: OneShotSegmenter, ref_stack: SliceStack, re
         pseudo = reference_self_propagation(segmenter, ref_stack, reference_labels, every, params, batch_size)
         registered = registered_reference(ref_stack, pseudo, tgt_stack, params.transfer_deformable_iterations)
         if registered is not None and registered[0].any():
-            return _transfer_by_height(segmenter, ref_source, pseudo, registered, tgt_stack, values, params, progress,
-                                       batch_size)
+            labelled = _transfer_by_height(segmenter, ref_source, pseudo, registered, tgt_stack, values, params,
+                                           progress, batch_size)
+            return refine_volume_boundaries(labelled, tgt_stack, (), params)
     context = [ContextSlice(ref_source.features(n), patch_label_fractions(crop_square(lab, ref_box), values, grid))
                for n, lab in ref_model.items()]
     first_index, prior = registered_first_slice(ref_stack, reference_labels, shots, tgt_stack)
@@ -711,4 +730,4 @@ def _transfer_volume_mode(segmenter: OneShotSegmenter, ref_stack: SliceStack, re
                                                                                        tgt_stack.model_shape))
     if progress is not None and done < total:
         progress(total, total)
-    return output
+    return refine_volume_boundaries(output, tgt_stack, (), params)

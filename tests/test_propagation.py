@@ -158,6 +158,8 @@ def test_with_overrides_reads_each_value_as_its_field_type() -> None:
     assert params_from_settings({"top_k": 5, "flip": True, "stop_confidence": None}) == PropagationParams(
         top_k=5, flip=True, stop_confidence=None)
     assert params_from_settings(None) == params_from_settings({}) == PropagationParams()
+    walk = with_overrides(PropagationParams(), ["random_walk_beta=130", "random_walk_band=2"])
+    assert (walk.random_walk_beta, walk.random_walk_band) == (130.0, 2) and PropagationParams().random_walk_beta is None
 
 
 def test_crop_ensemble_is_read_as_numbers_from_a_command_line_or_a_config_file() -> None:
@@ -190,6 +192,8 @@ def test_majority_labels_keeps_what_more_than_half_of_the_maps_say() -> None:
     ("flip=maybe", "flip='maybe': expected bool"),
     ("stop_confidence=high", "expected float or none"),
     ("temperature=0", "temperature must be > 0"),  # the dataclass's own checks still run
+    ("random_walk_beta=-1", "random_walk_beta must be > 0 or None"),
+    ("random_walk_band=0", "random_walk_band must be at least 1 pixel"),
 ])
 def test_with_overrides_names_the_bad_setting(item: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):

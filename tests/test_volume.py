@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -90,6 +91,26 @@ def test_volume_mode_follows_the_structure_and_leaves_the_slices_beyond_it_empty
     assert calls and calls[-1] == (11, 11) and all(total == 11 for _, total in calls)
 
 
+def test_random_walk_refinement_moves_only_boundary_voxels_onto_the_edges() -> None:
+    from scipy import ndimage
+
+    volume, truth = synthetic_study()
+    segmenter = SimpleNamespace(backbone=GreyLevelBackbone())
+    given = only_slice(truth, 5)
+    coarse = PropagationParams(refine_band=None)  # boundaries as coarse as the patch grid
+    chained = propagate_through_slices(segmenter, volume, given, axis=0, params=coarse)  # type: ignore[arg-type]
+    walked = propagate_through_slices(segmenter, volume, given, axis=0,  # type: ignore[arg-type]
+                                      params=replace(coarse, random_walk_beta=130.0))
+    changed = walked != chained
+    assert changed.any()
+    plane = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool)
+    boundary = ndimage.binary_dilation(chained != 0, plane) & ~ndimage.binary_erosion(chained != 0, plane)
+    assert not (changed & ~boundary).any()  # only voxels at the chain's boundary, in the slice plane
+    np.testing.assert_array_equal(walked[5], truth[5])
+    assert labelled_slices(walked, 0) == labelled_slices(chained, 0)
+    assert dice(walked == 1, truth == 1) > dice(chained == 1, truth == 1)
+
+
 def test_volume_mode_respects_the_slice_range_and_carries_label_values() -> None:
     volume, truth = synthetic_study()
     segmenter = SimpleNamespace(backbone=GreyLevelBackbone())
@@ -99,15 +120,17 @@ def test_volume_mode_respects_the_slice_range_and_carries_label_values() -> None
     assert labelled_slices(output, 0) == [4, 5, 6]
 
 
-@pytest.mark.parametrize("self_propagation", [True, False])
-def test_volume_mode_transfer_finds_the_structure_in_another_study(self_propagation: bool) -> None:
+@pytest.mark.parametrize(("self_propagation", "random_walk_beta"), [(True, None), (False, None), (True, 130.0)])
+def test_volume_mode_transfer_finds_the_structure_in_another_study(self_propagation: bool,
+                                                                   random_walk_beta: float | None) -> None:
     reference, reference_truth = synthetic_study()
     target, target_truth = synthetic_study(shift=(1, 3, -4), seed=1)
     segmenter = SimpleNamespace(backbone=GreyLevelBackbone())
     calls: list[tuple[int, int]] = []
     output = transfer_to_study(segmenter, reference, only_slice(reference_truth, 5), target,  # type: ignore[arg-type]
                                axis="k", progress=lambda done, total: calls.append((done, total)),
-                               params=PropagationParams(transfer_self_propagation=self_propagation))
+                               params=PropagationParams(transfer_self_propagation=self_propagation,
+                                                        random_walk_beta=random_walk_beta))
     assert output.shape == target.shape
     assert dice(output == 1, target_truth == 1) > 0.8
     # nothing beyond the structure; the confidence stop (0.875 of the peak) may cut its faint tip slice
