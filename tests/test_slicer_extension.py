@@ -292,6 +292,10 @@ def test_propagate_command_line():
     from insid3_med.propagation import PropagationParams, with_overrides
 
     assert with_overrides(PropagationParams(), [setting]).crop_ensemble == (1.25, 1.5, 1.75)  # the tool reads it
+    walked = validation.plan_propagation(one_slice_labels(), validation.PropagationSettings(random_walk=True))
+    walked_command = commands.propagate_command(["py"], "v.nii.gz", "l.nii.gz", "o.nii.gz", walked)
+    walk_setting = walked_command[walked_command.index("--set") + 1]
+    assert walked_command.count("--set") == 1 and with_overrides(PropagationParams(), [walk_setting]).random_walk_beta
 
 
 def test_transfer_command_line_and_output_names(tmp_path):

@@ -152,7 +152,7 @@ def test_parameter_names_in_the_ui_match_the_parameter_node():
     assert bound["inputVolume"] == bound["inputSegmentation"] == "qMRMLNodeComboBox"
     assert {bound[f] for f in ("axis", "device", "precision")} == {"QComboBox"}
     assert {bound[f] for f in ("firstSlice", "lastSlice", "imageSize")} == {"QSpinBox"}
-    assert bound["useSliceRange"] == "QCheckBox"
+    assert bound["useSliceRange"] == bound["cropEnsemble"] == bound["randomWalk"] == "QCheckBox"
 
 
 # --- CMake ------------------------------------------------------------------------------------------------------

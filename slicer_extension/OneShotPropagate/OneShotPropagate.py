@@ -86,6 +86,7 @@ class OneShotPropagateParameterNode:
     useSliceRange, firstSlice, lastSlice - propagate only through these slices (0-based, both included).
     device, precision, imageSize - where and how the backbone runs.
     cropEnsemble - propagate with three crop scales and keep each voxel's majority label (2-3x slower).
+    randomWalk - decide the voxels next to each boundary again in 3D, on the image's edges (isotropic MRI).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -98,6 +99,7 @@ class OneShotPropagateParameterNode:
     precision: Annotated[str, Choice(list(validation.PRECISION_CHOICES))] = "auto"
     imageSize: Annotated[int, WithinRange(*validation.IMAGE_SIZE_LIMITS)] = 448
     cropEnsemble: bool = False
+    randomWalk: bool = False
 
 
 #
@@ -323,7 +325,8 @@ class OneShotPropagateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         sliceRange = (p.firstSlice, p.lastSlice) if p.useSliceRange else None
         return validation.PropagationSettings(
             axis=slices.parse_axis(p.axis), slice_range=sliceRange, device=p.device, precision=p.precision,
-            image_size=p.imageSize, weights=self.logic.weightsForRun(), crop_ensemble=p.cropEnsemble)
+            image_size=p.imageSize, weights=self.logic.weightsForRun(), crop_ensemble=p.cropEnsemble,
+            random_walk=p.randomWalk)
 
     # Actions
 

@@ -20,6 +20,7 @@ EXIT_BAD_INPUT = 2
 EXIT_WEIGHTS_MISSING = 3
 
 CROP_ENSEMBLE = "crop_ensemble=1.25,1.5,1.75"  # the "three crop sizes" option: ``--set`` of insid3-med
+RANDOM_WALK = "random_walk_beta=130"  # the "boundaries on image edges in 3D" option
 
 _VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr")
 
@@ -42,6 +43,8 @@ def _common_options(plan: PropagationPlan) -> list[str]:
         options += ["--weights", str(settings.weights)]
     if settings.crop_ensemble:
         options += ["--set", CROP_ENSEMBLE]
+    if settings.random_walk:
+        options += ["--set", RANDOM_WALK]
     return options
 
 

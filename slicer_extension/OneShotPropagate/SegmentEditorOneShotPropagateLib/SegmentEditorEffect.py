@@ -96,6 +96,11 @@ One-shot Propagate module.<p>"""
         self.cropEnsembleCheckBox.setToolTip(_("Propagate three times, zoomed 1.25, 1.5 and 1.75 times the structure, "
                                                "and keep each voxel's majority label: slightly more accurate."))
         self.scriptedEffect.addLabeledOptionsWidget(_("Accuracy:"), self.cropEnsembleCheckBox)
+        self.randomWalkCheckBox = qt.QCheckBox(_("boundaries on image edges, in 3D"))
+        self.randomWalkCheckBox.setToolTip(_("Decide the voxels next to each boundary again with a random walk on the "
+                                             "grey values, linked across slices. Helped hippocampus and brain tumour "
+                                             "MRI (1 mm voxels); made cardiac MRI worse."))
+        self.scriptedEffect.addLabeledOptionsWidget("", self.randomWalkCheckBox)
 
         self.axisComboBox.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
         self.deviceComboBox.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
@@ -103,6 +108,7 @@ One-shot Propagate module.<p>"""
         self.firstSliceSpinBox.connect("valueChanged(int)", self.updateMRMLFromGUI)
         self.lastSliceSpinBox.connect("valueChanged(int)", self.updateMRMLFromGUI)
         self.cropEnsembleCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
+        self.randomWalkCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
         self.weightsButton.connect("clicked()", self.onWeightsButton)
 
         AbstractScriptedSegmentEditorAutoCompleteEffect.setupOptionsFrame(self)
@@ -116,12 +122,13 @@ One-shot Propagate module.<p>"""
         self.scriptedEffect.setParameterDefault("LastSlice", "0")
         self.scriptedEffect.setParameterDefault("Device", "auto")
         self.scriptedEffect.setParameterDefault("CropEnsemble", "0")
+        self.scriptedEffect.setParameterDefault("RandomWalk", "0")
         AbstractScriptedSegmentEditorAutoCompleteEffect.setMRMLDefaults(self)
 
     def updateGUIFromMRML(self):
         AbstractScriptedSegmentEditorAutoCompleteEffect.updateGUIFromMRML(self)
         widgets = (self.axisComboBox, self.deviceComboBox, self.useRangeCheckBox, self.firstSliceSpinBox,
-                   self.lastSliceSpinBox, self.cropEnsembleCheckBox)
+                   self.lastSliceSpinBox, self.cropEnsembleCheckBox, self.randomWalkCheckBox)
         blocked = [widget.blockSignals(True) for widget in widgets]
         for comboBox, name in ((self.axisComboBox, "Axis"), (self.deviceComboBox, "Device")):
             comboBox.setCurrentIndex(max(comboBox.findData(self.scriptedEffect.parameter(name)), 0))
@@ -132,6 +139,7 @@ One-shot Propagate module.<p>"""
         self.firstSliceSpinBox.setEnabled(useRange)
         self.lastSliceSpinBox.setEnabled(useRange)
         self.cropEnsembleCheckBox.setChecked(self.scriptedEffect.integerParameter("CropEnsemble") != 0)
+        self.randomWalkCheckBox.setChecked(self.scriptedEffect.integerParameter("RandomWalk") != 0)
         for widget, wasBlocked in zip(widgets, blocked, strict=True):
             widget.blockSignals(wasBlocked)
 
@@ -143,6 +151,7 @@ One-shot Propagate module.<p>"""
         self.scriptedEffect.setParameter("FirstSlice", self.firstSliceSpinBox.value)
         self.scriptedEffect.setParameter("LastSlice", self.lastSliceSpinBox.value)
         self.scriptedEffect.setParameter("CropEnsemble", 1 if self.cropEnsembleCheckBox.checked else 0)
+        self.scriptedEffect.setParameter("RandomWalk", 1 if self.randomWalkCheckBox.checked else 0)
 
     def onWeightsButton(self):
         from OneShotPropagate import askForWeights
@@ -159,7 +168,8 @@ One-shot Propagate module.<p>"""
         return validation.PropagationSettings(
             axis=slices.parse_axis(self.scriptedEffect.parameter("Axis")), slice_range=sliceRange,
             device=self.scriptedEffect.parameter("Device") or "auto", weights=weightsPath,
-            crop_ensemble=self.scriptedEffect.integerParameter("CropEnsemble") != 0)
+            crop_ensemble=self.scriptedEffect.integerParameter("CropEnsemble") != 0,
+            random_walk=self.scriptedEffect.integerParameter("RandomWalk") != 0)
 
     # Preview
 
