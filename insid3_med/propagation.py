@@ -22,8 +22,9 @@ one study are treated as a sequence, as video object segmentation treats frames:
   labelled slice, or where the mean decision confidence over its predicted pixels falls below ``stop_confidence``
   times the highest such mean on the slices before it in that direction (a look-alike beyond its end is matched
   less surely than the structure was): it is removed from that slice and from every slice further out that way.
-- **Boundaries in 3D (optional).** ``random_walk_beta``: the voxels near the boundaries of the whole label map are
-  decided again by a random walk on the grey values, with links across slices (:mod:`insid3_med.refinement`).
+- **Boundaries in 3D.** ``random_walk_beta``: the voxels near the boundaries of the whole label map are decided
+  again by a random walk on the grey values, with links across slices, calibrated so that the labelled slices'
+  structures would keep their drawn areas (:mod:`insid3_med.refinement`).
 
 Shapes: a crop is (S, S) pixels of the square-pixel slice; the backbone's patch grid is (g, g) with
 g = image_size / patch; N = g * g patches, C feature channels, L structures (label values) plus background.
@@ -123,10 +124,11 @@ class PropagationParams:
     random_walk_beta, random_walk_band: after the chain (and the crop ensemble's vote), the voxels within
         ``random_walk_band`` pixels of a boundary, in the slice plane, are decided again by a 3D random walk on the
         volume's grey values with edge sharpness ``random_walk_beta`` (:mod:`insid3_med.refinement`; None: not
-        run); the labelled slices stay as drawn. In a transfer it refines the reference's own chain and the
-        target's labels. Measured with beta 130 and band 1 (harness, largest slice labelled, every volume):
-        hippocampus 0.780 -> 0.792 (183 of 200 episodes better), BraTS 0.885 -> 0.887, ACDC 0.838 -> 0.828 (86
-        of 90 worse); hippocampus transfer from one slice 0.612 -> 0.613: off by default; see the README.
+        run), calibrated on the labelled slices, which stay as drawn. In a transfer it refines the reference's own
+        chain and the target's labels (with the reference's calibration). Measured with beta 130 and band 1
+        (harness, largest slice labelled, every volume): hippocampus 0.780 -> 0.794 (184 of 200 episodes
+        better), BraTS 0.885 -> 0.890, ACDC 0.838 -> 0.839 (uncalibrated: 0.792, 0.887, 0.828); the default
+        since 2026-11-27; see the README.
     transfer_reference_gate_tracking, transfer_reference_gate_sigma, transfer_reference_stop_confidence,
     transfer_reference_gate_union: the chain through the reference study (``transfer_self_propagation``) uses these
         in place of ``gate_tracking``, ``gate_sigma``, ``stop_confidence`` and ``gate_union``: the within-study
@@ -171,7 +173,7 @@ class PropagationParams:
     transfer_reference_stop_confidence: float | None = 0.875
     transfer_reference_gate_union: bool = True
     fill_between_labelled: bool = True
-    random_walk_beta: float | None = None
+    random_walk_beta: float | None = 130.0
     random_walk_band: int = 1
 
     def __post_init__(self) -> None:

@@ -7,38 +7,47 @@ again by a random walk on the volume's grey values (Grady, "Random walks for ima
 to its six neighbours, across slices too, with weights that fall with the grey-value difference, so a boundary
 settles on an edge of the image and agrees with the slices above and below. A structure keeps the slices it had:
 the band is taken in each slice's plane, so no structure is added to a slice without it.
+
+Where a user's boundaries do not lie on the edges the walk finds (cardiac cine MRI: the ventricles' labels lie
+outside them), the walk would move every boundary the same wrong way. The labelled slices show by how much: the
+walk is first run with their boundary pixels undecided too, and each structure's probability is weighted so that
+it keeps its drawn area there (:func:`area_keeping_weights`); the walk that decides the other slices uses those
+weights, with the labelled slices as drawn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage, sparse
 from scipy.sparse.linalg import cg
 
 
-def random_walk_labels(image: np.ndarray, seeds: np.ndarray, beta: float,
-                       spacing: Sequence[float] | None = None, tol: float = 1e-3) -> np.ndarray:
-    """Label the unseeded voxels of ``image`` by the seed label a random walker from each reaches first most likely.
+def random_walk_probabilities(image: np.ndarray, seeds: np.ndarray, beta: float,
+                              spacing: Sequence[float] | None = None,
+                              tol: float = 1e-3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each unseeded voxel of ``image``, the probability that a random walker from it first reaches each label.
 
-    image: (K, J, I) (or 2D) grey values; seeds: int array of the same shape, 0 where unknown, a label (> 0)
-    elsewhere; beta: edge sharpness. The edge weight between neighbours is exp(-beta d^2 / (10 std)) + 1e-10, with
-    d their grey-value difference divided by the spacing along their axis and std the image's standard
-    deviation: the weighting of scikit-image's ``random_walker``, whose labels this reproduces. Only the edges that
-    touch an unknown voxel enter the linear systems (one per label, solved by conjugate gradients with a Jacobi
-    preconditioner to relative tolerance ``tol``), so the cost grows with the number of unknown voxels. Returns an
-    int64 array of ``image``'s shape: the seeds as given, each unknown voxel the label of highest probability.
+    image: (K, J, I) (or any-dimensional) grey values; seeds: int array of the same shape, 0 where unknown, a
+    label (> 0) elsewhere; beta: edge sharpness. The edge weight between neighbours is exp(-beta d^2 / (10 std)) +
+    1e-10, with d their grey-value difference divided by the spacing along their axis and std the image's standard
+    deviation: the weighting of scikit-image's ``random_walker``. Only the edges that touch an unknown voxel enter
+    the linear systems (one per label, solved by conjugate gradients with a Jacobi preconditioner to relative
+    tolerance ``tol``), so the cost grows with the number of unknown voxels. Returns (U,) flat indices of the
+    unknown voxels, the (M,) seed labels in increasing order and their (M, U) probabilities.
     """
     image = np.asarray(image, dtype=np.float64)
     seeds = np.asarray(seeds)
     if seeds.shape != image.shape:
         raise ValueError(f"seeds {seeds.shape} and image {image.shape} differ in shape")
-    output = seeds.astype(np.int64).ravel()
-    unknown = output == 0
-    labels = np.unique(output[~unknown])
-    if not unknown.any() or labels.size == 0:
-        return output.reshape(image.shape)
+    flat = seeds.astype(np.int64).ravel()
+    unknown = flat == 0
+    labels = np.unique(flat[~unknown])
+    free, fixed = np.flatnonzero(unknown), np.flatnonzero(~unknown)
+    if free.size == 0 or labels.size == 0:
+        return free, labels, np.zeros((labels.size, free.size))
     spacing = [1.0] * image.ndim if spacing is None else [float(s) for s in spacing]
     scale = beta / (10.0 * float(image.std()) + 1e-12)
     index = np.arange(image.size).reshape(image.shape)
@@ -56,65 +65,172 @@ def random_walk_labels(image: np.ndarray, seeds: np.ndarray, beta: float,
     adjacency = sparse.coo_matrix((np.concatenate([weight, weight]), (np.concatenate([head, tail]),
                                    np.concatenate([tail, head]))), shape=(image.size, image.size)).tocsr()
     degree = np.asarray(adjacency.sum(axis=1)).ravel()
-    free, fixed = np.flatnonzero(unknown), np.flatnonzero(~unknown)
     rows = adjacency[free]
     laplacian = (sparse.diags(degree[free]) - rows[:, free]).tocsr()
     to_seeds = rows[:, fixed]
     jacobi = sparse.diags(1.0 / degree[free])
-    fixed_labels = output[fixed]
+    fixed_labels = flat[fixed]
     probabilities = np.empty((labels.size, free.size))
     for number, label in enumerate(labels):
         solution, _ = cg(laplacian, to_seeds @ (fixed_labels == label).astype(np.float64), rtol=tol, M=jacobi)
         probabilities[number] = solution
-    output[free] = labels[np.argmax(probabilities, axis=0)]
-    return output.reshape(image.shape)
+    return free, labels, probabilities
+
+
+def random_walk_labels(image: np.ndarray, seeds: np.ndarray, beta: float,
+                       spacing: Sequence[float] | None = None, tol: float = 1e-3,
+                       label_weights: Mapping[int, float] | None = None) -> np.ndarray:
+    """Label the unseeded voxels of ``image`` by the seed label a random walker from each most likely reaches first
+    (:func:`random_walk_probabilities`; with no ``label_weights`` the labels of scikit-image's ``random_walker``).
+
+    label_weights: label -> factor on its probability before the choice (default 1). Returns an int64 array of
+    ``image``'s shape: the seeds as given, each unknown voxel the label of highest (weighted) probability.
+    """
+    free, labels, probabilities = random_walk_probabilities(image, seeds, beta, spacing, tol)
+    output = np.asarray(seeds).astype(np.int64).ravel()
+    if free.size and labels.size:
+        if label_weights:
+            factors = np.array([label_weights.get(int(label), 1.0) for label in labels])
+            probabilities = probabilities * factors[:, None]
+        output[free] = labels[np.argmax(probabilities, axis=0)]
+    return output.reshape(np.shape(image))
+
+
+def area_keeping_weights(probabilities: np.ndarray, labels: np.ndarray, drawn: np.ndarray,
+                         factors: np.ndarray | None = None) -> dict[int, float]:
+    """Per label, the factor on its probability that makes the walk give it as many voxels as ``drawn`` does.
+
+    probabilities: (M, U) walk probabilities of U voxels for the (M,) ``labels``; drawn: (U,) the label each of
+    those voxels should have. Each label's factor is searched on its own (the others at 1) among ``factors``
+    (default: 61 values from e^-1.5 to e^1.5, evenly spaced in log); on a tie the one nearest 1 wins. Returns
+    label -> factor for the labels present in ``drawn``.
+    """
+    factors = np.exp(np.linspace(-1.5, 1.5, 61)) if factors is None else np.asarray(factors, dtype=np.float64)
+    order = factors[np.argsort(np.abs(np.log(factors)), kind="stable")]  # nearest 1 first: it wins ties
+    weights: dict[int, float] = {}
+    for row, label in enumerate(labels):
+        wanted = int(np.count_nonzero(drawn == label))
+        if wanted == 0:
+            continue
+        others = np.delete(probabilities, row, axis=0).max(axis=0, initial=0.0)
+        areas = np.array([np.count_nonzero(factor * probabilities[row] > others) for factor in order])
+        weights[int(label)] = float(order[int(np.argmin(np.abs(areas - wanted)))])
+    return weights
+
+
+def boundary_box(labels: np.ndarray, axis: int, band: int = 1) -> tuple[slice, slice, slice] | None:
+    """The part of a (K, J, I) label map that :func:`refine_boundaries` works in: the structures' bounding box grown
+    by ``band`` + 1 pixels in the slice plane and by one slice across (clipped to the map); None if it is empty
+    or ``band`` < 1."""
+    if band < 1:
+        return None
+    foreground = np.asarray(labels) != 0
+    box = []
+    for a in range(3):
+        present = np.flatnonzero(foreground.any(axis=tuple(b for b in range(3) if b != a)))
+        if present.size == 0:
+            return None
+        grow = 1 if a == axis else band + 1
+        box.append(slice(max(0, int(present[0]) - grow), min(foreground.shape[a], int(present[-1]) + grow + 1)))
+    return box[0], box[1], box[2]
+
+
+@dataclass
+class _BoundaryWalk:
+    """The walk's set-up on the part of a label map it works in: ``box`` of the map; ``sub``, the labels there;
+    ``values``, the structures (the walk numbers value ``values[n]`` as n + 2 and the background as 1);
+    ``walk_labels``, ``sub`` in those numbers; ``band_seeds``, the seeds with every slice's band undecided."""
+
+    box: tuple[slice, slice, slice]
+    sub: np.ndarray
+    values: list[int]
+    walk_labels: np.ndarray
+    band_seeds: np.ndarray
+
+    def kept(self, axis: int, keep_slices: Sequence[int]) -> list[int]:
+        first = self.box[axis].start
+        return [n - first for n in keep_slices if 0 <= n - first < self.sub.shape[axis]]
+
+
+def _boundary_walk(labels: np.ndarray, axis: int, band: int) -> _BoundaryWalk | None:
+    box = boundary_box(labels, axis, band)
+    if box is None:
+        return None
+    sub = np.asarray(labels)[box]
+    values = [int(v) for v in np.unique(sub) if v != 0]
+    plane = np.zeros((3, 3, 3), dtype=bool)
+    plane[tuple(1 if a == axis else slice(None) for a in range(3))] = ndimage.generate_binary_structure(2, 1)
+    near = ndimage.binary_dilation(sub != 0, plane, iterations=band)
+    walk_labels = np.ones(sub.shape, dtype=np.int64)
+    band_seeds = np.where(near, 0, 1).astype(np.int64)  # the background seeds it beyond the band
+    for number, value in enumerate(values):
+        mask = sub == value
+        walk_labels[mask] = number + 2
+        core = ndimage.binary_erosion(mask, plane, iterations=band, border_value=1)
+        planes_mask, planes_core = np.moveaxis(mask, axis, 0), np.moveaxis(core, axis, 0)
+        for k in np.flatnonzero(planes_mask.any(axis=(1, 2)) & ~planes_core.any(axis=(1, 2))):
+            depth = ndimage.distance_transform_edt(planes_mask[k])
+            planes_core[k] = depth >= depth.max()
+        band_seeds[core] = number + 2
+    return _BoundaryWalk(box, sub, values, walk_labels, band_seeds)
+
+
+def walk_calibration(labels: np.ndarray, image: np.ndarray, axis: int, keep_slices: Sequence[int], *, beta: float,
+                     band: int = 1, spacing: Sequence[float] | None = None) -> dict[int, float]:
+    """Label value -> factor on its walk probability that keeps its drawn area on the slices ``keep_slices``.
+
+    The walk of :func:`refine_boundaries` is run with the boundary pixels of the kept (labelled) slices undecided
+    too, and each structure's factor is the one with which it gets as many of those pixels as drawn
+    (:func:`area_keeping_weights`). labels, image, axis, band, spacing: as for :func:`refine_boundaries`. Empty
+    if no kept slice holds a structure.
+    """
+    setup = _boundary_walk(labels, axis, band)
+    kept = [] if setup is None else setup.kept(axis, keep_slices)
+    if setup is None or not kept:
+        return {}
+    image_box = np.asarray(image, dtype=np.float64)[setup.box]
+    free, walk_values, probabilities = random_walk_probabilities(image_box, setup.band_seeds, beta, spacing)
+    on_kept = np.zeros(setup.sub.shape, dtype=bool)
+    np.moveaxis(on_kept, axis, 0)[kept] = True
+    chosen = on_kept.ravel()[free]
+    if not chosen.any():
+        return {}
+    weights = area_keeping_weights(probabilities[:, chosen], walk_values, setup.walk_labels.ravel()[free][chosen])
+    return {setup.values[label - 2]: factor for label, factor in weights.items() if label >= 2}
 
 
 def refine_boundaries(labels: np.ndarray, image: np.ndarray, axis: int, *, beta: float, band: int = 1,
-                      keep_slices: Sequence[int] = (), spacing: Sequence[float] | None = None) -> np.ndarray:
+                      keep_slices: Sequence[int] = (), spacing: Sequence[float] | None = None,
+                      label_weights: Mapping[int, float] | None = None) -> np.ndarray:
     """Re-decide the voxels near the boundaries of ``labels`` by :func:`random_walk_labels` on ``image``.
 
     labels: (K, J, I) int label map (0 background); image: (K, J, I) grey values (any scale); axis: the slicing
     axis. In each slice, the pixels within ``band`` pixels of a boundary (in the plane) are re-decided; the
     pixels deeper inside each structure seed it (a structure thinner than that on a slice is seeded at its deepest
     pixels) and the rest seeds the background. keep_slices: slice indices (along ``axis``) that stay as they are
-    and seed the walk (the labelled slices). spacing: voxel spacing per array axis (the walk's gradients). The walk
-    runs in the bounding box of the band. Returns a new int64 label map; a structure stays on the slices it had.
+    and seed the walk (the labelled slices). label_weights: label value -> factor on its walk probability (default:
+    :func:`walk_calibration` on the kept slices; ``{}`` for none). spacing: voxel spacing per array axis (the
+    walk's gradients). The walk runs in :func:`boundary_box` (callers with large volumes may pass that part alone,
+    as :func:`insid3_med.volume.refine_volume_boundaries` does). Returns a new int64 label map; a structure stays
+    on the slices it had.
     """
-    labels = np.asarray(labels)
-    output = labels.astype(np.int64, copy=True)
-    values = [int(v) for v in np.unique(labels) if v != 0]
-    if not values or band < 1:
+    output = np.asarray(labels).astype(np.int64, copy=True)
+    setup = _boundary_walk(output, axis, band)
+    if setup is None:
         return output
-    plane = np.zeros((3, 3, 3), dtype=bool)
-    plane[tuple(1 if a == axis else slice(None) for a in range(3))] = ndimage.generate_binary_structure(2, 1)
-    foreground = labels != 0
-    near = ndimage.binary_dilation(foreground, plane, iterations=band)
-    box = tuple(slice(max(0, int(i.min()) - 1), int(i.max()) + 2) for i in np.nonzero(near))
-    sub, near = labels[box], near[box]
-    seeds = np.where(near, 0, 1).astype(np.int64)  # 1: the background's seed, beyond the band
-    for number, value in enumerate(values):
-        mask = sub == value
-        core = ndimage.binary_erosion(mask, plane, iterations=band, border_value=1)
-        planes_mask, planes_core = np.moveaxis(mask, axis, 0), np.moveaxis(core, axis, 0)
-        for k in np.flatnonzero(planes_mask.any(axis=(1, 2)) & ~planes_core.any(axis=(1, 2))):
-            depth = ndimage.distance_transform_edt(planes_mask[k])
-            planes_core[k] = depth >= depth.max()
-        seeds[core] = number + 2
-    seed_planes, label_planes = np.moveaxis(seeds, axis, 0), np.moveaxis(sub, axis, 0)
-    first = box[axis].start
-    for n in keep_slices:
-        if 0 <= n - first < seed_planes.shape[0]:
-            drawn = label_planes[n - first]
-            seed_planes[n - first] = 1
-            for number, value in enumerate(values):
-                seed_planes[n - first][drawn == value] = number + 2
-    image_box = np.asarray(image, dtype=np.float64)[box]
-    walked = random_walk_labels(image_box, seeds, beta, spacing)
+    if label_weights is None:
+        label_weights = walk_calibration(output, image, axis, keep_slices, beta=beta, band=band, spacing=spacing)
+    seeds = setup.band_seeds.copy()
+    kept = setup.kept(axis, keep_slices)
+    np.moveaxis(seeds, axis, 0)[kept] = np.moveaxis(setup.walk_labels, axis, 0)[kept]
+    weights = {number + 2: label_weights[value] for number, value in enumerate(setup.values) if value in label_weights}
+    walked = random_walk_labels(np.asarray(image, dtype=np.float64)[setup.box], seeds, beta, spacing,
+                                label_weights=weights)
+    sub = setup.sub
     refined = np.where(walked == 1, 0, sub)  # a voxel walked to a structure absent from its slice keeps its label
     shape = [sub.shape[axis] if a == axis else 1 for a in range(3)]
-    for number, value in enumerate(values):
+    for number, value in enumerate(setup.values):
         present = np.moveaxis(sub == value, axis, 0).any(axis=(1, 2)).reshape(shape)
         refined = np.where((walked == number + 2) & present, value, refined)
-    output[box] = refined
+    output[setup.box] = refined
     return output

@@ -18,7 +18,7 @@ Two modes (``mode=``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -48,7 +48,7 @@ from insid3_med.propagation import (
     region_of_interest,
     structure_groups,
 )
-from insid3_med.refinement import refine_boundaries
+from insid3_med.refinement import boundary_box, refine_boundaries, walk_calibration
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -372,17 +372,39 @@ def _propagate_volume_mode(segmenter: OneShotSegmenter, stack: SliceStack, label
 
 
 def refine_volume_boundaries(labels: np.ndarray, stack: SliceStack, keep_slices: Sequence[int],
-                             params: PropagationParams) -> np.ndarray:
+                             params: PropagationParams,
+                             label_weights: Mapping[int, float] | None = None) -> np.ndarray:
     """``params.random_walk_beta``: the (K, J, I) ``labels`` of ``stack``'s volume with the voxels within
     ``params.random_walk_band`` pixels of a boundary re-decided by a 3D random walk on its grey values
-    (:func:`insid3_med.refinement.refine_boundaries`; the slices ``keep_slices`` stay as they are); unchanged if
-    the beta is None."""
-    if params.random_walk_beta is None or not np.any(labels):
+    (:func:`insid3_med.refinement.refine_boundaries`; the slices ``keep_slices`` stay as they are), refined in
+    place and returned (unchanged if the beta is None). label_weights: label value -> factor on its walk
+    probability (default: calibrated on ``keep_slices``, :func:`insid3_med.refinement.walk_calibration`)."""
+    box = None if params.random_walk_beta is None else boundary_box(labels, stack.axis, params.random_walk_band)
+    if params.random_walk_beta is None or box is None:
         return labels
-    array = stack.volume.array
-    grey = stack.mapping(array).mean(axis=-1) if stack.volume.is_rgb else stack.mapping.to_unit(array)
-    return refine_boundaries(labels, grey, stack.axis, beta=params.random_walk_beta, band=params.random_walk_band,
-                             keep_slices=keep_slices)
+    first = box[stack.axis].start
+    labels[box] = refine_boundaries(labels[box], _grey(stack, box), stack.axis, beta=params.random_walk_beta,
+                                    band=params.random_walk_band, keep_slices=[n - first for n in keep_slices],
+                                    label_weights=label_weights)
+    return labels
+
+
+def volume_walk_calibration(labels: np.ndarray, stack: SliceStack, keep_slices: Sequence[int],
+                            params: PropagationParams) -> dict[int, float]:
+    """:func:`insid3_med.refinement.walk_calibration` of the (K, J, I) ``labels`` of ``stack``'s volume on its
+    slices ``keep_slices`` (label value -> factor; empty without ``params.random_walk_beta``)."""
+    box = None if params.random_walk_beta is None else boundary_box(labels, stack.axis, params.random_walk_band)
+    if params.random_walk_beta is None or box is None:
+        return {}
+    first = box[stack.axis].start
+    return walk_calibration(labels[box], _grey(stack, box), stack.axis, [n - first for n in keep_slices],
+                            beta=params.random_walk_beta, band=params.random_walk_band)
+
+
+def _grey(stack: SliceStack, box: tuple[slice, slice, slice]) -> np.ndarray:
+    """The grey values in [0, 1] of ``box`` of ``stack``'s volume (RGB averaged): only that part is mapped."""
+    array = stack.volume.array[box]
+    return stack.mapping(array).mean(axis=-1) if stack.volume.is_rgb else stack.mapping.to_unit(array)
 
 
 def _fill_between_labelled(output: np.ndarray, labels: np.ndarray, axis: int, volume: Volume, start: int,
@@ -696,7 +718,9 @@ def _transfer_volume_mode(segmenter: OneShotSegmenter, ref_stack: SliceStack, re
         if registered is not None and registered[0].any():
             labelled = _transfer_by_height(segmenter, ref_source, pseudo, registered, tgt_stack, values, params,
                                            progress, batch_size)
-            return refine_volume_boundaries(labelled, tgt_stack, (), params)
+            # the target has no labelled slice: its walk keeps the weights the reference's labelled slices gave
+            weights = volume_walk_calibration(pseudo, ref_stack, every, params)
+            return refine_volume_boundaries(labelled, tgt_stack, (), params, weights)
     context = [ContextSlice(ref_source.features(n), patch_label_fractions(crop_square(lab, ref_box), values, grid))
                for n, lab in ref_model.items()]
     first_index, prior = registered_first_slice(ref_stack, reference_labels, shots, tgt_stack)
@@ -730,4 +754,4 @@ def _transfer_volume_mode(segmenter: OneShotSegmenter, ref_stack: SliceStack, re
                                                                                        tgt_stack.model_shape))
     if progress is not None and done < total:
         progress(total, total)
-    return refine_volume_boundaries(output, tgt_stack, (), params)
+    return refine_volume_boundaries(output, tgt_stack, (), params, {})  # no chained reference to calibrate on

@@ -159,7 +159,8 @@ def test_with_overrides_reads_each_value_as_its_field_type() -> None:
         top_k=5, flip=True, stop_confidence=None)
     assert params_from_settings(None) == params_from_settings({}) == PropagationParams()
     walk = with_overrides(PropagationParams(), ["random_walk_beta=130", "random_walk_band=2"])
-    assert (walk.random_walk_beta, walk.random_walk_band) == (130.0, 2) and PropagationParams().random_walk_beta is None
+    assert (walk.random_walk_beta, walk.random_walk_band) == (130.0, 2)
+    assert with_overrides(PropagationParams(), ["random_walk_beta=none"]).random_walk_beta is None
 
 
 def test_crop_ensemble_is_read_as_numbers_from_a_command_line_or_a_config_file() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from insid3_med.refinement import random_walk_labels, refine_boundaries
+from insid3_med.refinement import area_keeping_weights, random_walk_labels, refine_boundaries
 
 
 def ball(shape: tuple[int, int, int], centre: tuple[float, float, float], radius: float) -> np.ndarray:
@@ -73,3 +73,26 @@ def test_refinement_of_nothing_is_nothing() -> None:
                                                     beta=130.0), labels)
     with pytest.raises(ValueError, match="differ in shape"):
         random_walk_labels(np.zeros((4, 4)), np.zeros((4, 5), dtype=np.int64), beta=1.0)
+
+
+def test_area_keeping_weights_give_each_label_its_drawn_count() -> None:
+    probabilities = np.array([[0.7, 0.6, 0.55, 0.2, 0.1], [0.3, 0.4, 0.45, 0.8, 0.9]])  # labels 1 and 2
+    drawn = np.array([1, 2, 2, 2, 2])  # the walk gives label 2 only two of the four voxels drawn with it
+    weights = area_keeping_weights(probabilities, np.array([1, 2]), drawn)
+    assert weights[2] > 1.0
+    assert np.count_nonzero(weights[2] * probabilities[1] > probabilities[0]) == 4
+    assert area_keeping_weights(probabilities, np.array([1, 2]), np.array([1, 1, 1, 2, 2])) == {1: 1.0, 2: 1.0}
+
+
+def test_calibration_keeps_labels_drawn_outside_the_image_edge_where_they_are() -> None:
+    # The user's structure is a ball of radius 8 whose bright core (the image's edge) has radius 7, as a cardiac
+    # cavity's label holds the rim around the blood pool: the walk alone pulls every boundary onto the edge, the
+    # walk calibrated on the labelled slice keeps the drawn size.
+    rng = np.random.default_rng(2)
+    drawn = ball((20, 32, 32), (10, 16, 16), 8.0)
+    image = np.where(ball((20, 32, 32), (10, 16, 16), 7.0), 0.8, 0.2) + 0.03 * rng.standard_normal(drawn.shape)
+    labels = drawn.astype(np.int64)
+    walked = refine_boundaries(labels, image, 0, beta=130.0, keep_slices=[10], label_weights={})
+    calibrated = refine_boundaries(labels, image, 0, beta=130.0, keep_slices=[10])
+    assert dice(walked != 0, drawn) < 0.91 and dice(calibrated != 0, drawn) > dice(walked != 0, drawn) + 0.03
+    np.testing.assert_array_equal(calibrated[10], labels[10])

@@ -292,10 +292,12 @@ def test_propagate_command_line():
     from insid3_med.propagation import PropagationParams, with_overrides
 
     assert with_overrides(PropagationParams(), [setting]).crop_ensemble == (1.25, 1.5, 1.75)  # the tool reads it
-    walked = validation.plan_propagation(one_slice_labels(), validation.PropagationSettings(random_walk=True))
-    walked_command = commands.propagate_command(["py"], "v.nii.gz", "l.nii.gz", "o.nii.gz", walked)
-    walk_setting = walked_command[walked_command.index("--set") + 1]
-    assert walked_command.count("--set") == 1 and with_overrides(PropagationParams(), [walk_setting]).random_walk_beta
+    unwalked = validation.plan_propagation(one_slice_labels(), validation.PropagationSettings(random_walk=False))
+    unwalked_command = commands.propagate_command(["py"], "v.nii.gz", "l.nii.gz", "o.nii.gz", unwalked)
+    walk_setting = unwalked_command[unwalked_command.index("--set") + 1]
+    assert unwalked_command.count("--set") == 1  # the walk is the tool's default: only turning it off is passed
+    assert PropagationParams().random_walk_beta
+    assert with_overrides(PropagationParams(), [walk_setting]).random_walk_beta is None
 
 
 def test_transfer_command_line_and_output_names(tmp_path):

@@ -97,7 +97,7 @@ def test_random_walk_refinement_moves_only_boundary_voxels_onto_the_edges() -> N
     volume, truth = synthetic_study()
     segmenter = SimpleNamespace(backbone=GreyLevelBackbone())
     given = only_slice(truth, 5)
-    coarse = PropagationParams(refine_band=None)  # boundaries as coarse as the patch grid
+    coarse = PropagationParams(refine_band=None, random_walk_beta=None)  # boundaries as coarse as the patch grid
     chained = propagate_through_slices(segmenter, volume, given, axis=0, params=coarse)  # type: ignore[arg-type]
     walked = propagate_through_slices(segmenter, volume, given, axis=0,  # type: ignore[arg-type]
                                       params=replace(coarse, random_walk_beta=130.0))
@@ -109,6 +109,29 @@ def test_random_walk_refinement_moves_only_boundary_voxels_onto_the_edges() -> N
     np.testing.assert_array_equal(walked[5], truth[5])
     assert labelled_slices(walked, 0) == labelled_slices(chained, 0)
     assert dice(walked == 1, truth == 1) > dice(chained == 1, truth == 1)
+
+
+def test_a_transfer_walks_the_target_with_the_weights_the_reference_labelled_slices_gave(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import insid3_med.volume as volume_module
+
+    calls: list[tuple[tuple[int, ...], object]] = []
+    refine = volume_module.refine_volume_boundaries
+
+    def spy(labels, stack, keep_slices, params, label_weights=None):  # type: ignore[no-untyped-def]
+        calls.append((tuple(keep_slices), label_weights))
+        return refine(labels, stack, keep_slices, params, label_weights)
+
+    monkeypatch.setattr(volume_module, "refine_volume_boundaries", spy)
+    reference, reference_truth = synthetic_study()
+    target, target_truth = synthetic_study(shift=(1, 3, -4), seed=1)
+    output = transfer_to_study(SimpleNamespace(backbone=GreyLevelBackbone()), reference,  # type: ignore[arg-type]
+                               only_slice(reference_truth, 5), target, axis="k",
+                               params=PropagationParams(random_walk_beta=130.0))
+    assert dice(output == 1, target_truth == 1) > 0.8
+    (reference_call, target_call) = calls
+    assert reference_call == ((5,), None)  # the reference's chain: calibrated on its labelled slice
+    assert target_call[0] == () and isinstance(target_call[1], dict) and set(target_call[1]) == {1}
 
 
 def test_volume_mode_respects_the_slice_range_and_carries_label_values() -> None:
@@ -443,9 +466,10 @@ def test_real_hippocampus_between_labelled_slices_the_interpolated_shape_is_kept
     given = np.zeros_like(truth)
     given[slices] = truth[slices]
     interpolated = interpolate_between_slices(given, 0, volume.geometry.spacing[1::-1]) > 0
-    output = propagate_through_slices(segmenter, volume, given, axis=0)
+    unwalked = PropagationParams(random_walk_beta=None)  # the fill itself, before the walk re-decides boundaries
+    output = propagate_through_slices(segmenter, volume, given, axis=0, params=unwalked)
     chain_only = propagate_through_slices(segmenter, volume, given, axis=0,
-                                          params=PropagationParams(fill_between_labelled=False))
+                                          params=replace(unwalked, fill_between_labelled=False))
     assert interpolated.any() and (output[interpolated] == 1).all()
     assert (chain_only[interpolated] == 0).any()
     np.testing.assert_array_equal(output[slices], given[slices])

@@ -99,7 +99,7 @@ class OneShotPropagateParameterNode:
     precision: Annotated[str, Choice(list(validation.PRECISION_CHOICES))] = "auto"
     imageSize: Annotated[int, WithinRange(*validation.IMAGE_SIZE_LIMITS)] = 448
     cropEnsemble: bool = False
-    randomWalk: bool = False
+    randomWalk: bool = True
 
 
 #

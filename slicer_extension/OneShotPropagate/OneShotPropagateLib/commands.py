@@ -20,7 +20,7 @@ EXIT_BAD_INPUT = 2
 EXIT_WEIGHTS_MISSING = 3
 
 CROP_ENSEMBLE = "crop_ensemble=1.25,1.5,1.75"  # the "three crop sizes" option: ``--set`` of insid3-med
-RANDOM_WALK = "random_walk_beta=130"  # the "boundaries on image edges in 3D" option
+NO_RANDOM_WALK = "random_walk_beta=none"  # the "boundaries on image edges in 3D" option unticked (on by default)
 
 _VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr")
 
@@ -43,8 +43,8 @@ def _common_options(plan: PropagationPlan) -> list[str]:
         options += ["--weights", str(settings.weights)]
     if settings.crop_ensemble:
         options += ["--set", CROP_ENSEMBLE]
-    if settings.random_walk:
-        options += ["--set", RANDOM_WALK]
+    if not settings.random_walk:
+        options += ["--set", NO_RANDOM_WALK]
     return options
 
 

@@ -89,7 +89,8 @@ def validate_segments(chosen: Sequence[str], available: Sequence[str]) -> list[s
 class PropagationSettings:
     """What the user chose. ``axis``: array axis or ``None`` (auto); ``slice_range``: inclusive, ``None`` = all;
     ``crop_ensemble``: the volume mode's ensemble of three crop scales (``commands.CROP_ENSEMBLE``);
-    ``random_walk``: boundaries decided again in 3D on the grey values (``commands.RANDOM_WALK``)."""
+    ``random_walk``: boundaries decided again in 3D on the grey values (the tool's default; off:
+    ``commands.NO_RANDOM_WALK``)."""
 
     axis: int | None = None
     slice_range: tuple[int, int] | None = None
@@ -98,7 +99,7 @@ class PropagationSettings:
     image_size: int = 448
     weights: str | None = None
     crop_ensemble: bool = False
-    random_walk: bool = False
+    random_walk: bool = True
 
     def validated(self) -> PropagationSettings:
         """A copy with device, precision and image size checked and normalised (axis and range need a volume)."""
