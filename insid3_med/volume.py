@@ -379,8 +379,8 @@ def refine_volume_boundaries(labels: np.ndarray, stack: SliceStack, keep_slices:
     (:func:`insid3_med.refinement.refine_boundaries`; the slices ``keep_slices`` stay as they are), refined in
     place and returned (unchanged if the beta is None). label_weights: label value -> factor on its walk
     probability (default: calibrated on ``keep_slices``, :func:`insid3_med.refinement.walk_calibration`)."""
-    box = None if params.random_walk_beta is None else boundary_box(labels, stack.axis, params.random_walk_band)
-    if params.random_walk_beta is None or box is None:
+    box = _walk_box(labels, stack, params)
+    if box is None or params.random_walk_beta is None:
         return labels
     first = box[stack.axis].start
     labels[box] = refine_boundaries(labels[box], _grey(stack, box), stack.axis, beta=params.random_walk_beta,
@@ -393,12 +393,17 @@ def volume_walk_calibration(labels: np.ndarray, stack: SliceStack, keep_slices: 
                             params: PropagationParams) -> dict[int, float]:
     """:func:`insid3_med.refinement.walk_calibration` of the (K, J, I) ``labels`` of ``stack``'s volume on its
     slices ``keep_slices`` (label value -> factor; empty without ``params.random_walk_beta``)."""
-    box = None if params.random_walk_beta is None else boundary_box(labels, stack.axis, params.random_walk_band)
-    if params.random_walk_beta is None or box is None:
+    box = _walk_box(labels, stack, params)
+    if box is None or params.random_walk_beta is None:
         return {}
     first = box[stack.axis].start
     return walk_calibration(labels[box], _grey(stack, box), stack.axis, [n - first for n in keep_slices],
                             beta=params.random_walk_beta, band=params.random_walk_band)
+
+
+def _walk_box(labels: np.ndarray, stack: SliceStack, params: PropagationParams) -> tuple[slice, slice, slice] | None:
+    """The part of ``labels`` the walk works in (:func:`insid3_med.refinement.boundary_box`); None without a walk."""
+    return None if params.random_walk_beta is None else boundary_box(labels, stack.axis, params.random_walk_band)
 
 
 def _grey(stack: SliceStack, box: tuple[slice, slice, slice]) -> np.ndarray:
