@@ -185,18 +185,26 @@ def walk_calibration(labels: np.ndarray, image: np.ndarray, axis: int, keep_slic
     if no kept slice holds a structure.
     """
     setup = _boundary_walk(labels, axis, band)
-    kept = [] if setup is None else setup.kept(axis, keep_slices)
-    if setup is None or not kept:
+    if setup is None:
         return {}
     image_box = np.asarray(image, dtype=np.float64)[setup.box]
+    weights = _calibrated_weights(setup, image_box, axis, setup.kept(axis, keep_slices), beta, spacing)
+    return {setup.values[label - 2]: factor for label, factor in weights.items()}
+
+
+def _calibrated_weights(setup: _BoundaryWalk, image_box: np.ndarray, axis: int, kept: Sequence[int], beta: float,
+                        spacing: Sequence[float] | None) -> dict[int, float]:
+    """:func:`walk_calibration` in the walk's own numbers (structures from 2; the background left out)."""
+    if not kept:
+        return {}
     free, walk_values, probabilities = random_walk_probabilities(image_box, setup.band_seeds, beta, spacing)
     on_kept = np.zeros(setup.sub.shape, dtype=bool)
-    np.moveaxis(on_kept, axis, 0)[kept] = True
+    np.moveaxis(on_kept, axis, 0)[list(kept)] = True
     chosen = on_kept.ravel()[free]
     if not chosen.any():
         return {}
     weights = area_keeping_weights(probabilities[:, chosen], walk_values, setup.walk_labels.ravel()[free][chosen])
-    return {setup.values[label - 2]: factor for label, factor in weights.items() if label >= 2}
+    return {label: factor for label, factor in weights.items() if label >= 2}
 
 
 def refine_boundaries(labels: np.ndarray, image: np.ndarray, axis: int, *, beta: float, band: int = 1,
@@ -218,14 +226,15 @@ def refine_boundaries(labels: np.ndarray, image: np.ndarray, axis: int, *, beta:
     setup = _boundary_walk(output, axis, band)
     if setup is None:
         return output
-    if label_weights is None:
-        label_weights = walk_calibration(output, image, axis, keep_slices, beta=beta, band=band, spacing=spacing)
-    seeds = setup.band_seeds.copy()
+    image_box = np.asarray(image, dtype=np.float64)[setup.box]
     kept = setup.kept(axis, keep_slices)
+    if label_weights is None:  # calibrated on the kept slices, with the set-up the walk itself uses
+        weights = _calibrated_weights(setup, image_box, axis, kept, beta, spacing)
+    else:
+        weights = {n + 2: label_weights[value] for n, value in enumerate(setup.values) if value in label_weights}
+    seeds = setup.band_seeds.copy()
     np.moveaxis(seeds, axis, 0)[kept] = np.moveaxis(setup.walk_labels, axis, 0)[kept]
-    weights = {number + 2: label_weights[value] for number, value in enumerate(setup.values) if value in label_weights}
-    walked = random_walk_labels(np.asarray(image, dtype=np.float64)[setup.box], seeds, beta, spacing,
-                                label_weights=weights)
+    walked = random_walk_labels(image_box, seeds, beta, spacing, label_weights=weights)
     sub = setup.sub
     refined = np.where(walked == 1, 0, sub)  # a voxel walked to a structure absent from its slice keeps its label
     shape = [sub.shape[axis] if a == axis else 1 for a in range(3)]
