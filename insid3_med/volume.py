@@ -379,13 +379,12 @@ def refine_volume_boundaries(labels: np.ndarray, stack: SliceStack, keep_slices:
     (:func:`insid3_med.refinement.refine_boundaries`; the slices ``keep_slices`` stay as they are), refined in
     place and returned (unchanged if the beta is None). label_weights: label value -> factor on its walk
     probability (default: calibrated on ``keep_slices``, :func:`insid3_med.refinement.walk_calibration`)."""
-    box = _walk_box(labels, stack, params)
-    if box is None or params.random_walk_beta is None:
+    part = _walk_part(labels, stack, keep_slices, params)
+    if part is None or params.random_walk_beta is None:
         return labels
-    first = box[stack.axis].start
-    labels[box] = refine_boundaries(labels[box], _grey(stack, box), stack.axis, beta=params.random_walk_beta,
-                                    band=params.random_walk_band, keep_slices=[n - first for n in keep_slices],
-                                    label_weights=label_weights)
+    box, grey, kept = part
+    labels[box] = refine_boundaries(labels[box], grey, stack.axis, beta=params.random_walk_beta,
+                                    band=params.random_walk_band, keep_slices=kept, label_weights=label_weights)
     return labels
 
 
@@ -393,23 +392,28 @@ def volume_walk_calibration(labels: np.ndarray, stack: SliceStack, keep_slices: 
                             params: PropagationParams) -> dict[int, float]:
     """:func:`insid3_med.refinement.walk_calibration` of the (K, J, I) ``labels`` of ``stack``'s volume on its
     slices ``keep_slices`` (label value -> factor; empty without ``params.random_walk_beta``)."""
-    box = _walk_box(labels, stack, params)
-    if box is None or params.random_walk_beta is None:
+    part = _walk_part(labels, stack, keep_slices, params)
+    if part is None or params.random_walk_beta is None:
         return {}
-    first = box[stack.axis].start
-    return walk_calibration(labels[box], _grey(stack, box), stack.axis, [n - first for n in keep_slices],
-                            beta=params.random_walk_beta, band=params.random_walk_band)
+    box, grey, kept = part
+    return walk_calibration(labels[box], grey, stack.axis, kept, beta=params.random_walk_beta,
+                            band=params.random_walk_band)
 
 
-def _walk_box(labels: np.ndarray, stack: SliceStack, params: PropagationParams) -> tuple[slice, slice, slice] | None:
-    """The part of ``labels`` the walk works in (:func:`insid3_med.refinement.boundary_box`); None without a walk."""
-    return None if params.random_walk_beta is None else boundary_box(labels, stack.axis, params.random_walk_band)
-
-
-def _grey(stack: SliceStack, box: tuple[slice, slice, slice]) -> np.ndarray:
-    """The grey values in [0, 1] of ``box`` of ``stack``'s volume (RGB averaged): only that part is mapped."""
+def _walk_part(labels: np.ndarray, stack: SliceStack, keep_slices: Sequence[int], params: PropagationParams
+               ) -> tuple[tuple[slice, slice, slice], np.ndarray, list[int]] | None:
+    """The part of ``labels`` the walk works in (:func:`insid3_med.refinement.boundary_box`), the grey values in
+    [0, 1] there (RGB averaged; only that part of the volume is mapped) and ``keep_slices`` counted from its first
+    slice; None without a walk or without structures."""
+    if params.random_walk_beta is None:
+        return None
+    box = boundary_box(labels, stack.axis, params.random_walk_band)
+    if box is None:
+        return None
     array = stack.volume.array[box]
-    return stack.mapping(array).mean(axis=-1) if stack.volume.is_rgb else stack.mapping.to_unit(array)
+    grey = stack.mapping(array).mean(axis=-1) if stack.volume.is_rgb else stack.mapping.to_unit(array)
+    first = box[stack.axis].start
+    return box, grey, [n - first for n in keep_slices]
 
 
 def _fill_between_labelled(output: np.ndarray, labels: np.ndarray, axis: int, volume: Volume, start: int,
