@@ -245,3 +245,52 @@ def test_stop_signals_records_every_step_and_leaves_the_method_unchanged(bench, 
     with signals.StepRecorder() as recorder:
         recorded = method.propagate(volume, given, axis)
     assert recorder.steps and np.array_equal(plain, recorded)
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "hippocampus").is_dir() or not STANDIN.is_dir(),
+                    reason="needs ../shared/data/hippocampus and the stand-in weights")
+def test_walk_variants_refine_one_chain_per_episode_as_the_pipeline_does_and_reuse_it(bench, tmp_path, capsys,
+                                                                                      monkeypatch) -> None:
+    variants = bench("walk_variants")
+    arguments = ["--set", "hippocampus", "--volumes", "1", "--cache", str(tmp_path / "cache"),
+                 "--json", str(tmp_path / "walk.json")]
+    assert variants.main(arguments) == 0
+    printed = capsys.readouterr().out
+    figures = json.loads((tmp_path / "walk.json").read_text())
+    rows = {row["variant"]: row for row in figures["variants"]}
+    assert list(rows) == list(variants.VARIANTS) and figures["episodes"] == 2
+    assert rows["default"]["dice_vs_default"] == 0 and all(f"  {name} " in printed for name in rows)
+    errors = figures["default_errors"]
+    assert errors["true_positive"] > 0 and 0 <= errors["fp_on_another_structure"] <= (
+        errors["fp_inside_its_slices"] + errors["fp_beyond_the_structure"])
+    assert figures["default_if_empty_slices_perfect"] >= rows["default"]["dice"]
+
+    # the offline default is the pipeline's own walk: the first episode's Dice, straight from propagate
+    from insid3_med.evaluation.datasets import open_volume_dataset
+    from insid3_med.evaluation.methods import build_method
+    from insid3_med.evaluation.metrics import dice
+
+    dataset = open_volume_dataset(SHARED / "data" / "hippocampus")
+    case = dataset.cases[variants.select_cases(len(dataset.cases), 1, 0)[0]]
+    structure = dataset.structures[0]
+    volume = dataset.load_image(case, structure)
+    truth = structure.binary(dataset.load_labels(case, volume))
+    axis = dataset.slice_axis(volume)
+    index = int(np.argmax(np.moveaxis(truth, axis, 0).sum(axis=(1, 2))))
+    given = np.zeros(truth.shape, dtype=np.int64)
+    np.moveaxis(given, axis, 0)[index] = np.moveaxis(truth, axis, 0)[index]
+    method = build_method("ours", backbone_options={"weights": str(STANDIN), "device": "cpu"})
+    first = json.loads((tmp_path / "walk.json").read_text())
+    pipeline = dice(method.propagate(volume, given, axis) != 0, truth)
+    chain = np.load(tmp_path / "cache" / f"{case.name}_0.npz")["chain"]
+    stack = variants.SliceStack(volume, axis, variants.intensity_mapping(volume))
+    assert dice(variants.refine(chain, stack, [index], {}, 1) != 0, truth) == pytest.approx(pipeline, abs=1e-6)
+
+    # a second run walks the cached chains only
+    class NoChain:
+        def propagate(self, *args: object, **kwargs: object) -> np.ndarray:
+            raise AssertionError("the chain ran again")
+
+    monkeypatch.setattr(variants, "build_method", lambda *args, **kwargs: NoChain())
+    assert variants.main(arguments) == 0
+    assert json.loads((tmp_path / "walk.json").read_text()) == first
