@@ -33,46 +33,50 @@ def random_walk_probabilities(image: np.ndarray, seeds: np.ndarray, beta: float,
     image: (K, J, I) (or any-dimensional) grey values; seeds: int array of the same shape, 0 where unknown, a
     label (> 0) elsewhere; beta: edge sharpness. The edge weight between neighbours is exp(-beta d^2 / (10 std)) +
     1e-10, with d their grey-value difference divided by the spacing along their axis and std the image's standard
-    deviation: the weighting of scikit-image's ``random_walker``. Only the edges that touch an unknown voxel enter
-    the linear systems (one per label, solved by conjugate gradients with a Jacobi preconditioner to relative
-    tolerance ``tol``), so the cost grows with the number of unknown voxels. Returns (U,) flat indices of the
-    unknown voxels, the (M,) seed labels in increasing order and their (M, U) probabilities.
+    deviation: the weighting of scikit-image's ``random_walker``. Only the unknown voxels' edges are built (one
+    linear system per label, solved by conjugate gradients with a Jacobi preconditioner to relative tolerance
+    ``tol``), so time and memory grow with the number of unknown voxels, not with the image. Returns (U,) flat
+    indices of the unknown voxels, the (M,) seed labels in increasing order and their (M, U) probabilities.
     """
-    image = np.asarray(image, dtype=np.float64)
+    image = np.asarray(image)
     seeds = np.asarray(seeds)
     if seeds.shape != image.shape:
         raise ValueError(f"seeds {seeds.shape} and image {image.shape} differ in shape")
-    flat = seeds.astype(np.int64).ravel()
-    unknown = flat == 0
-    labels = np.unique(flat[~unknown])
-    free, fixed = np.flatnonzero(unknown), np.flatnonzero(~unknown)
+    flat_seeds = seeds.reshape(-1)
+    unknown = flat_seeds == 0
+    free = np.flatnonzero(unknown)
+    labels = np.unique(flat_seeds)
+    labels = labels[labels != 0].astype(np.int64)
     if free.size == 0 or labels.size == 0:
         return free, labels, np.zeros((labels.size, free.size))
     spacing = [1.0] * image.ndim if spacing is None else [float(s) for s in spacing]
-    scale = beta / (10.0 * float(image.std()) + 1e-12)
-    index = np.arange(image.size).reshape(image.shape)
-    heads, tails, weights = [], [], []
+    flat_image = image.reshape(-1)
+    scale = beta / (10.0 * float(np.std(flat_image, dtype=np.float64)) + 1e-12)
+    values = flat_image[free].astype(np.float64)
+    rows, neighbours, weights = [], [], []
     for axis in range(image.ndim):
-        low = tuple(slice(None, -1) if a == axis else slice(None) for a in range(image.ndim))
-        high = tuple(slice(1, None) if a == axis else slice(None) for a in range(image.ndim))
-        head, tail = index[low].ravel(), index[high].ravel()
-        touches = unknown[head] | unknown[tail]
-        difference = (image[low].ravel()[touches] - image[high].ravel()[touches]) / spacing[axis]
-        heads.append(head[touches])
-        tails.append(tail[touches])
-        weights.append(np.exp(-scale * difference**2) + 1e-10)
-    head, tail, weight = np.concatenate(heads), np.concatenate(tails), np.concatenate(weights)
-    adjacency = sparse.coo_matrix((np.concatenate([weight, weight]), (np.concatenate([head, tail]),
-                                   np.concatenate([tail, head]))), shape=(image.size, image.size)).tocsr()
-    degree = np.asarray(adjacency.sum(axis=1)).ravel()
-    rows = adjacency[free]
-    laplacian = (sparse.diags(degree[free]) - rows[:, free]).tocsr()
-    to_seeds = rows[:, fixed]
-    jacobi = sparse.diags(1.0 / degree[free])
-    fixed_labels = flat[fixed]
+        stride = int(np.prod(image.shape[axis + 1 :], dtype=np.int64))
+        position = (free // stride) % image.shape[axis]
+        for step, inside in ((-stride, position > 0), (stride, position < image.shape[axis] - 1)):
+            row = np.flatnonzero(inside)
+            neighbour = free[row] + step
+            difference = (values[row] - flat_image[neighbour].astype(np.float64)) / spacing[axis]
+            rows.append(row)
+            neighbours.append(neighbour)
+            weights.append(np.exp(-scale * difference**2) + 1e-10)
+    row, neighbour, weight = np.concatenate(rows), np.concatenate(neighbours), np.concatenate(weights)
+    degree = np.bincount(row, weights=weight, minlength=free.size)
+    to_free = unknown[neighbour]
+    laplacian = (sparse.diags(degree) - sparse.coo_matrix(
+        (weight[to_free], (row[to_free], np.searchsorted(free, neighbour[to_free]))),
+        shape=(free.size, free.size))).tocsr()
+    jacobi = sparse.diags(1.0 / degree)
+    seeded_row, seeded_weight = row[~to_free], weight[~to_free]
+    seeded_label = flat_seeds[neighbour[~to_free]]
     probabilities = np.empty((labels.size, free.size))
     for number, label in enumerate(labels):
-        solution, _ = cg(laplacian, to_seeds @ (fixed_labels == label).astype(np.float64), rtol=tol, M=jacobi)
+        reach = np.bincount(seeded_row, weights=seeded_weight * (seeded_label == label), minlength=free.size)
+        solution, _ = cg(laplacian, reach, rtol=tol, M=jacobi)
         probabilities[number] = solution
     return free, labels, probabilities
 
@@ -161,8 +165,8 @@ def _boundary_walk(labels: np.ndarray, axis: int, band: int) -> _BoundaryWalk | 
     plane = np.zeros((3, 3, 3), dtype=bool)
     plane[tuple(1 if a == axis else slice(None) for a in range(3))] = ndimage.generate_binary_structure(2, 1)
     near = ndimage.binary_dilation(sub != 0, plane, iterations=band)
-    walk_labels = np.ones(sub.shape, dtype=np.int64)
-    band_seeds = np.where(near, 0, 1).astype(np.int64)  # the background seeds it beyond the band
+    walk_labels = np.ones(sub.shape, dtype=np.int32)
+    band_seeds = (~near).astype(np.int32)  # the background (1) seeds it beyond the band
     for number, value in enumerate(values):
         mask = sub == value
         walk_labels[mask] = number + 2
@@ -187,7 +191,7 @@ def walk_calibration(labels: np.ndarray, image: np.ndarray, axis: int, keep_slic
     setup = _boundary_walk(labels, axis, band)
     if setup is None:
         return {}
-    image_box = np.asarray(image, dtype=np.float64)[setup.box]
+    image_box = _grey(image)[setup.box]
     weights = _calibrated_weights(setup, image_box, axis, setup.kept(axis, keep_slices), beta, spacing)
     return {setup.values[label - 2]: factor for label, factor in weights.items()}
 
@@ -205,6 +209,12 @@ def _calibrated_weights(setup: _BoundaryWalk, image_box: np.ndarray, axis: int, 
         return {}
     weights = area_keeping_weights(probabilities[:, chosen], walk_values, setup.walk_labels.ravel()[free][chosen])
     return {label: factor for label, factor in weights.items() if label >= 2}
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    """``image`` as floating-point grey values: as given when it already is (no copy), else float64."""
+    image = np.asarray(image)
+    return image if np.issubdtype(image.dtype, np.floating) else image.astype(np.float64)
 
 
 def refine_boundaries(labels: np.ndarray, image: np.ndarray, axis: int, *, beta: float, band: int = 1,
@@ -226,7 +236,7 @@ def refine_boundaries(labels: np.ndarray, image: np.ndarray, axis: int, *, beta:
     setup = _boundary_walk(output, axis, band)
     if setup is None:
         return output
-    image_box = np.asarray(image, dtype=np.float64)[setup.box]
+    image_box = _grey(image)[setup.box]
     kept = setup.kept(axis, keep_slices)
     if label_weights is None:  # calibrated on the kept slices, with the set-up the walk itself uses
         weights = _calibrated_weights(setup, image_box, axis, kept, beta, spacing)
@@ -235,11 +245,10 @@ def refine_boundaries(labels: np.ndarray, image: np.ndarray, axis: int, *, beta:
     seeds = setup.band_seeds.copy()
     np.moveaxis(seeds, axis, 0)[kept] = np.moveaxis(setup.walk_labels, axis, 0)[kept]
     walked = random_walk_labels(image_box, seeds, beta, spacing, label_weights=weights)
-    sub = setup.sub
-    refined = np.where(walked == 1, 0, sub)  # a voxel walked to a structure absent from its slice keeps its label
-    shape = [sub.shape[axis] if a == axis else 1 for a in range(3)]
-    for number, value in enumerate(setup.values):
-        present = np.moveaxis(sub == value, axis, 0).any(axis=(1, 2)).reshape(shape)
-        refined = np.where((walked == number + 2) & present, value, refined)
-    output[setup.box] = refined
+    shape = [setup.sub.shape[axis] if a == axis else 1 for a in range(3)]
+    presence = [np.moveaxis(setup.sub == value, axis, 0).any(axis=(1, 2)).reshape(shape) for value in setup.values]
+    refined = output[setup.box]  # a view of output, as setup.sub is: the slices' presence is taken first
+    refined[walked == 1] = 0  # a voxel walked to a structure absent from its slice keeps its label
+    for number, (value, present) in enumerate(zip(setup.values, presence, strict=True)):
+        refined[(walked == number + 2) & present] = value
     return output
