@@ -46,6 +46,7 @@ VARIANTS: dict[str, list[str]] = {
     "crop_1.25x": ["crop_scale=1.25"],
     "crop_1.5x": ["crop_scale=1.5"],
     "crop_1.75x": ["crop_scale=1.75"],
+    "crop_2x": ["crop_scale=2"],
     "crop_3x": ["crop_scale=3"],
     "crop_ensemble_3": ["crop_ensemble=1.25,1.5,1.75"],
     "crop_ensemble_5": ["crop_ensemble=1.2,1.35,1.5,1.65,1.8"],
@@ -64,6 +65,7 @@ VARIANTS: dict[str, list[str]] = {
     "registration_size_64": ["registration_size=64"],
     "refine_band_0.05": ["refine_band=0.05"],
     "refine_strength_2": ["refine_strength=2"],
+    "no_random_walk": ["random_walk_beta=none"],
 }
 
 
