@@ -32,6 +32,7 @@ from insid3_med.evaluation.datasets import open_volume_dataset
 from insid3_med.evaluation.episodes import labelled_slice, select_cases
 from insid3_med.evaluation.methods import build_method
 from insid3_med.evaluation.metrics import dice
+from insid3_med.evaluation.report import atomic_write, write_text
 from insid3_med.imaging.intensity import intensity_mapping
 from insid3_med.propagation import PropagationParams
 from insid3_med.volume import SliceStack, refine_volume_boundaries, take_slice
@@ -77,6 +78,11 @@ def error_parts(predicted: np.ndarray, truth: np.ndarray, others: np.ndarray, ax
     }
 
 
+def _save_chain(path: Path, chain: np.ndarray) -> None:
+    with path.open("wb") as file:  # a file object: numpy adds no ".npz" to the temporary name
+        np.savez_compressed(file, chain=chain)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", default="hippocampus", help="a volume set under ../shared/data (default hippocampus)")
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 chain = method.propagate(volume, given, axis)
                 if cached is not None:
                     cached.parent.mkdir(parents=True, exist_ok=True)
-                    np.savez_compressed(cached, chain=chain)
+                    atomic_write(cached, lambda path, chain=chain: _save_chain(path, chain))
             stack = SliceStack(volume, axis, intensity_mapping(volume))
             structures.append(structure.name)
             for name, (overrides, passes) in VARIANTS.items():
@@ -149,10 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  default with the slices it left empty predicted perfectly: {np.mean(default_if_filled):.4f}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"set": args.set, "episodes": len(structures), "variants": rows,
-                                         "default_errors": parts,
-                                         "default_if_empty_slices_perfect": float(np.mean(default_if_filled))},
-                                        indent=1) + "\n")
+        figures = {"set": args.set, "episodes": len(structures), "variants": rows, "default_errors": parts,
+                   "default_if_empty_slices_perfect": float(np.mean(default_if_filled))}
+        write_text(args.json, json.dumps(figures, indent=1) + "\n")
     return 0
 
 
