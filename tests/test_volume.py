@@ -438,6 +438,30 @@ def test_crop_features_keep_only_a_window_of_slices_in_memory() -> None:
     assert source.encoded == len(stack) + 1  # walking down from the top, slice 0 is the last of its batch
 
 
+def test_crop_features_encode_ahead_two_slices_on_a_cpu_and_the_batch_on_an_accelerator() -> None:
+    from insid3_med.imaging.intensity import intensity_mapping
+    from insid3_med.propagation import SquareBox
+    from insid3_med.volume import CPU_LOOKAHEAD, CropFeatures, SliceStack
+
+    volume, _ = synthetic_study()
+    stack = SliceStack(volume, 0, intensity_mapping(volume, None))
+
+    class OnDevice(GreyLevelBackbone):
+        def __init__(self, device: str) -> None:
+            self.device = torch.device(device)
+
+    def source(backbone: object, batch_size: int) -> CropFeatures:
+        return CropFeatures(SimpleNamespace(backbone=backbone), stack, SquareBox(0, 0, 28),  # type: ignore[arg-type]
+                            PropagationParams(), batch_size=batch_size, image_size=28)
+
+    on_cpu = source(OnDevice("cpu"), 4)
+    on_cpu.features(5)
+    assert CPU_LOOKAHEAD == 2 and on_cpu.batch_size == 2 and sorted(on_cpu._features) == [5, 6]
+    assert source(GreyLevelBackbone(), 4).batch_size == 2  # a backbone that names no device runs on the CPU
+    assert source(OnDevice("cpu"), 1).batch_size == 1
+    assert source(OnDevice("cuda"), 4).batch_size == 4  # only the attribute is read: no GPU is needed
+
+
 def test_label_maps_are_kept_in_a_compact_dtype_and_outputs_stay_int64() -> None:
     from insid3_med.volume import check_label_grid
 
