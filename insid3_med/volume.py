@@ -274,9 +274,10 @@ def propagate_through_slices(segmenter: OneShotSegmenter, volume: Volume, labels
 
 CPU_LOOKAHEAD = 2
 """Slices a :class:`CropFeatures` encodes at a time on a CPU. There a crop costs the same encoded alone or in a batch,
-so a chain's crops encoded ahead past a structure's end are lost time: against 4 at a time, 2 took 12-14% less time
-on 16 hippocampus episodes and 5% less on 6 ACDC volumes (1 and 2 threads, identical labels); 1 at a time was 1-6%
-slower than 2 with 2 threads. On a GPU, where a small batch costs about as much as one crop, ``batch_size`` holds."""
+so a chain's crops encoded ahead past a structure's end are lost time: against 4 at a time, 2 took 8-15% less time
+on 16 hippocampus episodes (1 and 2 threads) and 4-6% less on 6 ACDC volumes (2 threads), with identical labels; 1
+at a time was 1-6% slower than 2 with 2 threads. On a GPU, where a small batch costs about as much as one crop,
+``batch_size`` holds."""
 
 
 class CropFeatures:
