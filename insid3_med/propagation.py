@@ -18,6 +18,8 @@ one study are treated as a sequence, as video object segmentation treats frames:
 - **Registration prior.** Optionally, the previous slice's labels are also carried onto the slice by deformable
   registration (demons, :mod:`insid3_med.registration`), and that warped label map is blended with the feature
   evidence (``registration_weight``): registration says where the structure moved, features say what it is.
+- **Grey values of the labelled slice.** Each structure's and the background's grey-value histograms on the
+  labelled slices weigh every slice's decision (``intensity_likelihood``), not the stop's confidence.
 - **Stop.** A structure has ended where its predicted area falls below ``stop_ratio`` times its area on the
   labelled slice, or where the mean decision confidence over its predicted pixels falls below ``stop_confidence``
   times the highest such mean on the slices before it in that direction (a look-alike beyond its end is matched
@@ -129,6 +131,13 @@ class PropagationParams:
         (harness, largest slice labelled, every volume): hippocampus 0.780 -> 0.794 (184 of 200 episodes
         better), BraTS 0.885 -> 0.890, ACDC 0.838 -> 0.839 (uncalibrated: 0.792, 0.887, 0.828); transfers from
         one slice (50 pairs): hippocampus 0.612 -> 0.627, ACDC 0.407 -> 0.405. The default since 2026-11-27.
+    intensity_likelihood: each slice's decision is also weighed by how likely each pixel's grey value is under each
+        class's grey-value histogram on the labelled slices (background included), raised to this power (None:
+        not used). The stop's confidence stays the features' own. A chain that slides off a thin structure onto
+        brighter or darker tissue is pulled back. Measured with 0.2 (harness, largest slice labelled, every volume,
+        with the walk): hippocampus 0.794 -> 0.804 (posterior 0.768 -> 0.790; 134 of 200 episodes better),
+        BraTS 0.890 -> 0.895, ACDC 0.839 -> 0.839. On 20 hippocampus volumes 0.1 / 0.2 / 0.3 / 0.5 gave 0.812 /
+        0.814 / 0.813 / 0.809 (none: 0.807). The default since 2026-11-27.
     transfer_reference_gate_tracking, transfer_reference_gate_sigma, transfer_reference_stop_confidence,
     transfer_reference_gate_union: the chain through the reference study (``transfer_self_propagation``) uses these
         in place of ``gate_tracking``, ``gate_sigma``, ``stop_confidence`` and ``gate_union``: the within-study
@@ -175,6 +184,7 @@ class PropagationParams:
     fill_between_labelled: bool = True
     random_walk_beta: float | None = 130.0
     random_walk_band: int = 1
+    intensity_likelihood: float | None = 0.2
 
     def __post_init__(self) -> None:
         if self.image_size < 14:
@@ -202,6 +212,8 @@ class PropagationParams:
                 raise ValueError(f"{name} must be in (0, 1] or None, not {value}")
         if self.random_walk_beta is not None and not self.random_walk_beta > 0:
             raise ValueError(f"random_walk_beta must be > 0 or None, not {self.random_walk_beta}")
+        if self.intensity_likelihood is not None and not self.intensity_likelihood > 0:
+            raise ValueError(f"intensity_likelihood must be > 0 or None, not {self.intensity_likelihood}")
         if self.random_walk_band < 1:
             raise ValueError(f"random_walk_band must be at least 1 pixel, not {self.random_walk_band}")
 
@@ -514,7 +526,8 @@ def label_slice(target: torch.Tensor, context: Sequence[ContextSlice], values: S
                 side: int, params: PropagationParams, allowed: torch.Tensor, *, prior: np.ndarray | None = None,
                 gate_sigma: float | None = None, image: np.ndarray | None = None,
                 warped: torch.Tensor | None = None, active: Sequence[int] | None = None,
-                class_weights: torch.Tensor | None = None, confidence: list[np.ndarray] | None = None) -> np.ndarray:
+                class_weights: torch.Tensor | None = None, confidence: list[np.ndarray] | None = None,
+                likelihood: torch.Tensor | None = None) -> np.ndarray:
     """One slice's (S, S) int64 label map from its (N, C) features and the context slices.
 
     prior: the (S, S) labels it should stay near (the previous slice's), gated with ``gate_sigma`` (a fraction of
@@ -522,7 +535,8 @@ def label_slice(target: torch.Tensor, context: Sequence[ContextSlice], values: S
     registration-carried labels (blended with ``params.registration_weight``); active: the label values still
     allowed (default: all); class_weights: (L + 1,) multipliers of the probabilities before the decision
     (:func:`area_preserving_weights`); confidence: if given, the (S, S) probability of each pixel's decision is
-    appended to it.
+    appended to it; likelihood: (L + 1, S, S) multipliers of the decision only (:func:`intensity_likelihood`): the
+    confidence stays the features' own, so that the stop does not change with it.
     """
     probabilities = transfer_labels(target, [c.features for c in context], [c.labels for c in context], allowed,
                                     params.top_k, params.temperature)
@@ -544,11 +558,35 @@ def label_slice(target: torch.Tensor, context: Sequence[ContextSlice], values: S
         inactive = [i + 1 for i, v in enumerate(values) if v not in active]
         if inactive:
             pixels[inactive] = -1.0
-    labels = most_probable_labels(pixels, values)
+    decision = pixels if likelihood is None else torch.where(pixels < 0, pixels, pixels * likelihood)
+    labels = most_probable_labels(decision, values)
     if confidence is not None:
         positive = pixels.clamp_min(0)
         confidence.append((positive.max(dim=0).values / positive.sum(dim=0).clamp_min(1e-12)).numpy())
     return labels
+
+
+def labelled_intensity_histograms(anchors: Mapping[int, np.ndarray], images: ImageSource, values: Sequence[int],
+                                  bins: int = 32) -> np.ndarray:
+    """(L + 1, bins) grey-value histograms (each summing to 1) of the background and of each structure on the
+    labelled crops ``anchors`` (slice index -> (S, S) labels; ``images`` gives their (S, S) grey crops in [0, 1]),
+    smoothed over a bin."""
+    counts = np.zeros((len(values) + 1, bins))
+    for n, labels in anchors.items():
+        index = np.clip((np.asarray(images(n)) * bins).astype(np.int64), 0, bins - 1)
+        labels = np.asarray(labels)
+        for i, value in enumerate([0, *values]):
+            counts[i] += np.bincount(index[labels == value], minlength=bins)
+    counts = gaussian_smooth_rows(counts + 1e-3, 1.0) + 1e-3
+    return counts / counts.sum(axis=1, keepdims=True)
+
+
+def intensity_likelihood(histograms: np.ndarray, image: np.ndarray, power: float) -> torch.Tensor:
+    """(L + 1, bins) histograms of :func:`labelled_intensity_histograms` and an (S, S) grey crop in [0, 1] ->
+    (L + 1, S, S) likelihood of each class at each pixel, raised to ``power``."""
+    bins = histograms.shape[1]
+    index = np.clip((np.asarray(image) * bins).astype(np.int64), 0, bins - 1)
+    return torch.from_numpy(histograms[:, index].astype(np.float32)) ** power
 
 
 def most_probable_labels(probabilities: torch.Tensor, values: Sequence[int]) -> np.ndarray:
@@ -720,6 +758,9 @@ def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource,
     if register or track:
         from insid3_med.registration import demons_label_warp
     shrink = registration_shrink(side, params.registration_size)
+    histograms = None
+    if params.intensity_likelihood is not None and images is not None:
+        histograms = labelled_intensity_histograms(anchors, images, values)
     for anchor, step, last, neighbour in _chain_order(list(anchors), start, stop):
         if (last - anchor) * step < 0:
             continue
@@ -749,9 +790,12 @@ def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource,
             if track:
                 prior = tracked_gate_centre(previous_labels, tracked, values)
             decided: list[np.ndarray] = []
+            likelihood = None
+            if histograms is not None and image is not None and params.intensity_likelihood is not None:
+                likelihood = intensity_likelihood(histograms, image, params.intensity_likelihood)
             labels = label_slice(target, context, values, grid, side, params, allowed, prior=prior,
                                  image=image, warped=warped, active=active, class_weights=class_weights,
-                                 confidence=decided)
+                                 confidence=decided, likelihood=likelihood)
             if keep_confidence:
                 confidences[index] = decided[0]
             for v in list(active):

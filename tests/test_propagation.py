@@ -13,10 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from insid3_med.propagation import (
+    ContextSlice,
     PropagationParams,
     SquareBox,
     carry_labels,
     crop_square,
+    intensity_likelihood,
+    label_slice,
+    labelled_intensity_histograms,
     majority_labels,
     neighbourhood_mask,
     params_from_settings,
@@ -146,6 +150,8 @@ def test_params_reject_bad_values() -> None:
         PropagationParams(transfer_registration_weight=-0.1)
     with pytest.raises(ValueError, match="transfer_context_span"):
         PropagationParams(transfer_context_span=-1)
+    with pytest.raises(ValueError, match="intensity_likelihood"):
+        PropagationParams(intensity_likelihood=0.0)
 
 
 def test_with_overrides_reads_each_value_as_its_field_type() -> None:
@@ -339,6 +345,75 @@ def test_chain_stops_where_its_confidence_drops_though_a_look_alike_keeps_the_ar
         np.testing.assert_array_equal(result[n], area_only[n])  # inside the structure nothing is cut
     for n in (0, 1, 8, 9, 10, 11):
         assert n not in result or not result[n].any(), f"slice {n} beyond the structure is labelled"
+
+
+def test_labelled_intensity_histograms_give_each_class_the_likelihood_of_its_grey_values() -> None:
+    labels = np.zeros((SIDE, SIDE), dtype=np.int64)
+    labels[disk((SIDE, SIDE), (16, 16), 8)] = 3
+    image = np.where(labels == 3, 0.45, 0.9).astype(np.float32)
+    histograms = labelled_intensity_histograms({0: labels}, lambda n: image, [3])
+    assert histograms.shape == (2, 32)
+    np.testing.assert_allclose(histograms.sum(axis=1), 1.0)
+    assert histograms[1].argmax() == int(0.45 * 32) and histograms[0].argmax() == int(0.9 * 32)
+    probe = np.array([[0.45, 0.9]], dtype=np.float32)
+    likelihood = intensity_likelihood(histograms, probe, 1.0)
+    assert likelihood.shape == (2, 1, 2)
+    assert likelihood[1, 0, 0] > 10 * likelihood[0, 0, 0] and likelihood[0, 0, 1] > 10 * likelihood[1, 0, 1]
+    torch.testing.assert_close(intensity_likelihood(histograms, probe, 0.5), likelihood**0.5)
+
+
+def test_the_grey_value_likelihood_changes_the_decision_but_not_the_confidence() -> None:
+    # Every target patch is ambiguous (as like the structure as the background); the grey values decide.
+    labels = np.zeros((SIDE, SIDE), dtype=np.int64)
+    labels[:, :16] = 1
+    image = np.where(labels == 1, 0.3, 0.8).astype(np.float32)
+    context = [ContextSlice(exact_features(labels, [1]), patch_label_fractions(labels, [1], GRID))]
+    target = F.normalize(torch.ones(GRID[0] * GRID[1], 2), dim=1)
+    params = PropagationParams(refine_band=None)
+    allowed = neighbourhood_mask(GRID, 8)
+    plain, weighed = [], []
+    without = label_slice(target, context, [1], GRID, SIDE, params, allowed, confidence=plain)
+    likelihood = intensity_likelihood(labelled_intensity_histograms({0: labels}, lambda n: image, [1]), image, 0.2)
+    decided = label_slice(target, context, [1], GRID, SIDE, params, allowed, confidence=weighed,
+                          likelihood=likelihood)
+    np.testing.assert_array_equal(decided, labels)
+    assert not np.array_equal(without, labels)
+    np.testing.assert_array_equal(plain[0], weighed[0])
+
+
+def test_the_labelled_slices_grey_values_keep_the_chain_off_tissue_of_another_grey() -> None:
+    # A disk (grey 0.4) on every slice; from slice 5 on, tissue of grey 0.9 (a grey the labelled slice holds only
+    # far from the structure) beside it, whose patches look a little more like the structure than the background.
+    # Without the gate the features alone take it in; the labelled slice's grey values keep it out.
+    truth, images, alike = {}, {}, {}
+    for n in range(9):
+        labels = np.zeros((SIDE, SIDE), dtype=np.int64)
+        labels[disk((SIDE, SIDE), (16, 12), 7)] = 1
+        truth[n] = labels
+        alike[n] = np.zeros((SIDE, SIDE), dtype=bool)
+        if n >= 5:
+            alike[n][8:24, 20:28] = True
+        images[n] = np.where(labels == 1, 0.4, np.where(alike[n], 0.9, 0.15)).astype(np.float32)
+        images[n][:, :4] = 0.9  # tissue of that grey far from the structure, on the labelled slice too
+
+    def features(n: int) -> torch.Tensor:
+        one_hot = F.one_hot(patch_label_fractions(truth[n], [1], GRID).argmax(dim=1), 2).float()
+        tissue = patch_label_fractions(alike[n].astype(np.int64), [1], GRID)[:, 1] > 0.5
+        one_hot[tissue] = torch.tensor([0.49, 0.51])
+        return F.normalize(one_hot + 0.05, dim=1)
+
+    def run(likelihood: float | None) -> dict[int, np.ndarray]:
+        params = PropagationParams(refine_band=None, gate_sigma=None, stop_confidence=None,
+                                   intensity_likelihood=likelihood)
+        return propagate_crops({2: truth[2]}, features, [1], GRID, params, start=0, stop=9, images=images.get)
+
+    assert all((run(None)[n] == 1)[alike[n]].mean() > 0.5 for n in range(5, 9))
+    result = run(0.2)
+    assert (result[5] == 1)[alike[5]].mean() < 0.5  # its first slice: the context still holds no such tissue
+    for n in range(9):
+        assert n == 5 or not (result[n] == 1)[alike[n]].any(), f"slice {n}: the tissue of another grey is labelled"
+        dice = 2 * np.logical_and(result[n] == 1, truth[n] == 1).sum() / ((result[n] == 1).sum() + truth[n].sum())
+        assert dice > 0.85, f"slice {n}: Dice {dice:.2f}"
 
 
 def test_tracked_gate_centre_takes_each_structure_from_the_track_unless_the_track_lost_it() -> None:
