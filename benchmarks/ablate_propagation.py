@@ -66,6 +66,8 @@ VARIANTS: dict[str, list[str]] = {
     "refine_band_0.05": ["refine_band=0.05"],
     "refine_strength_2": ["refine_strength=2"],
     "no_random_walk": ["random_walk_beta=none"],
+    "no_intensity_likelihood": ["intensity_likelihood=none"],
+    "intensity_likelihood_0.5": ["intensity_likelihood=0.5"],
 }
 
 
