@@ -35,9 +35,11 @@ from insid3_med.propagation import (
     SquareBox,
     crop_square,
     encode_crops,
+    intensity_likelihood,
     keep_drawn_labels,
     label_dtype,
     label_slice,
+    labelled_intensity_histograms,
     majority_labels,
     model_input_size,
     neighbourhood_mask,
@@ -667,8 +669,10 @@ def _transfer_by_height(segmenter: OneShotSegmenter, ref_source: CropFeatures, p
     Each slice's patches take the labels of their nearest patches (within ``params.transfer_neighbourhood``) in the
     reference slices within ``params.transfer_context_span`` of its height, gated with
     ``params.transfer_gate_sigma`` around the carried labels and blended with them
-    (``params.transfer_registration_weight``). Both studies are cut around all their (carried) labelled slices, so
-    that both are seen at the same scale. Returns the target's (K', J', I') int64 label map.
+    (``params.transfer_registration_weight``), and weighed by the reference's grey values per class
+    (``params.intensity_likelihood``, histograms of its pseudo-labelled crops). Both studies are cut around all
+    their (carried) labelled slices, so that both are seen at the same scale. Returns the target's (K', J', I')
+    int64 label map.
     """
     carried, heights = registered
     ref_stack, grid = ref_source.stack, ref_source.grid
@@ -695,15 +699,23 @@ def _transfer_by_height(segmenter: OneShotSegmenter, ref_source: CropFeatures, p
 
     allowed = neighbourhood_mask(grid, params.transfer_neighbourhood)
     slice_params = replace(params, registration_weight=params.transfer_registration_weight)
+    histograms = None  # the reference's grey values per class weigh each target slice's decision
+    if params.intensity_likelihood is not None:
+        histograms = labelled_intensity_histograms(
+            {r: crop_square(ref_stack.labels(pseudo, r), ref_box) for r in labelled_reference},
+            lambda r: crop_square(ref_stack.image(r), ref_box)[..., 0], values)
     output = np.zeros(tgt_stack.volume.shape, dtype=np.int64)
     total = len(tgt_stack)
     for done, n in enumerate(range(total), start=1):
         if n in present:
             prior = crop_square(priors[n], tgt_box)
             carried_soft = torch.from_numpy(np.stack([prior == 0] + [prior == v for v in values]).astype(np.float32))
+            likelihood = None
+            if histograms is not None and params.intensity_likelihood is not None:
+                likelihood = intensity_likelihood(histograms, tgt_source.image(n), params.intensity_likelihood)
             crop = label_slice(tgt_source.features(n), context_at(matches[n]), values, grid, tgt_box.side,
                                slice_params, allowed, prior=prior, gate_sigma=params.transfer_gate_sigma,
-                               image=tgt_source.image(n), warped=carried_soft)
+                               image=tgt_source.image(n), warped=carried_soft, likelihood=likelihood)
             take_slice(output, tgt_stack.axis, n)[...] = tgt_stack.to_native(paste_square(crop, tgt_box,
                                                                                            tgt_stack.model_shape))
         if progress is not None:
