@@ -466,7 +466,7 @@ def refine_with_intensity(probabilities: torch.Tensor, image: np.ndarray, band: 
         return probabilities
     distance = distance_transform_edt(~edges)
     near, region = distance <= band, distance <= 2.0 * band
-    index = np.clip((np.asarray(image) * bins).astype(np.int64), 0, bins - 1)
+    index = grey_value_bins(image, bins)
     weights = probabilities.numpy()[:, region]  # (L+1, R)
     histograms = np.stack([np.bincount(index[region], weights=w, minlength=bins) for w in weights]) + 1e-3
     histograms = gaussian_smooth_rows(histograms / histograms.sum(axis=1, keepdims=True), 1.0)
@@ -474,6 +474,11 @@ def refine_with_intensity(probabilities: torch.Tensor, image: np.ndarray, band: 
     posterior = probabilities * likelihood
     posterior = posterior / posterior.sum(dim=0, keepdim=True).clamp_min(1e-12)
     return torch.where(torch.from_numpy(near)[None], posterior, probabilities)
+
+
+def grey_value_bins(image: np.ndarray, bins: int) -> np.ndarray:
+    """An (S, S) grey crop in [0, 1] -> (S, S) int64 index of its histogram bin among ``bins`` equal bins."""
+    return np.clip((np.asarray(image) * bins).astype(np.int64), 0, bins - 1)
 
 
 def gaussian_smooth_rows(rows: np.ndarray, sigma: float) -> np.ndarray:
@@ -575,7 +580,7 @@ def labelled_intensity_histograms(anchors: Mapping[int, np.ndarray], images: Ima
     smoothed over a bin."""
     counts = np.zeros((len(values) + 1, bins))
     for n, labels in anchors.items():
-        index = np.clip((np.asarray(images(n)) * bins).astype(np.int64), 0, bins - 1)
+        index = grey_value_bins(images(n), bins)
         labels = np.asarray(labels)
         for i, value in enumerate([0, *values]):
             counts[i] += np.bincount(index[labels == value], minlength=bins)
@@ -587,7 +592,7 @@ def intensity_likelihood(histograms: np.ndarray, image: np.ndarray, power: float
     """(L + 1, bins) histograms of :func:`labelled_intensity_histograms` and an (S, S) grey crop in [0, 1] ->
     (L + 1, S, S) likelihood of each class at each pixel, raised to ``power``."""
     bins = histograms.shape[1]
-    index = np.clip((np.asarray(image) * bins).astype(np.int64), 0, bins - 1)
+    index = grey_value_bins(image, bins)
     return torch.from_numpy(histograms[:, index].astype(np.float32)) ** power
 
 
