@@ -105,6 +105,16 @@ class PropagationParams:
         grows where the head was), ACDC 0.851 -> 0.828 (its structures keep their places): off by default.
     area_calibration: weigh each structure so that the patch-grid round trip keeps its area on the labelled slice
         (:func:`area_preserving_weights`); helps structures thinner than a patch, hurts others (measured: off).
+    crop_handoffs, handoff_margin: where several structures are drawn on one slice and chained together, a
+        structure whose predicted mask comes within ``handoff_margin`` of the crop's side (a fraction of it) on a
+        side that lies inside the slice is followed further: its chain goes on alone from that slice in a crop of
+        the same side re-centred on it (the labelled slice kept in its context), at most ``crop_handoffs`` times
+        per structure and direction (0: never). A structure labelled alone keeps the fixed crop, whose edge ends a
+        chain that slides along a neighbouring look-alike. Measured (harness, 20 hippocampus volumes): every
+        structure drawn on the slice of largest union, with ``gate_union``, 0.701 -> 0.738 (posterior 0.597 ->
+        0.671; its body and tail leave the crop around the head, 21% of its voxels lie outside it); labelled
+        alone, the same rule would cost 0.814 -> 0.798 (the anterior part runs on along the posterior part,
+        FP slices 13 -> 51), hence multi-structure chains only.
     independent_structures: chain each structure on its own, the others as background, and merge by confidence
         (measured: a joint chain did better on ACDC's three structures, 0.814 against 0.780 mean Dice).
     transfer_gate_sigma, transfer_neighbourhood: the gate and neighbourhood that place a reference study's labels on
@@ -172,6 +182,8 @@ class PropagationParams:
     gate_union: bool = False
     area_calibration: bool = False
     independent_structures: bool = False
+    crop_handoffs: int = 3
+    handoff_margin: float = 0.06
     transfer_gate_sigma: float | None = 0.1
     transfer_neighbourhood: int = 5
     transfer_search: int = 3
@@ -216,6 +228,10 @@ class PropagationParams:
             raise ValueError(f"random_walk_beta must be > 0 or None, not {self.random_walk_beta}")
         if self.intensity_likelihood is not None and not self.intensity_likelihood > 0:
             raise ValueError(f"intensity_likelihood must be > 0 or None, not {self.intensity_likelihood}")
+        if self.crop_handoffs < 0:
+            raise ValueError(f"crop_handoffs must be >= 0, not {self.crop_handoffs}")
+        if not 0.0 < self.handoff_margin < 0.5:
+            raise ValueError(f"handoff_margin must be in (0, 0.5), not {self.handoff_margin}")
         if self.random_walk_band < 1:
             raise ValueError(f"random_walk_band must be at least 1 pixel, not {self.random_walk_band}")
 

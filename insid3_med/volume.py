@@ -371,10 +371,14 @@ def _propagate_volume_mode(segmenter: OneShotSegmenter, stack: SliceStack, label
     chain_start, chain_stop = min(start, min(references)), max(stop, max(references) + 1)
     crops = propagate_crops(anchors, source.features, values, source.grid, params, start=chain_start,
                             stop=chain_stop, images=source.image, progress=step)
+    slices = {n: paste_square(crop, box, stack.model_shape) for n, crop in crops.items()}
+    if params.crop_handoffs and len(values) > 1:
+        slices = follow_past_crop_edge(segmenter, stack, slices, anchors, source, values, params, chain_start,
+                                       chain_stop, batch_size)
     output = np.zeros(labels.shape, dtype=np.int64)
-    for n, crop in crops.items():
+    for n, labels2d in slices.items():
         if start <= n < stop and n not in anchors:
-            take_slice(output, axis, n)[...] = stack.to_native(paste_square(crop, box, stack.model_shape))
+            take_slice(output, axis, n)[...] = stack.to_native(labels2d)
     if params.fill_between_labelled and len(references) > 1:
         _fill_between_labelled(output, labels, axis, stack.volume, start, stop)
     for n in references:
@@ -382,6 +386,67 @@ def _propagate_volume_mode(segmenter: OneShotSegmenter, stack: SliceStack, label
     if progress is not None and done < total:
         progress(total, total)
     return output
+
+
+def near_crop_edge(mask: np.ndarray, box: SquareBox, shape: tuple[int, int], margin: int) -> bool:
+    """Whether the (H, W) ``mask`` (slice grid of ``shape``) comes within ``margin`` pixels of a side of ``box``
+    that lies inside the slice (a side on or past the slice's edge does not count: nothing lies beyond it)."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return False
+    bottom, right = box.top + box.side, box.left + box.side
+    return bool((box.top > 0 and rows.min() < box.top + margin) or (box.left > 0 and cols.min() < box.left + margin)
+                or (bottom < shape[0] and rows.max() >= bottom - margin)
+                or (right < shape[1] and cols.max() >= right - margin))
+
+
+def follow_past_crop_edge(segmenter: OneShotSegmenter, stack: SliceStack, slices: dict[int, np.ndarray],
+                          anchors: Mapping[int, np.ndarray], source: CropFeatures, values: Sequence[int],
+                          params: PropagationParams, start: int, stop: int, batch_size: int) -> dict[int, np.ndarray]:
+    """Follow structures that leave the chain's crop (``params.crop_handoffs``, ``params.handoff_margin``).
+
+    slices: slice index -> (H', W') model-grid labels of the joint chain in ``source.box``; anchors: the labelled
+    crops (slice index -> (S, S) labels in that box). Per structure and direction away from its labelled slices,
+    the first slice where its mask comes within the margin of the crop's side hands the chain off: beyond it the
+    structure's labels are dropped and chained again from that slice alone, in a box of the same side centred on
+    it, with the labelled crops kept in the context; the new chain's labels take the pixels no other structure
+    holds, and it may hand off again. Returns the updated slice index -> (H', W') int64 labels.
+    """
+    shape = stack.model_shape
+    slices = {n: np.asarray(labels2d, dtype=np.int64) for n, labels2d in slices.items()}
+    margin = max(1, round(params.handoff_margin * source.box.side))
+    for value in values:
+        holders = [n for n in anchors if np.any(anchors[n] == value)]
+        context: list[ContextSlice] = []  # the labelled crops, encoded at the first hand-off
+        for step in (1, -1):
+            index, box = (max(holders) if step > 0 else min(holders)), source.box
+            for _ in range(params.crop_handoffs if holders else 0):
+                index += step
+                while index in slices and np.any(slices[index] == value) and not near_crop_edge(
+                        slices[index] == value, box, shape, margin):
+                    index += step
+                if index not in slices or not np.any(slices[index] == value):
+                    break  # the structure ended inside the crop
+                for n, labels2d in slices.items():
+                    if (n - index) * step > 0:
+                        labels2d[labels2d == value] = 0
+                rows, cols = np.nonzero(slices[index] == value)
+                side = source.box.side
+                box = SquareBox(round((rows.min() + rows.max() + 1 - side) / 2), round((cols.min() + cols.max() + 1 -
+                                                                                         side) / 2), side)
+                if not context:
+                    context = [ContextSlice(source.features(n), patch_label_fractions(
+                        np.where(anchors[n] == value, value, 0), [value], source.grid)) for n in holders]
+                moved = CropFeatures(segmenter, stack, box, params, batch_size, source.image_size)
+                anchor = np.where(crop_square(slices[index], box) == value, value, 0)
+                lower, upper = (index, stop) if step > 0 else (start, index + 1)
+                chained = propagate_crops({index: anchor}, moved.features, [value], moved.grid, params, start=lower,
+                                          stop=upper, images=moved.image, extra_context=context)
+                for n, crop in chained.items():
+                    if n != index:
+                        labels2d = slices.setdefault(n, np.zeros(shape, dtype=np.int64))
+                        labels2d[(paste_square(np.asarray(crop), box, shape) == value) & (labels2d == 0)] = value
+    return slices
 
 
 def refine_volume_boundaries(labels: np.ndarray, stack: SliceStack, keep_slices: Sequence[int],

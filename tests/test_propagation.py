@@ -152,6 +152,10 @@ def test_params_reject_bad_values() -> None:
         PropagationParams(transfer_context_span=-1)
     with pytest.raises(ValueError, match="intensity_likelihood"):
         PropagationParams(intensity_likelihood=0.0)
+    with pytest.raises(ValueError, match="crop_handoffs"):
+        PropagationParams(crop_handoffs=-1)
+    with pytest.raises(ValueError, match="handoff_margin"):
+        PropagationParams(handoff_margin=0.5)
 
 
 def test_with_overrides_reads_each_value_as_its_field_type() -> None:

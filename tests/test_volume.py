@@ -19,11 +19,12 @@ import torch.nn.functional as F
 
 from insid3_med.backbones import IMAGENET_MEAN, IMAGENET_STD
 from insid3_med.imaging.geometry import Geometry, Volume
-from insid3_med.propagation import PropagationParams
+from insid3_med.propagation import PropagationParams, SquareBox
 from insid3_med.volume import (
     LabelGridError,
     NoLabelledSliceError,
     labelled_slices,
+    near_crop_edge,
     propagate_through_slices,
     transfer_to_study,
 )
@@ -133,6 +134,49 @@ def test_a_transfer_walks_the_target_with_the_weights_the_reference_labelled_sli
     (reference_call, target_call) = calls
     assert reference_call == ((5,), None)  # the reference's chain: calibrated on its labelled slice
     assert target_call[0] == () and isinstance(target_call[1], dict) and set(target_call[1]) == {1}
+
+
+def drifting_pair() -> tuple[Volume, np.ndarray]:
+    """16 slices of 64 x 96: structure 1 (grey 0.9) stays in place on slices 1..14; structure 2 (grey 0.6) beside it
+    drifts 2 columns a slice to the right, out of a crop cut around both on slice 4."""
+    rng = np.random.default_rng(0)
+    array = 0.2 + 0.03 * rng.standard_normal((16, 64, 96))
+    truth = np.zeros((16, 64, 96), dtype=np.int64)
+    for n in range(1, 15):
+        truth[n][disk((64, 96), (32, 30), 8)] = 1
+        truth[n][disk((64, 96), (32, 44 + 2 * n), 5) & (truth[n] == 0)] = 2
+    array[truth == 1] = 0.9
+    array[truth == 2] = 0.6
+    return Volume(array.astype(np.float32), Geometry(spacing=(1.0, 1.0, 2.0)), modality="MR"), truth
+
+
+def test_a_structure_drawn_with_another_is_followed_out_of_the_crop() -> None:
+    volume, truth = drifting_pair()
+    segmenter = SimpleNamespace(backbone=GreyLevelBackbone())
+    fixed, followed = (propagate_through_slices(segmenter, volume, only_slice(truth, 4), axis="k",  # type: ignore[arg-type]
+                                                params=replace(PropagationParams(), crop_handoffs=handoffs))
+                       for handoffs in (0, 3))
+    np.testing.assert_array_equal(followed == 1, fixed == 1)  # the structure that stays inside is left as it was
+    for n in (10, 11):  # past the fixed crop's side the structure is cut off; followed, it stays whole
+        area = int((truth[n] == 2).sum())
+        assert (fixed[n] == 2).sum() < 0.8 * area <= 0.9 * area <= (followed[n] == 2).sum(), n
+    assert dice(followed == 2, truth == 2) >= dice(fixed == 2, truth == 2) + 0.05
+    assert dice(followed == 2, truth == 2) > 0.9
+    # drawn alone, a structure keeps the fixed crop (its edge ends chains sliding along a neighbour)
+    alone = np.where(truth == 2, 2, 0)
+    outputs = [propagate_through_slices(segmenter, volume, only_slice(alone, 4), axis="k",  # type: ignore[arg-type]
+                                        params=replace(PropagationParams(), crop_handoffs=handoffs))
+               for handoffs in (0, 3)]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_near_crop_edge_counts_only_sides_inside_the_slice() -> None:
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[10:20, 27:30] = True  # 2 pixels from the right side of the box (columns 5..31)
+    assert near_crop_edge(mask, SquareBox(5, 5, 27), (40, 40), margin=3)
+    assert not near_crop_edge(mask, SquareBox(5, 5, 27), (40, 40), margin=2)
+    assert not near_crop_edge(mask, SquareBox(5, 15, 27), (40, 40), margin=3)  # that side lies past the slice
+    assert not near_crop_edge(np.zeros((40, 40), dtype=bool), SquareBox(5, 5, 27), (40, 40), margin=3)
 
 
 def test_volume_mode_respects_the_slice_range_and_carries_label_values() -> None:
