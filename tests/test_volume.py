@@ -207,6 +207,45 @@ def test_volume_mode_transfer_finds_the_structure_in_another_study(self_propagat
     assert calls[-1] == (12, 12)
 
 
+def test_a_transfer_weighs_each_target_slice_by_the_reference_pseudo_labelled_grey_values(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import insid3_med.volume as volume_module
+
+    reference, reference_truth = synthetic_study()
+    target, target_truth = synthetic_study(shift=(1, 3, -4), seed=1)
+    segmenter = SimpleNamespace(backbone=GreyLevelBackbone())
+    histograms: list[tuple[list[int], np.ndarray]] = []
+    weighed: list[tuple[np.ndarray, float]] = []
+    real_histograms, real_likelihood = volume_module.labelled_intensity_histograms, volume_module.intensity_likelihood
+
+    def spy_histograms(anchors, images, values):  # noqa: ANN001, ANN202 - the wrapped function's own types
+        result = real_histograms(anchors, images, values)
+        histograms.append((sorted(anchors), result))
+        return result
+
+    def spy_likelihood(table, image, power):  # noqa: ANN001, ANN202
+        weighed.append((table, power))
+        return real_likelihood(table, image, power)
+
+    # only the target side calls them through insid3_med.volume (the reference's chain calls its own module's)
+    monkeypatch.setattr(volume_module, "labelled_intensity_histograms", spy_histograms)
+    monkeypatch.setattr(volume_module, "intensity_likelihood", spy_likelihood)
+    output = transfer_to_study(segmenter, reference, only_slice(reference_truth, 5), target,  # type: ignore[arg-type]
+                               axis="k", params=PropagationParams(random_walk_beta=None))
+    assert dice(output == 1, target_truth == 1) > 0.8
+    assert len(histograms) == 1
+    slices, table = histograms[0]
+    assert len(slices) >= 5 and 5 in slices  # the reference's pseudo-labelled slices, not only the drawn one
+    assert int(np.argmax(table[1])) >= 24 and int(np.argmax(table[0])) < 16  # bright structure, darker rest
+    assert len(weighed) >= len(labelled_slices(output, 0))  # every target slice the carried labels reach
+    assert all(t is table and power == 0.2 for t, power in weighed)
+    histograms.clear()
+    weighed.clear()
+    transfer_to_study(segmenter, reference, only_slice(reference_truth, 5), target,  # type: ignore[arg-type]
+                      axis="k", params=PropagationParams(random_walk_beta=None, intensity_likelihood=None))
+    assert not histograms and not weighed
+
+
 def test_independent_structures_on_one_labelled_slice_stay_in_one_crop(monkeypatch: pytest.MonkeyPatch) -> None:
     # One labelled slice with two structures: even with independent_structures the volume mode keeps one crop and
     # lets propagate_crops merge the structures by confidence; separate crops merged by the distance to their
