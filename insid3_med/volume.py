@@ -371,13 +371,14 @@ def _propagate_volume_mode(segmenter: OneShotSegmenter, stack: SliceStack, label
     chain_start, chain_stop = min(start, min(references)), max(stop, max(references) + 1)
     crops = propagate_crops(anchors, source.features, values, source.grid, params, start=chain_start,
                             stop=chain_stop, images=source.image, progress=step)
-    slices = {n: paste_square(crop, box, stack.model_shape) for n, crop in crops.items()}
+    followed = None  # slice index -> (H', W') labels where a structure left the crop, else the crops are pasted
     if params.crop_handoffs and len(values) > 1:
-        slices = follow_past_crop_edge(segmenter, stack, slices, anchors, source, values, params, chain_start,
-                                       chain_stop, batch_size)
+        followed = follow_past_crop_edge(segmenter, stack, crops, anchors, source, values, params, chain_start,
+                                         chain_stop, batch_size)
     output = np.zeros(labels.shape, dtype=np.int64)
-    for n, labels2d in slices.items():
+    for n in followed if followed is not None else crops:
         if start <= n < stop and n not in anchors:
+            labels2d = followed[n] if followed is not None else paste_square(crops[n], box, stack.model_shape)
             take_slice(output, axis, n)[...] = stack.to_native(labels2d)
     if params.fill_between_labelled and len(references) > 1:
         _fill_between_labelled(output, labels, axis, stack.volume, start, stop)
@@ -400,20 +401,21 @@ def near_crop_edge(mask: np.ndarray, box: SquareBox, shape: tuple[int, int], mar
                 or (right < shape[1] and cols.max() >= right - margin))
 
 
-def follow_past_crop_edge(segmenter: OneShotSegmenter, stack: SliceStack, slices: dict[int, np.ndarray],
+def follow_past_crop_edge(segmenter: OneShotSegmenter, stack: SliceStack, crops: Mapping[int, np.ndarray],
                           anchors: Mapping[int, np.ndarray], source: CropFeatures, values: Sequence[int],
                           params: PropagationParams, start: int, stop: int, batch_size: int) -> dict[int, np.ndarray]:
     """Follow structures that leave the chain's crop (``params.crop_handoffs``, ``params.handoff_margin``).
 
-    slices: slice index -> (H', W') model-grid labels of the joint chain in ``source.box``; anchors: the labelled
-    crops (slice index -> (S, S) labels in that box). Per structure and direction away from its labelled slices,
-    the first slice where its mask comes within the margin of the crop's side hands the chain off: beyond it the
-    structure's labels are dropped and chained again from that slice alone, in a box of the same side centred on
-    it, with the labelled crops kept in the context; the new chain's labels take the pixels no other structure
-    holds, and it may hand off again. Returns the updated slice index -> (H', W') int64 labels.
+    crops: slice index -> (S, S) labels of the joint chain in ``source.box``; anchors: the labelled crops (slice
+    index -> (S, S) labels in that box). Per structure and direction away from its labelled slices, the first slice
+    where its mask comes within the margin of the crop's side hands the chain off: beyond it the structure's labels
+    are dropped and chained again from that slice alone, in a box of the same side centred on it, with the labelled
+    crops kept in the context; the new chain's labels take the pixels no other structure holds, and it may hand off
+    again. Returns slice index -> (H', W') model-grid labels (the crops' compact dtype) of every slice reached.
     """
     shape = stack.model_shape
-    slices = {n: np.asarray(labels2d, dtype=np.int64) for n, labels2d in slices.items()}
+    slices = {n: paste_square(np.asarray(crop), source.box, shape) for n, crop in crops.items()}
+    dtype = label_dtype(values)
     margin = max(1, round(params.handoff_margin * source.box.side))
     for value in values:
         holders = [n for n in anchors if np.any(anchors[n] == value)]
@@ -444,7 +446,7 @@ def follow_past_crop_edge(segmenter: OneShotSegmenter, stack: SliceStack, slices
                                           stop=upper, images=moved.image, extra_context=context)
                 for n, crop in chained.items():
                     if n != index:
-                        labels2d = slices.setdefault(n, np.zeros(shape, dtype=np.int64))
+                        labels2d = slices.setdefault(n, np.zeros(shape, dtype=dtype))
                         labels2d[(paste_square(np.asarray(crop), box, shape) == value) & (labels2d == 0)] = value
     return slices
 
