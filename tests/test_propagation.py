@@ -23,6 +23,7 @@ from insid3_med.propagation import (
     labelled_intensity_histograms,
     majority_labels,
     neighbourhood_mask,
+    one_tissue_partners,
     params_from_settings,
     paste_square,
     patch_label_fractions,
@@ -383,6 +384,38 @@ def test_the_grey_value_likelihood_changes_the_decision_but_not_the_confidence()
     np.testing.assert_array_equal(decided, labels)
     assert not np.array_equal(without, labels)
     np.testing.assert_array_equal(plain[0], weighed[0])
+
+
+def test_one_tissue_partners_are_structures_that_touch_and_share_their_grey_values() -> None:
+    labels = np.zeros((SIDE, SIDE), dtype=np.int64)
+    labels[4:14, 4:14], labels[4:14, 14:24] = 1, 2  # 1 and 2 side by side, of one grey
+    labels[20:28, 4:12], labels[20:28, 20:28] = 3, 4  # 3 touches nothing; 4 has the grey of 1 and 2
+    labels[20:28, 12:20] = 5  # 5 touches 3 and 4 but is darker
+    image = np.where(np.isin(labels, [1, 2, 3, 4]), 0.7, np.where(labels == 5, 0.2, 0.5)).astype(np.float32)
+    partners = one_tissue_partners({0: labels}, lambda n: image, [1, 2, 3, 4, 5])
+    assert partners.dtype == bool and np.array_equal(partners, partners.T)
+    assert {(i + 1, j + 1) for i, j in zip(*np.nonzero(partners), strict=True) if i < j} == {(1, 2)}
+
+
+def test_parts_of_one_tissue_may_take_each_others_places_and_the_others_may_not() -> None:
+    # The features say structure 2 now lies where structure 1 lay on the previous slice.
+    labels = np.zeros((SIDE, SIDE), dtype=np.int64)
+    labels[8:24, 8:16] = 2
+    prior = np.zeros((SIDE, SIDE), dtype=np.int64)
+    prior[8:24, 8:16], prior[8:24, 16:24] = 1, 2
+    context = [ContextSlice(exact_features(labels, [1, 2]), patch_label_fractions(labels, [1, 2], GRID))]
+    target = exact_features(labels, [1, 2])
+    params = PropagationParams(refine_band=None, gate_sigma=0.02)
+    allowed = neighbourhood_mask(GRID, 2)
+    kept = label_slice(target, context, [1, 2], GRID, SIDE, params, allowed, prior=prior)
+    traded = label_slice(target, context, [1, 2], GRID, SIDE, params, allowed, prior=prior,
+                         partners=np.array([[False, True], [True, False]]))
+    assert np.mean(kept[labels == 2] == 2) < 0.2  # without partners 2 stays out of 1's place (its gate's rim aside)
+    assert np.mean(traded[labels == 2] == 2) > 0.9
+    union_params = PropagationParams(refine_band=None, gate_sigma=0.02, gate_union=True)
+    everyone = label_slice(target, context, [1, 2], GRID, SIDE, union_params, allowed, prior=prior,
+                           partners=np.zeros((2, 2), dtype=bool))
+    np.testing.assert_array_equal(everyone, traded)  # gate_union: every structure may, whatever the partners
 
 
 def test_the_labelled_slices_grey_values_keep_the_chain_off_tissue_of_another_grey() -> None:
