@@ -325,6 +325,13 @@ def region_of_interest(masks: Sequence[np.ndarray], crop_scale: float, min_fract
         raise ValueError("region_of_interest: every mask is empty")
     height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
     side = max(8, int(math.ceil(crop_scale * max(height, width))), int(math.ceil(min_fraction * max(union.shape))))
+    return square_box_around(union, side)
+
+
+def square_box_around(mask: np.ndarray, side: int) -> SquareBox:
+    """The square box of ``side`` pixels centred on the bounding box of the (H, W) ``mask``'s foreground (which
+    must hold some)."""
+    rows, cols = np.nonzero(mask)
     centre_row = (rows.min() + rows.max() + 1) / 2.0
     centre_col = (cols.min() + cols.max() + 1) / 2.0
     return SquareBox(int(round(centre_row - side / 2.0)), int(round(centre_col - side / 2.0)), side)
@@ -568,8 +575,8 @@ def label_slice(target: torch.Tensor, context: Sequence[ContextSlice], values: S
     (:func:`area_preserving_weights`); confidence: if given, the (S, S) probability of each pixel's decision is
     appended to it; likelihood: (L + 1, S, S) multipliers of the decision only (:func:`intensity_likelihood`): the
     confidence stays the features' own, so that the stop does not change with it; partners: (L, L) bool, the
-    structures that may take places inside each other's gated masks (:func:`one_tissue_partners`; ignored with
-    ``params.gate_union``, where every structure may).
+    structures that may take places inside each other's gated masks (:func:`one_tissue_partners`; with
+    ``params.gate_union`` every structure is every other's partner).
     """
     probabilities = transfer_labels(target, [c.features for c in context], [c.labels for c in context], allowed,
                                     params.top_k, params.temperature)
@@ -579,14 +586,16 @@ def label_slice(target: torch.Tensor, context: Sequence[ContextSlice], values: S
     sigma = params.gate_sigma if gate_sigma is None else gate_sigma
     if prior is not None and sigma is not None:
         gate = spatial_gate(prior, values, sigma * side)
-        if params.gate_union and len(values) > 1:  # structures may trade places inside the previous ones' union
-            gate[1:] = torch.maximum(gate[1:], spatial_gate((prior > 0).astype(np.int64), [1], sigma * side)[1])
-        elif partners is not None:  # only the parts of one tissue trade places, inside their own union
+        if params.gate_union:  # every structure is every other's partner
+            partners = np.ones((len(values), len(values)), dtype=bool)
+        if partners is not None:  # a structure may take any place inside its partners' and its previous union
+            unions: dict[tuple[int, ...], torch.Tensor] = {}
             for i in range(len(values)):
-                group = [values[j] for j in range(len(values)) if partners[i, j] or i == j]
+                group = tuple(values[j] for j in range(len(values)) if partners[i, j] or i == j)
                 if len(group) > 1:
-                    union = spatial_gate(np.isin(prior, group).astype(np.int64), [1], sigma * side)[1]
-                    gate[i + 1] = torch.maximum(gate[i + 1], union)
+                    if group not in unions:
+                        unions[group] = spatial_gate(np.isin(prior, group).astype(np.int64), [1], sigma * side)[1]
+                    gate[i + 1] = torch.maximum(gate[i + 1], unions[group])
         pixels = pixels * gate
     if params.refine_band is not None and image is not None:
         pixels = pixels / pixels.sum(dim=0, keepdim=True).clamp_min(1e-12)

@@ -48,6 +48,7 @@ from insid3_med.propagation import (
     patch_side,
     propagate_crops,
     region_of_interest,
+    square_box_around,
     structure_groups,
 )
 from insid3_med.refinement import boundary_box, refine_boundaries, walk_calibration
@@ -432,10 +433,7 @@ def follow_past_crop_edge(segmenter: OneShotSegmenter, stack: SliceStack, crops:
                 for n, labels2d in slices.items():
                     if (n - index) * step > 0:
                         labels2d[labels2d == value] = 0
-                rows, cols = np.nonzero(slices[index] == value)
-                side = source.box.side
-                box = SquareBox(round((rows.min() + rows.max() + 1 - side) / 2), round((cols.min() + cols.max() + 1 -
-                                                                                         side) / 2), side)
+                box = square_box_around(slices[index] == value, source.box.side)
                 if not context:
                     context = [ContextSlice(source.features(n), patch_label_fractions(
                         np.where(anchors[n] == value, value, 0), [value], source.grid)) for n in holders]
