@@ -17,7 +17,8 @@ How it is computed (exact, vectorised torch, any device; float64 by default):
   distances > t): it is retired, and the matrix is compacted as clusters disappear.
 Cost: one N x N float64 matrix (128 MiB at N = 4096), a Gram product on half of it, then O(N^2) memory traffic
 over typically a few tens of rounds (one merge per round in the worst case, e.g. points on a line with growing
-gaps). On the CPU all but the Gram product run on one thread (see ``_single_threaded``).
+gaps). On the CPU all but the Gram product run on one thread (see ``_single_threaded``). The rounds run on the CPU
+by default even for GPU features, where they are latency-bound (``resolve_merge_device``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["average_linkage_clusters", "average_linkage_clusters_from_distances", "cosine_distance_matrix"]
+__all__ = ["average_linkage_clusters", "average_linkage_clusters_from_distances", "cosine_distance_matrix",
+           "resolve_merge_device"]
 
 # Compact the working matrix once the clusters still able to merge fall below this fraction of its side.
 _COMPACT_FRACTION = 0.75
@@ -190,22 +192,44 @@ def _unique_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def average_linkage_clusters(
-    features: torch.Tensor, distance_threshold: float = 0.4, *, dtype: torch.dtype | None = None
+    features: torch.Tensor, distance_threshold: float = 0.4, *, dtype: torch.dtype | None = None,
+    merge_device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """Average-linkage clusters of feature vectors under distance 1 - cosine, cut at ``distance_threshold``.
 
     features: (N, C) L2-normalised rows (any float dtype, any device; rows are renormalised in the working
     precision so that the distance is exactly 1 - cosine). distance_threshold: merges at heights <= it are kept
     (scipy's ``fcluster(..., criterion="distance")``). dtype: working precision (default float64, the exact
-    choice; float32 halves memory and time, ties at the 1e-7 level may then resolve differently).
-    Returns (N,) int64 cluster ids numbered 0..K-1 in order of first appearance, on the features' device.
+    choice; float32 halves memory and time, ties at the 1e-7 level may then resolve differently). merge_device:
+    where the merge rounds run (default: see ``resolve_merge_device``); the distances are computed on the
+    features' device either way. Returns (N,) int64 cluster ids numbered 0..K-1 in order of first appearance, on
+    the features' device.
     """
     t = _check_threshold(distance_threshold)
     with _single_threaded(features.device if isinstance(features, torch.Tensor) else torch.device("cpu")):
-        return _clusters_of_features(features, t, dtype)
+        return _clusters_of_features(features, t, dtype, merge_device)
 
 
-def _clusters_of_features(features: torch.Tensor, t: float, dtype: torch.dtype | None) -> torch.Tensor:
+def resolve_merge_device(data_device: torch.device, merge_device: str | torch.device | None = None) -> torch.device:
+    """Where the merge rounds run: ``merge_device`` if given, else the CPU.
+
+    The rounds are latency-bound: each is a few dozen small operations and a few host synchronisations on an
+    N x N matrix. The clustering stage of a random-weight DINOv3 ViT-S/16 episode at 512 px (N = 1024; 139
+    rounds) took 0.26 to 0.32 s on an H200, about 2 ms a round, and 0.08 s on 2 CPU cores for the same features;
+    at 1024 px (N = 4096) the GPU took 0.66 to 0.76 s and the CPU 0.55 s (``reports/performance/README.md``).
+    So a GPU input has its distances computed on the GPU, then merged on the CPU. ``data_device``: the input's
+    device (a ``merge_device`` of its type without an index means that very device).
+    """
+    if merge_device is None:
+        return torch.device("cpu")
+    where = torch.device(merge_device)
+    if where.type == data_device.type and where.index is None:
+        return data_device
+    return where
+
+
+def _clusters_of_features(features: torch.Tensor, t: float, dtype: torch.dtype | None,
+                          merge_device: str | torch.device | None = None) -> torch.Tensor:
     _check_features(features)
     n = features.shape[0]
     if n == 1:
@@ -215,22 +239,24 @@ def _clusters_of_features(features: torch.Tensor, t: float, dtype: torch.dtype |
     # distinct row once, weighted by its count, gives the same dendrogram above height 0.
     duplicates = _unique_rows(x) if t >= 0 else None
     if duplicates is None:
-        return _cluster_in_place(_distances_of_unit_rows(x), t)
+        return _cluster_in_place(_distances_of_unit_rows(x), t, merge_device=merge_device)
     unique, inverse, counts = duplicates
     if unique.shape[0] == 1:
         return torch.zeros(n, dtype=torch.int64, device=features.device)
-    unique_labels = _cluster_in_place(_distances_of_unit_rows(unique), t, counts.to(unique.dtype))
+    unique_labels = _cluster_in_place(_distances_of_unit_rows(unique), t, counts.to(unique.dtype),
+                                      merge_device=merge_device)
     return _labels_in_order_of_appearance(unique_labels[inverse])
 
 
 def average_linkage_clusters_from_distances(
-    distances: torch.Tensor, distance_threshold: float, *, dtype: torch.dtype | None = None
+    distances: torch.Tensor, distance_threshold: float, *, dtype: torch.dtype | None = None,
+    merge_device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """Average-linkage clusters from a full distance matrix, cut at ``distance_threshold``.
 
     distances: (N, N) symmetric (to a relative 1e-6; its upper triangle is used), zero diagonal, finite (any
-    float dtype, any device; not modified). Returns (N,) int64 cluster ids numbered 0..K-1 in order of first
-    appearance, on the same device.
+    float dtype, any device; not modified). merge_device: as for ``average_linkage_clusters``. Returns (N,)
+    int64 cluster ids numbered 0..K-1 in order of first appearance, on the same device.
     """
     if not isinstance(distances, torch.Tensor):
         raise ClusteringInputError(f"distances must be a torch.Tensor, got {type(distances).__name__}")
@@ -242,10 +268,11 @@ def average_linkage_clusters_from_distances(
         raise ClusteringInputError(f"distances must be floating point, got {distances.dtype}")
     t = _check_threshold(distance_threshold)
     with _single_threaded(distances.device):
-        return _clusters_of_distances(distances, t, dtype)
+        return _clusters_of_distances(distances, t, dtype, merge_device)
 
 
-def _clusters_of_distances(distances: torch.Tensor, t: float, dtype: torch.dtype | None) -> torch.Tensor:
+def _clusters_of_distances(distances: torch.Tensor, t: float, dtype: torch.dtype | None,
+                           merge_device: str | torch.device | None = None) -> torch.Tensor:
     d = distances.to(_working_dtype(distances, dtype))
     if not bool(torch.isfinite(d).all()):
         raise ClusteringInputError("distances contain NaN or infinite values")
@@ -258,7 +285,7 @@ def _clusters_of_distances(distances: torch.Tensor, t: float, dtype: torch.dtype
         return torch.zeros(1, dtype=torch.int64, device=distances.device)
     work = torch.triu(d, diagonal=1)  # a fresh copy, made exactly symmetric below
     work += work.T.clone()
-    return _cluster_in_place(work, t)
+    return _cluster_in_place(work, t, merge_device=merge_device)
 
 
 def _labels_in_order_of_appearance(root: torch.Tensor) -> torch.Tensor:
@@ -425,7 +452,18 @@ def _compact_in_place(flat: torch.Tensor, side: int, keep: torch.Tensor, chunk: 
     return flat[: m * m].view(m, m)
 
 
-def _cluster_in_place(dist: torch.Tensor, t: float, size: torch.Tensor | None = None) -> torch.Tensor:
+def _cluster_in_place(dist: torch.Tensor, t: float, size: torch.Tensor | None = None, *,
+                      merge_device: str | torch.device | None = None) -> torch.Tensor:
+    """``_merge_rounds`` on ``resolve_merge_device``; the (N,) ids come back on ``dist``'s device."""
+    where = resolve_merge_device(dist.device, merge_device)
+    if where == dist.device:
+        return _merge_rounds(dist, t, size)
+    with _single_threaded(where):
+        labels = _merge_rounds(dist.to(where), t, None if size is None else size.to(where))
+    return labels.to(dist.device)
+
+
+def _merge_rounds(dist: torch.Tensor, t: float, size: torch.Tensor | None = None) -> torch.Tensor:
     """Average-linkage clusters cut at t from a working distance matrix.
 
     dist: (N, N) contiguous, exactly symmetric, N >= 2; its storage is reused (overwritten). size: (N,) initial

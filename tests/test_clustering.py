@@ -16,6 +16,7 @@ from insid3_med.clustering import (
     average_linkage_clusters,
     average_linkage_clusters_from_distances,
     cosine_distance_matrix,
+    resolve_merge_device,
 )
 
 
@@ -295,6 +296,23 @@ def test_cuda_matches_cpu_and_scipy() -> None:
     assert same_partition(average_linkage_clusters(features.cuda(), 0.4, dtype=torch.float32).cpu(), reference)
     distances = cosine_distance_matrix(features.cuda())
     assert same_partition(average_linkage_clusters_from_distances(distances, 0.4).cpu(), reference)
+    # The merge rounds run on the CPU by default; on the GPU when asked, with the same partition.
+    on_gpu_rounds = average_linkage_clusters(features.cuda(), 0.4, merge_device="cuda")
+    assert on_gpu_rounds.device.type == "cuda" and torch.equal(on_gpu_rounds, on_gpu)
+    from_distances = average_linkage_clusters_from_distances(distances, 0.4, merge_device="cuda")
+    assert same_partition(from_distances.cpu(), reference)
+
+
+def test_merge_rounds_run_on_the_cpu_unless_a_device_is_named() -> None:
+    cuda, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert resolve_merge_device(cuda) == torch.device("cpu")  # the rounds are latency-bound on a GPU
+    assert resolve_merge_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_merge_device(cuda1, "cuda") == cuda1  # a bare "cuda" means the input's own GPU
+    assert resolve_merge_device(cuda1, "cuda:0") == cuda
+    assert resolve_merge_device(cuda, "cpu") == torch.device("cpu")
+    features = planted_clusters(300, 16, 6, spread=0.8, seed=3)
+    assert torch.equal(average_linkage_clusters(features, 0.4, merge_device="cpu"),
+                       average_linkage_clusters(features, 0.4))
 
 
 def test_thread_setting_is_restored() -> None:
