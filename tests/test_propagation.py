@@ -32,6 +32,8 @@ from insid3_med.propagation import (
     region_of_interest,
     registration_shrink,
     spatial_gate,
+    split_by_part_boundary,
+    straight_part_boundary,
     structure_groups,
     tracked_gate_centre,
     transfer_labels,
@@ -395,6 +397,34 @@ def test_one_tissue_partners_are_structures_that_touch_and_share_their_grey_valu
     partners = one_tissue_partners({0: labels}, lambda n: image, [1, 2, 3, 4, 5])
     assert partners.dtype == bool and np.array_equal(partners, partners.T)
     assert {(i + 1, j + 1) for i, j in zip(*np.nonzero(partners), strict=True) if i < j} == {(1, 2)}
+
+
+def test_the_straight_boundary_between_two_parts_separates_them_and_weighs_a_small_part_as_much() -> None:
+    labels = np.zeros((40, 40), dtype=np.int64)
+    labels[disk((40, 40), (20, 20), 15)] = 1
+    labels[(labels == 1) & (np.arange(40)[None, :] + 0.5 * np.arange(40)[:, None] > 38)] = 2  # an oblique cut
+    line = straight_part_boundary(labels, 1, 2)
+    assert line is not None
+    other = labels.copy()
+    other[other > 0] = 2  # the whole union given to one part, as a drifting chain might
+    split_by_part_boundary(other, 1, 2, line)
+    np.testing.assert_array_equal(other, labels)
+    small = labels.copy()
+    small[(small == 2) & (np.arange(40)[None, :] < 31)] = 1  # part 2 keeps a sliver of the disc
+    assert 0 < np.count_nonzero(small == 2) < 0.1 * np.count_nonzero(small)
+    line = straight_part_boundary(small, 1, 2)
+    assert line is not None  # balanced: the sliver still gets its own side
+    resplit = small.copy()
+    split_by_part_boundary(resplit, 1, 2, line)
+    assert np.mean(resplit[small == 2] == 2) > 0.9 and np.mean(resplit[small == 1] == 1) > 0.9
+
+
+def test_no_straight_boundary_where_a_part_is_missing_or_a_line_cannot_follow_it() -> None:
+    ring = np.zeros((40, 40), dtype=np.int64)
+    ring[disk((40, 40), (20, 20), 15)] = 2
+    ring[disk((40, 40), (20, 20), 8)] = 1  # a disc inside a ring: no line separates them
+    assert straight_part_boundary(ring, 1, 2) is None
+    assert straight_part_boundary(np.where(ring == 1, 1, 0), 1, 2) is None
 
 
 def test_parts_of_one_tissue_may_take_each_others_places_and_the_others_may_not() -> None:

@@ -584,3 +584,33 @@ def test_real_hippocampus_between_labelled_slices_the_interpolated_shape_is_kept
     np.testing.assert_array_equal(output[slices], given[slices])
     assert (output[chain_only == 1] == 1).all()  # the fill only adds
     assert dice(output > 0, truth > 0) >= dice(chain_only > 0, truth > 0) - 0.01
+
+
+def test_parts_of_one_tissue_are_split_by_the_boundary_drawn_between_them() -> None:
+    from insid3_med.imaging.intensity import intensity_mapping
+    from insid3_med.volume import SliceStack, split_one_tissue_parts
+
+    # Two bars across 8 slices, drawn on slice 3: the upper one, of one grey, as part 1 (left) and part 2 (right);
+    # the lower one as 3 (left) and 4 (right), which touch but differ in grey, so they are not parts of one tissue.
+    rng = np.random.default_rng(0)
+    array = 0.2 + 0.02 * rng.standard_normal((8, 48, 64))
+    left, right = np.arange(64)[None, :] < 30, np.arange(64)[None, :] >= 30
+    upper, lower = np.zeros((48, 64), dtype=bool), np.zeros((48, 64), dtype=bool)
+    upper[8:18, 8:56], lower[30:40, 8:56] = True, True
+    array[:, upper] = 0.7
+    array[:, lower & left], array[:, lower & right] = 0.7, 0.45
+    volume = Volume(array.astype(np.float32), Geometry(spacing=(1.0, 1.0, 2.0)), modality="MR")
+    drawn = np.zeros((8, 48, 64), dtype=np.int64)
+    drawn[3][upper & left], drawn[3][upper & right] = 1, 2
+    drawn[3][lower & left], drawn[3][lower & right] = 3, 4
+    chained = np.zeros_like(drawn)
+    chained[:, upper], chained[:, lower] = 1, 3  # a chain whose first part took each whole bar on every slice
+    chained[3] = drawn[3]
+    stack = SliceStack(volume, 0, intensity_mapping(volume, None))
+    split = split_one_tissue_parts(chained.copy(), stack, drawn, [3], PropagationParams())
+    for n in range(8):
+        np.testing.assert_array_equal(split[n][upper], drawn[3][upper])  # the drawn boundary, on every slice
+    np.testing.assert_array_equal(np.delete(split, 3, 0)[:, lower], np.delete(chained, 3, 0)[:, lower])
+    assert np.array_equal(split > 0, chained > 0)  # the union is kept
+    off = split_one_tissue_parts(chained.copy(), stack, drawn, [3], PropagationParams(split_one_tissue_parts=False))
+    np.testing.assert_array_equal(off, chained)
