@@ -691,7 +691,7 @@ def straight_part_boundary(labels: np.ndarray, a: int, b: int, min_accuracy: flo
         return None
     rows, cols = np.nonzero(inside_a | inside_b)
     is_a = inside_a[rows, cols]
-    design = np.stack([rows, cols, np.ones_like(rows)], axis=1).astype(np.float64)
+    design = _pixel_design(rows, cols)
     weight = np.sqrt(np.where(is_a, 1.0 / count_a, 1.0 / count_b))
     w = np.linalg.lstsq(design * weight[:, None], np.where(is_a, 1.0, -1.0) * weight, rcond=None)[0]
     # The offset: a cut between consecutive projections, keeping the most of each part on its side.
@@ -713,8 +713,12 @@ def split_by_part_boundary(labels: np.ndarray, a: int, b: int, w: np.ndarray) ->
     """Give every pixel of parts ``a`` or ``b`` on the (H, W) slice ``labels`` the part on its side of the line ``w``
     (:func:`straight_part_boundary`), in place."""
     rows, cols = np.nonzero((labels == a) | (labels == b))
-    side = np.stack([rows, cols, np.ones_like(rows)], axis=1).astype(np.float64) @ w > 0
-    labels[rows, cols] = np.where(side, a, b)
+    labels[rows, cols] = np.where(_pixel_design(rows, cols) @ w > 0, a, b)
+
+
+def _pixel_design(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(P,) pixel rows and columns -> (P, 3) float64 rows (row, column, 1) of a line's equation."""
+    return np.stack([rows, cols, np.ones_like(rows)], axis=1).astype(np.float64)
 
 
 def most_probable_labels(probabilities: torch.Tensor, values: Sequence[int]) -> np.ndarray:

@@ -453,50 +453,31 @@ def follow_past_crop_edge(segmenter: OneShotSegmenter, stack: SliceStack, crops:
     return slices
 
 
-def one_tissue_pairs(stack: SliceStack, labels: np.ndarray, references: Sequence[int]) -> list[tuple[int, int]]:
-    """The pairs of label values (a < b) drawn on the labelled slices ``references`` of ``labels`` that look like
-    parts of one tissue there (:func:`insid3_med.propagation.one_tissue_partners`)."""
-    values = sorted({int(v) for n in references for v in np.unique(take_slice(labels, stack.axis, n)) if v > 0})
-    if len(values) < 2:
-        return []
-    partners = one_tissue_partners({n: stack.labels(labels, n) for n in references},
-                                   lambda n: stack.image(n)[..., 0], values)
-    return [(values[i], values[j]) for i, j in zip(*np.nonzero(np.triu(partners, 1)), strict=True)]
-
-
-def split_by_drawn_boundaries(output: np.ndarray, axis: int, boundaries: np.ndarray, pairs: Sequence[tuple[int, int]],
-                              keep_slices: Sequence[int] = ()) -> np.ndarray:
-    """Split the pixels of each pair of ``pairs`` on every slice of the (K, J, I) ``output`` (but ``keep_slices``)
-    between the two, by the straight boundary between them on the nearest slice of ``boundaries`` (same grid) that
-    holds both and that a line separates (:func:`insid3_med.propagation.straight_part_boundary`). Their union is
-    kept. In place; returned."""
-    for a, b in pairs:
-        holders = [n for n in range(boundaries.shape[axis])
-                   if np.any(take_slice(boundaries, axis, n) == a) and np.any(take_slice(boundaries, axis, n) == b)]
-        lines = {n: line for n in holders
-                 if (line := straight_part_boundary(take_slice(boundaries, axis, n), a, b)) is not None}
-        if not lines:
-            continue
-        for k in range(output.shape[axis]):
-            if k not in keep_slices:
-                nearest = min(lines, key=lambda n: (abs(n - k), n))
-                split_by_part_boundary(take_slice(output, axis, k), a, b, lines[nearest])
-    return output
-
-
 def split_one_tissue_parts(output: np.ndarray, stack: SliceStack, labels: np.ndarray, references: Sequence[int],
                            params: PropagationParams) -> np.ndarray:
     """``params.split_one_tissue_parts``: the (K, J, I) chain ``output`` with the pixels of every pair of parts of
-    one tissue (:func:`one_tissue_pairs`) split between the two, on each slice but the labelled ``references``, by
-    the straight boundary drawn between them on the nearest labelled slice holding both
-    (:func:`split_by_drawn_boundaries`). In place; returned."""
+    one tissue (:func:`insid3_med.propagation.one_tissue_partners` on the labelled slices ``references`` of
+    ``labels``) split between the two, on each slice but the labelled ones, by the straight boundary drawn between
+    them on the nearest labelled slice that holds both and that a line separates
+    (:func:`insid3_med.propagation.straight_part_boundary`). Their union is kept. In place; returned."""
     if not params.split_one_tissue_parts:
         return output
-    drawn = np.zeros_like(labels)
-    for n in references:
-        take_slice(drawn, stack.axis, n)[...] = take_slice(labels, stack.axis, n)
-    return split_by_drawn_boundaries(output, stack.axis, drawn, one_tissue_pairs(stack, labels, references),
-                                     references)
+    drawn = {n: take_slice(labels, stack.axis, n) for n in references}
+    values = sorted({int(v) for lab in drawn.values() for v in np.unique(lab) if v > 0})
+    if len(values) < 2:
+        return output
+    partners = one_tissue_partners({n: stack.labels(labels, n) for n in references},
+                                   lambda n: stack.image(n)[..., 0], values)
+    for i, j in zip(*np.nonzero(np.triu(partners, 1)), strict=True):
+        a, b = values[i], values[j]
+        lines = {n: line for n, lab in drawn.items() if (line := straight_part_boundary(lab, a, b)) is not None}
+        if not lines:
+            continue
+        for k in range(output.shape[stack.axis]):
+            if k not in drawn:
+                nearest = min(lines, key=lambda n: (abs(n - k), n))
+                split_by_part_boundary(take_slice(output, stack.axis, k), a, b, lines[nearest])
+    return output
 
 
 def refine_volume_boundaries(labels: np.ndarray, stack: SliceStack, keep_slices: Sequence[int],

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_volume import GreyLevelBackbone, drifting_pair, only_slice, synthetic_study
+from test_volume import GreyLevelBackbone, dice, drifting_pair, only_slice, synthetic_study
 
 from insid3_med.backbones import BACKBONES, Backbone, DINOv3ViT
 from insid3_med.predictor import OneShotSegmenter
@@ -30,11 +30,6 @@ class GreyLevelOnDevice(GreyLevelBackbone):
 
     def encode(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         return super().encode(images.to(self.device, torch.float32), batch_size)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum() + b.sum())
-    return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total
 
 
 def both_devices(run) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
