@@ -118,10 +118,10 @@ class PropagationParams:
         largest union, every volume): see the README. Applies before the 3D walk, to every chain including a
         transfer's reference chain.
     split_parts_in_chain: with ``split_one_tissue_parts``, each chained slice is split that way too, by the line of
-        the nearest chain anchor that draws one, before it serves as the next slice's gate and context, while both
-        parts are still chained. A part drawn small on the labelled slice then grows where the tissue crosses the
-        line, instead of being outvoted by its partner and dying out. Measured (harness, every structure drawn on
-        the slice of largest union, every volume): hippocampus 0.7845 -> 0.7981 (see the README).
+        the nearest chain anchor that draws one for the pair, before it serves as the next slice's gate and
+        context, while both parts are still chained. A part drawn small on the labelled slice then grows where the
+        tissue crosses the line, instead of being outvoted by its partner and dying out. Measured (harness, every
+        structure drawn on the slice of largest union, every volume): hippocampus 0.7845 -> 0.7981 (see the README).
     area_calibration: weigh each structure so that the patch-grid round trip keeps its area on the labelled slice
         (:func:`area_preserving_weights`); helps structures thinner than a patch, hurts others (measured: off).
     crop_handoffs, handoff_margin: where several structures are drawn on one slice and chained together, a
@@ -902,13 +902,13 @@ def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource,
     histograms = None
     if params.intensity_likelihood is not None and images is not None:
         histograms = labelled_intensity_histograms(anchors, images, values)
-    part_lines: dict[int, list[tuple[int, int, np.ndarray]]] = {}  # anchor -> (part, part, line) of its pairs
+    part_lines: dict[tuple[int, int], dict[int, np.ndarray]] = {}  # (part, part) -> anchor -> the line drawn there
     if params.split_one_tissue_parts and params.split_parts_in_chain and partners is not None:
-        pairs = [(values[i], values[j]) for i, j in zip(*np.nonzero(np.triu(partners, 1)), strict=True)]
-        for n, lab in anchors.items():
-            lines = [(a, b, w) for a, b in pairs if (w := straight_part_boundary(np.asarray(lab), a, b)) is not None]
+        for i, j in zip(*np.nonzero(np.triu(partners, 1)), strict=True):
+            lines = {n: w for n, lab in anchors.items()
+                     if (w := straight_part_boundary(np.asarray(lab), values[i], values[j])) is not None}
             if lines:
-                part_lines[n] = lines
+                part_lines[values[i], values[j]] = lines
     for anchor, step, last, neighbour in _chain_order(list(anchors), start, stop):
         if (last - anchor) * step < 0:
             continue
@@ -946,10 +946,9 @@ def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource,
                                  confidence=decided, likelihood=likelihood, partners=partners)
             if keep_confidence:
                 confidences[index] = decided[0]
-            if part_lines:
-                for a, b, w in part_lines[min(part_lines, key=lambda n: (abs(n - index), n))]:
-                    if a in active and b in active:
-                        split_by_part_boundary(labels, a, b, w)
+            for (a, b), lines in part_lines.items():
+                if a in active and b in active:  # the line of the nearest anchor that draws one
+                    split_by_part_boundary(labels, a, b, lines[min(lines, key=lambda n: (abs(n - index), n))])
             for v in list(active):
                 area = np.count_nonzero(labels == v)
                 confidence = float(decided[0][labels == v].mean()) if area else 0.0

@@ -554,3 +554,29 @@ def test_tracked_gate_follows_a_structure_that_moves_faster_than_a_tight_gate_al
 
     tracked, untracked = dice_far_out(True), dice_far_out(False)
     assert tracked > 0.7 and untracked < 0.1, (tracked, untracked)
+
+
+def test_each_chained_slice_is_split_by_the_boundary_drawn_between_parts_of_one_tissue() -> None:
+    # One bar of one grey drifting a pixel right per slice, drawn on slice 0 as part 1 left of column 16 and part 2
+    # (small: 36 pixels against 168) right of it. The features see one tissue, so the part drawn small is outvoted
+    # on the next slice unless each chained slice is split by the drawn line, when it grows as the bar crosses it.
+    truth, images = {}, {}
+    for n in range(8):
+        tissue = np.zeros((SIDE, SIDE), dtype=bool)
+        tissue[10:22, 2 + n : 19 + n] = True
+        truth[n] = np.where(tissue, np.where(np.arange(SIDE) < 16, 1, 2), 0)
+        images[n] = np.where(tissue, 0.6, 0.15).astype(np.float32)
+
+    def features(n: int) -> torch.Tensor:
+        return exact_features((truth[n] > 0).astype(np.int64), [1])
+
+    def run(split: bool) -> dict[int, np.ndarray]:
+        params = PropagationParams(refine_band=None, split_parts_in_chain=split)
+        return propagate_crops({0: truth[0]}, features, [1, 2], GRID, params, start=0, stop=8, images=images.get)
+
+    split, after_only = run(True), run(False)
+    for n in range(1, 5):  # while both parts are chained: each labelled pixel on its part's side of the line
+        assert not (split[n][:, :16] == 2).any() and not (split[n][:, 16:] == 1).any()
+        assert np.mean(split[n][truth[n] == 2] == 2) > 0.95
+    assert all((split[n] == 2).any() for n in range(8))
+    assert not any((after_only[n] == 2).any() for n in range(1, 8))  # the chain alone loses the small part
