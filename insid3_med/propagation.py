@@ -722,6 +722,27 @@ def split_by_part_boundary(labels: np.ndarray, a: int, b: int, w: np.ndarray) ->
     labels[rows, cols] = np.where(_pixel_design(rows, cols) @ w > 0, a, b)
 
 
+def part_boundaries(drawn: Mapping[int, np.ndarray], values: Sequence[int], partners: np.ndarray
+                    ) -> dict[tuple[int, int], dict[int, np.ndarray]]:
+    """The straight boundaries drawn between parts of one tissue: for each pair (a, b) of ``values`` that
+    ``partners`` ((L, L) bool, :func:`one_tissue_partners`) pairs, the line (:func:`straight_part_boundary`) on each
+    labelled slice of ``drawn`` (slice index -> (H, W) labels) that a line separates. Pairs no slice separates are
+    left out."""
+    boundaries: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+    for i, j in zip(*np.nonzero(np.triu(partners, 1)), strict=True):
+        a, b = values[i], values[j]
+        lines = {n: w for n, lab in drawn.items() if (w := straight_part_boundary(np.asarray(lab), a, b)) is not None}
+        if lines:
+            boundaries[a, b] = lines
+    return boundaries
+
+
+def nearest_line(lines: Mapping[int, np.ndarray], index: int) -> np.ndarray:
+    """The line of ``lines`` (labelled slice index -> line) drawn on the slice nearest ``index``; of two at the same
+    distance, the one on the lower slice."""
+    return lines[min(lines, key=lambda n: (abs(n - index), n))]
+
+
 def _pixel_design(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """(P,) pixel rows and columns -> (P, 3) float64 rows (row, column, 1) of a line's equation."""
     return np.stack([rows, cols, np.ones_like(rows)], axis=1).astype(np.float64)
@@ -904,11 +925,7 @@ def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource,
         histograms = labelled_intensity_histograms(anchors, images, values)
     part_lines: dict[tuple[int, int], dict[int, np.ndarray]] = {}  # (part, part) -> anchor -> the line drawn there
     if params.split_one_tissue_parts and params.split_parts_in_chain and partners is not None:
-        for i, j in zip(*np.nonzero(np.triu(partners, 1)), strict=True):
-            lines = {n: w for n, lab in anchors.items()
-                     if (w := straight_part_boundary(np.asarray(lab), values[i], values[j])) is not None}
-            if lines:
-                part_lines[values[i], values[j]] = lines
+        part_lines = part_boundaries(anchors, values, partners)
     for anchor, step, last, neighbour in _chain_order(list(anchors), start, stop):
         if (last - anchor) * step < 0:
             continue
@@ -948,7 +965,7 @@ def _propagate_chain(anchors: Mapping[int, np.ndarray], features: FeatureSource,
                 confidences[index] = decided[0]
             for (a, b), lines in part_lines.items():
                 if a in active and b in active:  # the line of the nearest anchor that draws one
-                    split_by_part_boundary(labels, a, b, lines[min(lines, key=lambda n: (abs(n - index), n))])
+                    split_by_part_boundary(labels, a, b, nearest_line(lines, index))
             for v in list(active):
                 area = np.count_nonzero(labels == v)
                 confidence = float(decided[0][labels == v].mean()) if area else 0.0

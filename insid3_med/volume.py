@@ -42,8 +42,10 @@ from insid3_med.propagation import (
     labelled_intensity_histograms,
     majority_labels,
     model_input_size,
+    nearest_line,
     neighbourhood_mask,
     one_tissue_partners,
+    part_boundaries,
     paste_square,
     patch_label_fractions,
     patch_side,
@@ -51,7 +53,6 @@ from insid3_med.propagation import (
     region_of_interest,
     split_by_part_boundary,
     square_box_around,
-    straight_part_boundary,
     structure_groups,
 )
 from insid3_med.refinement import boundary_box, refine_boundaries, walk_calibration
@@ -468,15 +469,10 @@ def split_one_tissue_parts(output: np.ndarray, stack: SliceStack, labels: np.nda
         return output
     partners = one_tissue_partners({n: stack.labels(labels, n) for n in references},
                                    lambda n: stack.image(n)[..., 0], values)
-    for i, j in zip(*np.nonzero(np.triu(partners, 1)), strict=True):
-        a, b = values[i], values[j]
-        lines = {n: line for n, lab in drawn.items() if (line := straight_part_boundary(lab, a, b)) is not None}
-        if not lines:
-            continue
+    for (a, b), lines in part_boundaries(drawn, values, partners).items():
         for k in range(output.shape[stack.axis]):
             if k not in drawn:
-                nearest = min(lines, key=lambda n: (abs(n - k), n))
-                split_by_part_boundary(take_slice(output, stack.axis, k), a, b, lines[nearest])
+                split_by_part_boundary(take_slice(output, stack.axis, k), a, b, nearest_line(lines, k))
     return output
 
 

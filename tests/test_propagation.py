@@ -22,9 +22,11 @@ from insid3_med.propagation import (
     label_slice,
     labelled_intensity_histograms,
     majority_labels,
+    nearest_line,
     neighbourhood_mask,
     one_tissue_partners,
     params_from_settings,
+    part_boundaries,
     paste_square,
     patch_label_fractions,
     propagate_crops,
@@ -425,6 +427,24 @@ def test_no_straight_boundary_where_a_part_is_missing_or_a_line_cannot_follow_it
     ring[disk((40, 40), (20, 20), 8)] = 1  # a disc inside a ring: no line separates them
     assert straight_part_boundary(ring, 1, 2) is None
     assert straight_part_boundary(np.where(ring == 1, 1, 0), 1, 2) is None
+
+
+def test_the_boundaries_drawn_are_kept_per_pair_of_partners_and_the_nearest_slice_draws() -> None:
+    left_right = np.zeros((20, 20), dtype=np.int64)
+    left_right[5:15, 4:10], left_right[5:15, 10:16] = 1, 2  # a vertical cut
+    top_bottom = np.zeros((20, 20), dtype=np.int64)
+    top_bottom[4:10, 5:15], top_bottom[10:16, 5:15] = 1, 2  # a horizontal cut
+    one_part = np.where(left_right > 0, 1, 0)  # part 2 absent: no line here
+    partners = np.array([[False, True, False], [True, False, False], [False, False, False]])
+    boundaries = part_boundaries({2: left_right, 9: top_bottom, 5: one_part}, [1, 2, 3], partners)
+    assert list(boundaries) == [(1, 2)] and sorted(boundaries[1, 2]) == [2, 9]
+    assert part_boundaries({2: left_right}, [1, 2, 3], np.zeros((3, 3), dtype=bool)) == {}
+    for index, drawn in ((0, left_right), (5, left_right), (6, top_bottom), (12, top_bottom)):
+        union = np.where(drawn > 0, 2, 0)
+        split_by_part_boundary(union, 1, 2, nearest_line(boundaries[1, 2], index))
+        np.testing.assert_array_equal(union, drawn)
+    tie = {4: np.array([1.0, 0.0, 0.0]), 8: np.array([0.0, 1.0, 0.0])}
+    assert nearest_line(tie, 6) is tie[4]  # equally near: the lower slice
 
 
 def test_parts_of_one_tissue_may_take_each_others_places_and_the_others_may_not() -> None:
