@@ -69,7 +69,7 @@ class PropagationParams:
     crop_ensemble: crop scales of an ensemble (empty: none, one chain with ``crop_scale``): the volume mode runs one
         chain per scale and each voxel takes the label a strict majority of them give (else background); about
         ``len`` times the time. Measured with 1.25, 1.5, 1.75 (harness, every volume): hippocampus 0.780 -> 0.788
-        (FP slices 2.2% -> 1.4%), ACDC 0.838 -> 0.842, BraTS 0.885 -> 0.883; see the README. In a transfer it
+        (FP slices 2.2% -> 1.4%), ACDC 0.838 -> 0.842, BraTS 0.885 -> 0.883; see reports/RESULTS.md. In a transfer it
         applies to the reference's own chain only (measured with its former settings: hippocampus from one slice
         0.596 -> 0.596).
     min_crop_fraction: the crop side is at least this fraction of the slice's larger side.
@@ -107,7 +107,7 @@ class PropagationParams:
         labelled slices (:func:`one_tissue_partners`: they touch, and their grey-value histograms overlap) may each
         take any place inside their previous masks' union; the others keep to their own places. Measured (harness,
         every structure drawn on the slice of largest union, every volume): the hippocampus's head and body are such
-        a pair on 97 of 100 volumes, and it went as with ``gate_union`` (see the README); ACDC has no pair on any
+        a pair on 97 of 100 volumes, and it went as with ``gate_union`` (reports/RESULTS.md); ACDC has no pair on any
         volume (its ventricles do not touch, and each differs in grey from the myocardium it touches): unchanged.
         A transfer's reference chain uses ``transfer_reference_gate_union`` in place of ``gate_union``.
     split_one_tissue_parts: after the chain, the pixels of two parts of one tissue (:func:`one_tissue_partners` on
@@ -115,13 +115,13 @@ class PropagationParams:
         labelled slice holding both (:func:`straight_part_boundary`), extended across the slices; their union stays
         as the chain found it. Their features cannot tell the parts apart, and the chain's boundary drifts: the
         head took the body's place past the head's end. Measured (harness, every structure drawn on the slice of
-        largest union, every volume): see the README. Applies before the 3D walk, to every chain including a
+        largest union, every volume): see reports/RESULTS.md. Applies before the 3D walk, to every chain including a
         transfer's reference chain.
     split_parts_in_chain: with ``split_one_tissue_parts``, each chained slice is split that way too, by the line of
         the nearest chain anchor that draws one for the pair, before it serves as the next slice's gate and
         context, while both parts are still chained. A part drawn small on the labelled slice then grows where the
         tissue crosses the line, instead of being outvoted by its partner and dying out. Measured (harness, every
-        structure drawn on the slice of largest union, every volume): hippocampus 0.7845 -> 0.7981 (see the README).
+        structure drawn on the slice of largest union, every volume): hippocampus 0.7845 -> 0.7981 (reports/RESULTS.md).
     area_calibration: weigh each structure so that the patch-grid round trip keeps its area on the labelled slice
         (:func:`area_preserving_weights`); helps structures thinner than a patch, hurts others (measured: off).
     crop_handoffs, handoff_margin: where several structures are drawn on one slice and chained together, a

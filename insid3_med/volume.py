@@ -579,7 +579,7 @@ def _propagate_groups(segmenter: OneShotSegmenter, stack: SliceStack, labels: np
                       progress: ProgressCallback | None, batch_size: int) -> np.ndarray:
     """Structures drawn on different labelled slices (:func:`insid3_med.propagation.structure_groups`): each group
     chained from its own slices in its own crop, as if labelled alone, then merged by
-    :func:`merge_by_nearest_labelled_slice`. Measured (harness, ``each_largest`` slice kind): see the README."""
+    :func:`merge_by_nearest_labelled_slice`. Measured (harness, ``each_largest`` slice kind): see reports/RESULTS.md."""
     axis = stack.axis
     results = []
     for number, (holders, group) in enumerate(groups):

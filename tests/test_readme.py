@@ -51,10 +51,45 @@ def test_bundle_commands_name_real_config_files() -> None:
         assert (ROOT / path).is_file(), path
 
 
-def test_linked_files_exist() -> None:
-    for link in re.findall(r"\]\(([^)#]+)\)", README):
-        if not link.startswith("http"):
-            assert (ROOT / link).exists(), link
+DOCUMENTS = ("README.md", "reports/RESULTS.md", "reports/ablation/README.md", "reports/performance/README.md",
+             "monai_bundle/docs/README.md", "slicer_extension/README.md")
+
+
+def heading_anchors(document: Path) -> set[str]:
+    """The anchors GitHub gives ``document``'s headings: lower case, punctuation dropped, spaces as hyphens, a
+    repeated heading suffixed -1, -2, ..."""
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    in_code = False
+    for line in document.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        heading = None if in_code else re.match(r"#{1,6} (.*)", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+            seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+@pytest.mark.parametrize("name", DOCUMENTS)
+def test_links_lead_to_files_and_headings_that_exist(name: str) -> None:
+    document = ROOT / name
+    for link in re.findall(r"\]\(([^)\s]+)\)", document.read_text()):
+        if link.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = link.partition("#")
+        target = (document.parent / path).resolve() if path else document
+        assert target.exists(), f"{name}: {link}: no such file"
+        if anchor and target.suffix == ".md":
+            assert anchor in heading_anchors(target), f"{name}: {link}: no such heading"
+
+
+def test_heading_anchors_follow_github() -> None:
+    document = ROOT / "README.md"
+    anchors = heading_anchors(document)
+    assert "one-labelled-slice---the-whole-volume" in anchors  # "->" loses ">", its spaces become hyphens
+    assert "3d-slicer-extension" in anchors and "speed" in anchors
 
 
 @pytest.mark.skipif(not STANDIN.is_dir(), reason=f"stand-in weights not found at {STANDIN}")
