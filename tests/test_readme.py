@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from pathlib import Path
@@ -55,7 +56,8 @@ DOCUMENTS = ("README.md", "reports/RESULTS.md", "reports/ablation/README.md", "r
              "monai_bundle/docs/README.md", "slicer_extension/README.md")
 
 
-def heading_anchors(document: Path) -> set[str]:
+@functools.cache
+def heading_anchors(document: Path) -> frozenset[str]:
     """The anchors GitHub gives ``document``'s headings: lower case, punctuation dropped, spaces as hyphens, a
     repeated heading suffixed -1, -2, ..."""
     anchors: set[str] = set()
@@ -69,7 +71,7 @@ def heading_anchors(document: Path) -> set[str]:
             slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
             anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
             seen[slug] = seen.get(slug, 0) + 1
-    return anchors
+    return frozenset(anchors)
 
 
 @pytest.mark.parametrize("name", DOCUMENTS)
