@@ -45,8 +45,8 @@ from insid3_med.volume import (
     check_label_grid,
     labelled_slices,
     propagate_through_slices,
+    propagation_axis,
     propagation_description,
-    slicing_axis,
     transfer_to_study,
 )
 
@@ -309,7 +309,8 @@ class OneShotNetwork(nn.Module):
 
     weights: backbone weights (None: the ``INSID3_MED_WEIGHTS`` variable, then the Hugging Face cache); image_size,
     feature_block, precision, fit, tau, merge_threshold, basis_rank, probe: as in :class:`OneShotSegmenter`
-    and :class:`EngineParams`. axis: the slicing axis ("axial", "coronal", "sagittal" or k/j/i), per study.
+    and :class:`EngineParams`. axis: the slicing axis ("axial", "coronal", "sagittal", k/j/i, or "auto": the
+    plane the reference was labelled in), per study.
     mode: ``volume`` or ``published`` (:mod:`insid3_med.volume`); propagation: volume-mode settings, a mapping of
     :class:`~insid3_med.propagation.PropagationParams` fields to values (None or empty: the measured defaults).
     device: where the backbone loads (``.to(device)`` moves it later too).
@@ -418,12 +419,15 @@ class OneShotNetwork(nn.Module):
         if labels.max() > MAX_LABEL:
             raise ImageReadError(label_path, f"label value {int(labels.max())} exceeds {MAX_LABEL}: the bundle "
                                              "writes uint8 label maps")
-        if not labelled_slices(labels, slicing_axis(volume, self.axis)):
+        if not labels.any():
             raise ImageReadError(label_path, "the reference label map has no labelled voxel")
+        try:
+            axis = propagation_axis(volume, labels, self.axis)
+        except ValueError as error:
+            raise ImageReadError(label_path, str(error)) from error
         reference = BundleReference(volume, labels, image_path, label_path)
-        logger.info("reference %s with labels %s from %s (%d labelled slices along %s)", image,
-                    reference.label_values, label, len(labelled_slices(labels, slicing_axis(volume, self.axis))),
-                    self.axis)
+        logger.info("reference %s with labels %s from %s (%d labelled slices along %s: array axis %d)", image,
+                    reference.label_values, label, len(labelled_slices(labels, axis)), self.axis, axis)
         return reference
 
     # -- inference --------------------------------------------------------------------------------------------

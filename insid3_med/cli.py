@@ -134,13 +134,18 @@ def volume_outputs(args: argparse.Namespace):  # noqa: ANN201
                          summary=args.summary)
 
 
+def print_warning(message: str) -> None:
+    """A warning for the user on stderr, in the form of argparse's errors."""
+    print(f"insid3-med: warning: {message}", file=sys.stderr)
+
+
 def command_propagate(args: argparse.Namespace) -> int:
     from insid3_med.jobs import propagate_file
 
     summary = propagate_file(args.volume, args.labels, volume_outputs(args), model_options(args), axis=args.axis,
                              slice_range=args.slices, preset=args.preset, force=args.force,
                              series_uid=args.series_uid, mode=args.mode, params=propagation_params(args),
-                             progress=progress_reporter(args.progress, "propagate"))
+                             progress=progress_reporter(args.progress, "propagate"), warn=print_warning)
     print(f"wrote {args.output} ({summary['timings_s']['propagate']:.1f} s)")
     return 0
 
@@ -152,7 +157,7 @@ def command_transfer(args: argparse.Namespace) -> int:
                                model_options(args), axis=args.axis, preset=args.preset, force=args.force,
                                seg_nrrd=args.seg_nrrd, dicom_seg=args.dicom_seg, overlay=args.overlay,
                                summary=args.summary, mode=args.mode, params=propagation_params(args),
-                               progress=progress_reporter(args.progress, "transfer"))
+                               progress=progress_reporter(args.progress, "transfer"), warn=print_warning)
     for record in summaries:
         print(f"{record['target']}: done in {record['timings_s']['transfer']:.1f} s")
     return 0
@@ -214,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--overlay", type=Path, help="also write a PNG overlay montage")
             sub.add_argument("--summary", type=Path, help="also write a JSON summary")
         add_mode_option(sub)
-        sub.add_argument("--axis", default="k", help="slice axis: k/j/i (array), axial/coronal/sagittal (default k)")
+        sub.add_argument("--axis", default="auto", help="slice axis: auto (default: the axis the labelled slices were "
+                         "drawn across; for a whole 3D segmentation the acquisition's slice axis), k/j/i (array), "
+                         "axial/coronal/sagittal")
         sub.add_argument("--preset", help="intensity preset (default: from the modality): soft_tissue, abdomen, "
                          "lung, bone, brain, dicom, mr, radiograph, rgb")
         add_model_options(sub, precision="auto")

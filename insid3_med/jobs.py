@@ -8,7 +8,7 @@ own: reading is :mod:`insid3_med.imaging.readers`, the work is :mod:`insid3_med.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +28,19 @@ from insid3_med.outputs import OutputSet, label_statistics, output_set, write_js
 from insid3_med.predictor import OneShotSegmenter
 from insid3_med.propagation import PropagationParams
 from insid3_med.volume import (
+    AUTO_AXIS,
     ProgressCallback,
+    axis_mismatch,
     labelled_slices,
     propagate_through_slices,
+    propagation_axis,
     propagation_description,
-    slicing_axis,
+    study_axes,
     transfer_to_study,
 )
+
+Warn = Callable[[str], None]
+"""Receives a sentence for the user (the CLI prints it on stderr); the same sentences go into the summaries."""
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd")
 
@@ -130,25 +136,41 @@ def write_volume_outputs(labels: np.ndarray, volume: Volume, claimed: dict[str, 
         write_json(summary, claimed["summary"])
 
 
+def resolved_axis(volume: Volume, labels: np.ndarray, labels_path: Path, axis: int | str,
+                  warn: Warn | None) -> tuple[int, list[str]]:
+    """The array axis to slice ``volume`` along (:func:`~insid3_med.volume.propagation_axis`) and the warnings to
+    give: an axis given explicitly across which the labels were not drawn. An empty label map raises
+    :class:`ImageReadError` naming ``labels_path``."""
+    if not labels.any():  # before the model loads, naming the file
+        raise ImageReadError(labels_path, "no labelled slice (the label map is empty): label the structure on at "
+                             "least one slice")
+    array_axis = propagation_axis(volume, labels, axis)
+    explicit = not (isinstance(axis, str) and axis.lower() == AUTO_AXIS)
+    mismatch = axis_mismatch(volume, labels, array_axis) if explicit else None
+    warnings = [f"{labels_path}: {mismatch}"] if mismatch else []
+    for message in warnings:
+        if warn is not None:
+            warn(message)
+    return array_axis, warnings
+
+
 def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs, model: ModelOptions, *,
-                   axis: int | str = "k", slice_range: tuple[int, int] | None = None, preset: str | None = None,
+                   axis: int | str = AUTO_AXIS, slice_range: tuple[int, int] | None = None, preset: str | None = None,
                    force: bool = False, series_uid: str | None = None, mode: str = "volume",
                    params: PropagationParams | None = None,
-                   progress: ProgressCallback | None = None) -> dict[str, Any]:
+                   progress: ProgressCallback | None = None, warn: Warn | None = None) -> dict[str, Any]:
     """``insid3-med propagate``: labelled slices of ``labels_path`` through ``volume_path``; returns the summary.
 
+    axis: "auto" (default: the axis the labels were drawn across), an array axis or an anatomical plane;
     mode: ``volume`` (chained, the default) or ``published`` (each slice on its own), see :mod:`insid3_med.volume`;
-    params: the volume mode's settings (default: the measured defaults).
+    params: the volume mode's settings (default: the measured defaults); warn: receives warnings before the work.
     """
     propagation = propagation_description(mode, params)  # a bad mode fails before anything is read
     started = time.perf_counter()
     volume = read_volume(volume_path, series_uid=series_uid)
     labels = read_label_volume(labels_path, volume)
-    array_axis = slicing_axis(volume, axis)
+    array_axis, warnings = resolved_axis(volume, labels, labels_path, axis, warn)
     references = labelled_slices(labels, array_axis)
-    if not references:  # before the model loads, naming the file
-        raise ImageReadError(labels_path, "no labelled slice (the label map is empty): label the structure on at "
-                             "least one slice")
     intensity_mapping(volume, preset)  # a bad preset fails before the model loads
     with output_set(force) as outputs_set:
         claimed = check_outputs(outputs, volume, outputs_set)
@@ -159,7 +181,7 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
         finished = time.perf_counter()
         summary = {
             "command": "propagate", "volume": str(volume_path), "labels_input": str(labels_path),
-            "axis": array_axis, "labelled_slices": references, "slice_range": slice_range,
+            "axis": array_axis, "labelled_slices": references, "slice_range": slice_range, "warnings": warnings,
             "model": model_description(segmenter), "propagation": propagation,
             "timings_s": {"read_and_load": round(loaded - started, 3), "propagate": round(finished - loaded, 3)},
         }
@@ -169,20 +191,20 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
 
 
 def transfer_files(reference_path: Path, reference_labels_path: Path, targets: Sequence[Path], output_dir: Path,
-                   model: ModelOptions, *, axis: int | str = "k", preset: str | None = None, force: bool = False,
+                   model: ModelOptions, *, axis: int | str = AUTO_AXIS, preset: str | None = None, force: bool = False,
                    seg_nrrd: bool = False, dicom_seg: bool = False, overlay: bool = False, summary: bool = False,
                    mode: str = "volume", params: PropagationParams | None = None,
-                   progress: ProgressCallback | None = None) -> list[dict[str, Any]]:
+                   progress: ProgressCallback | None = None, warn: Warn | None = None) -> list[dict[str, Any]]:
     """``insid3-med transfer``: one output set per target in ``output_dir`` (``<stem>_seg.nii.gz`` and friends).
 
     Every target is read and every output path claimed before any work; outputs are committed together at the end.
-    mode, params: as in :func:`propagate_file`.
+    axis, mode, params, warn: as in :func:`propagate_file` ("auto": each target sliced in the plane the reference
+    was labelled in).
     """
     propagation = propagation_description(mode, params)
     reference = read_volume(reference_path)
     reference_labels = read_label_volume(reference_labels_path, reference)
-    if not labelled_slices(reference_labels, slicing_axis(reference, axis)):
-        raise ImageReadError(reference_labels_path, "no labelled slice (the label map is empty)")
+    _, warnings = resolved_axis(reference, reference_labels, reference_labels_path, axis, warn)
     if not output_dir.is_dir():
         raise ImageReadError(output_dir, "output folder does not exist")
     studies = [(path, read_volume(path)) for path in targets]
@@ -207,10 +229,11 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
             started = time.perf_counter()
             result = transfer_to_study(segmenter, reference, reference_labels, study, axis=axis, preset=preset,
                                        progress=progress, mode=mode, params=params)
-            target_axis = slicing_axis(study, axis)
+            target_axis = study_axes(reference, reference_labels, study, axis)[1]
             record = {
                 "command": "transfer", "reference": str(reference_path), "reference_labels": str(reference_labels_path),
-                "target": str(path), "axis": target_axis, "model": model_description(segmenter),
+                "target": str(path), "axis": target_axis, "warnings": warnings,
+                "model": model_description(segmenter),
                 "propagation": propagation,
                 "timings_s": {"transfer": round(time.perf_counter() - started, 3)},
             }

@@ -1,7 +1,8 @@
 """Slice-wise processing of volumes: propagation through the slices of a study and transfer to other studies.
 
 Volumes are :class:`~insid3_med.imaging.geometry.Volume` objects, (K, J, I) arrays. A slicing ``axis`` is an array
-axis (0 = K, 1 = J, 2 = I); :func:`slicing_axis` also accepts "axial", "coronal", "sagittal" (patient space).
+axis (0 = K, 1 = J, 2 = I); :func:`slicing_axis` also accepts "axial", "coronal", "sagittal" (patient space), and
+:func:`propagation_axis` "auto" (the axis across which the labelled slices were drawn, :func:`drawn_axis`).
 Outputs are (K, J, I) int label maps on the input grid.
 
 Two modes (``mode=``):
@@ -62,6 +63,7 @@ ProgressCallback = Callable[[int, int], None]
 ARRAY_AXIS_NAMES = {"k": 0, "j": 1, "i": 2}
 PATIENT_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # LPS component of the slice normal
 PROPAGATION_MODES = ("volume", "published")
+AUTO_AXIS = "auto"
 
 
 class NoLabelledSliceError(ValueError):
@@ -86,18 +88,80 @@ def slicing_axis(volume: Volume, axis: int | str) -> int:
         direction = volume.geometry.direction_matrix()  # column c: LPS direction of voxel axis c (i, j, k)
         voxel_axis = int(np.argmax(np.abs(direction[PATIENT_AXES[name], :])))
         return 2 - voxel_axis
-    raise ValueError(f"unknown axis {axis!r}: use 0/1/2, k/j/i or axial/coronal/sagittal")
+    if name == AUTO_AXIS:
+        raise ValueError("axis 'auto' is chosen from the labels: resolve it with propagation_axis")
+    raise ValueError(f"unknown axis {axis!r}: use 0/1/2, k/j/i, axial/coronal/sagittal or auto")
 
 
-def through_plane_axis(volume: Volume) -> int:
-    """The array axis with the coarsest spacing (ties: the one with fewest voxels): the acquisition's slice axis."""
+def anatomical_axis_name(volume: Volume, axis: int) -> str:
+    """"axial", "coronal" or "sagittal": the patient-space plane nearest to the slices along array ``axis``."""
+    direction = volume.geometry.direction_matrix()  # column c: LPS direction of voxel axis c (i, j, k)
+    component = int(np.argmax(np.abs(direction[:, 2 - axis])))
+    return next(name for name, value in PATIENT_AXES.items() if value == component)
+
+
+def drawn_axis(labels: np.ndarray, volume: Volume) -> int | None:
+    """The array axis across which the labels were drawn slice by slice, or None where they fill a 3D region.
+
+    labels: (K, J, I). A structure drawn on a few slices of one view holds labels on few slices across that view's
+    axis and on many across the two others: the axis with the fewest labelled slices is returned when it has one
+    labelled slice or at most half as many as each other axis (ties: the acquisition's slice axis,
+    :func:`acquisition_axis`, then K, J, I). A whole segmentation (comparable counts on all axes) gives None.
+    Raises :class:`NoLabelledSliceError` when nothing is labelled.
+    """
+    counts = [len(labelled_slices(labels, axis)) for axis in range(3)]
+    if counts[0] == 0:
+        raise NoLabelledSliceError("the label volume has no labelled voxel: label the structure on at least one "
+                                   "slice")
+    fewest = min(counts)
+    tied = [axis for axis in range(3) if counts[axis] == fewest]
+    others = [counts[axis] for axis in range(3) if axis not in tied]
+    if fewest != 1 and (not others or 2 * fewest > min(others)):
+        return None
+    preferred = acquisition_axis(volume)
+    return preferred if preferred in tied else tied[0]
+
+
+def propagation_axis(volume: Volume, labels: np.ndarray, axis: int | str) -> int:
+    """The array axis to slice along: ``axis`` as :func:`slicing_axis` reads it, or for ``"auto"`` the axis the
+    labels were drawn across (:func:`drawn_axis`), the acquisition's slice axis where they fill a 3D region."""
+    if isinstance(axis, str) and axis.lower() == AUTO_AXIS:
+        drawn = drawn_axis(labels, volume)
+        return drawn if drawn is not None else acquisition_axis(volume)
+    return slicing_axis(volume, axis)
+
+
+def axis_mismatch(volume: Volume, labels: np.ndarray, axis: int) -> str | None:
+    """A sentence for the user where the labels were drawn slice by slice across another axis than ``axis`` (so
+    that slicing along ``axis`` would find many slices labelled and keep them as drawn), else None. Drawn slice by
+    slice: on one slice or on slices with gaps between them across the axis :func:`drawn_axis` finds (a whole 3D
+    segmentation, labelled on consecutive slices across every axis, gives no warning)."""
+    drawn = drawn_axis(labels, volume)
+    if drawn is None or drawn == axis:
+        return None
+    slices = labelled_slices(labels, drawn)
+    count = len(slices)
+    if count > 1 and slices[-1] - slices[0] + 1 == count:
+        return None
+    names = {value: name for name, value in ARRAY_AXIS_NAMES.items()}
+    return (f"the labels are drawn on {count} slice{'s' if count != 1 else ''} across axis {names[drawn]} "
+            f"({anatomical_axis_name(volume, drawn)}) but slices are taken along axis {names[axis]} "
+            f"({anatomical_axis_name(volume, axis)}), where {len(labelled_slices(labels, axis))} slices hold labels "
+            f"and are kept as drawn: give the axis auto (the default) or {names[drawn]}")
+
+
+def acquisition_axis(volume: Volume) -> int:
+    """The array axis most likely to be the acquisition's slice axis: the one of largest spacing when the spacing is
+    anisotropic (largest / smallest > 1.2), else the axis with at most half the voxels of both others, else the
+    axial one."""
     spacing = np.asarray(volume.geometry.spacing, dtype=float)[::-1]  # array-axis order (k, j, i)
-    shape = np.asarray(volume.shape, dtype=float)
-
-    def coarsest_first(a: int) -> tuple[float, float]:
-        return (-round(spacing[a], 3), shape[a])
-
-    return int(sorted(range(3), key=coarsest_first)[0])
+    shape = np.asarray(volume.shape)
+    if spacing.max() / spacing.min() > 1.2:
+        return int(np.argmax(spacing))
+    thinnest = int(np.argmin(shape))
+    if shape[thinnest] * 2 <= np.delete(shape, thinnest).min():
+        return thinnest
+    return slicing_axis(volume, "axial")
 
 
 def labelled_slices(labels: np.ndarray, axis: int) -> list[int]:
@@ -239,14 +303,15 @@ def check_propagation_mode(mode: str) -> None:
 
 
 def propagate_through_slices(segmenter: OneShotSegmenter, volume: Volume, labels: np.ndarray, *,
-                             axis: int | str = 0, slice_range: tuple[int, int] | None = None,
+                             axis: int | str = AUTO_AXIS, slice_range: tuple[int, int] | None = None,
                              preset: str | None = None, progress: ProgressCallback | None = None,
                              batch_size: int = 4, mode: str = "volume",
                              params: PropagationParams | None = None) -> np.ndarray:
     """Propagate the labelled slices of ``labels`` to the other slices of ``volume`` in ``slice_range``.
 
     volume: the study; labels: (K, J, I) label map with one or more labelled slices along ``axis`` (all label values
-    propagate in one pass). mode: ``"volume"`` (chained propagation, ``params``) or ``"published"`` (every slice
+    propagate in one pass); axis: as :func:`propagation_axis` reads it, "auto" (default) the one the labels were drawn
+    across. mode: ``"volume"`` (chained propagation, ``params``) or ``"published"`` (every slice
     segmented on its own, every labelled slice a shot). Returns the (K, J, I) int64 label map, with the structures
     drawn on a labelled slice kept there exactly as drawn (in ``"volume"`` mode a structure drawn on other slices only
     is predicted on it too) and slices outside ``slice_range`` left empty; in ``"volume"`` mode the slices beyond a
@@ -254,7 +319,7 @@ def propagate_through_slices(segmenter: OneShotSegmenter, volume: Volume, labels
     """
     check_propagation_mode(mode)
     labels = check_label_grid(volume, labels)
-    axis = slicing_axis(volume, axis)
+    axis = propagation_axis(volume, labels, axis)
     start, stop = _slice_range(volume.shape[axis], slice_range)
     references = labelled_slices(labels, axis)
     if not references:
@@ -601,7 +666,7 @@ def _propagate_groups(segmenter: OneShotSegmenter, stack: SliceStack, labels: np
 
 
 def transfer_to_study(segmenter: OneShotSegmenter, reference: Volume, reference_labels: np.ndarray,
-                      target: Volume, *, axis: int | str = 0, preset: str | None = None,
+                      target: Volume, *, axis: int | str = AUTO_AXIS, preset: str | None = None,
                       target_preset: str | None = None, max_shots: int = 8,
                       progress: ProgressCallback | None = None, batch_size: int = 4, mode: str = "volume",
                       params: PropagationParams | None = None) -> np.ndarray:
@@ -609,7 +674,8 @@ def transfer_to_study(segmenter: OneShotSegmenter, reference: Volume, reference_
 
     reference_labels: (K, J, I) on the reference grid: one labelled slice, several, or a whole labelled volume (then
     at most ``max_shots`` labelled slices, evenly spread, serve as shots). ``axis`` is resolved per study, so
-    "axial" picks each study's own axial axis. mode ``"volume"`` (default): an affine registration of the two
+    "axial" picks each study's own axial axis, and "auto" (default) the plane the reference was labelled in
+    (:func:`study_axes`). mode ``"volume"`` (default): an affine registration of the two
     studies says which target slice holds the labelled anatomy and roughly where; that slice is labelled from the
     shots (feature matching kept near the registered labels), then chained through the target as in
     :func:`propagate_through_slices`. mode ``"published"``: every target slice segmented on its own from the shots.
@@ -617,8 +683,7 @@ def transfer_to_study(segmenter: OneShotSegmenter, reference: Volume, reference_
     """
     check_propagation_mode(mode)
     reference_labels = check_label_grid(reference, reference_labels)
-    ref_axis = slicing_axis(reference, axis)
-    tgt_axis = slicing_axis(target, axis)
+    ref_axis, tgt_axis = study_axes(reference, reference_labels, target, axis)
     labelled = labelled_slices(reference_labels, ref_axis)
     if not labelled:
         raise NoLabelledSliceError("the reference label volume has no labelled slice")
@@ -637,6 +702,16 @@ def transfer_to_study(segmenter: OneShotSegmenter, reference: Volume, reference_
         if progress is not None:
             progress(done, total)
     return output
+
+
+def study_axes(reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int | str) -> tuple[int, int]:
+    """(reference array axis, target array axis) for :func:`transfer_to_study`: ``axis`` resolved in each study;
+    "auto" takes the reference's from its labels (:func:`propagation_axis`) and the target's as the same anatomical
+    plane (:func:`anatomical_axis_name`), whatever the order of the target's array axes."""
+    ref_axis = propagation_axis(reference, reference_labels, axis)
+    if isinstance(axis, str) and axis.lower() == AUTO_AXIS:
+        return ref_axis, slicing_axis(target, anatomical_axis_name(reference, ref_axis))
+    return ref_axis, slicing_axis(target, axis)
 
 
 def registered_first_slice(ref_stack: SliceStack, reference_labels: np.ndarray, shots: Sequence[int],

@@ -178,6 +178,28 @@ def test_propagate_reads_a_dicom_seg_as_the_labelled_slice(ct_series, data_file:
     np.testing.assert_array_equal(read_label_volume(tmp_path / "from_seg.dcm", volume), labels)
 
 
+def test_a_slice_drawn_in_another_view_propagates_across_that_view(hippocampus: dict[str, Path], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # one sagittal slice labelled (array axis i; nibabel's first axis): the default axis (auto) slices across it
+    sagittal, index = one_slice_labels(hippocampus["full"], tmp_path / "sagittal.nii.gz", axis=2)
+    truth = np.asarray(nib.load(hippocampus["full"]).dataobj)
+    out, summary = tmp_path / "auto.nii.gz", tmp_path / "auto.json"
+    code, _, stderr = run_cli(["propagate", str(hippocampus["image"]), str(sagittal), "-o", str(out),
+                               "--summary", str(summary), *FAST], capsys)
+    assert code == 0 and "warning" not in stderr, stderr
+    record = json.loads(summary.read_text())
+    assert record["axis"] == 2 and record["labelled_slices"] == [index] and record["warnings"] == []
+    result = np.asarray(nib.load(out).dataobj)
+    dice = 2 * np.count_nonzero((result > 0) & (truth > 0)) / (np.count_nonzero(result) + np.count_nonzero(truth))
+    assert np.count_nonzero(result.any(axis=(1, 2))) > 5 and dice > 0.6, dice  # propagated across sagittal slices
+    # the axis given as k: every axial slice holds a line of the drawn slice, kept as drawn; the user is told
+    strict = tmp_path / "k.nii.gz"
+    code, _, stderr = run_cli(["propagate", str(hippocampus["image"]), str(sagittal), "-o", str(strict), "--axis", "k",
+                               "--summary", str(tmp_path / "k.json"), *FAST], capsys)
+    assert code == 0 and "insid3-med: warning:" in stderr and "across axis i (sagittal)" in stderr, stderr
+    assert json.loads((tmp_path / "k.json").read_text())["warnings"] == [stderr.split("warning: ", 1)[1].strip()]
+
+
 def test_transfer_writes_one_output_per_target(hippocampus: dict[str, Path], tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     code, stdout, stderr = run_cli(["transfer", str(hippocampus["image"]), str(hippocampus["one"]),
@@ -190,6 +212,37 @@ def test_transfer_writes_one_output_per_target(hippocampus: dict[str, Path], tmp
         assert written.shape == source.shape and np.allclose(written.affine, source.affine)
         assert (tmp_path / f"{stem}_seg.seg.nrrd").is_file()
         assert json.loads((tmp_path / f"{stem}_summary.json").read_text())["command"] == "transfer"
+
+
+def permuted_axes(path: Path, out: Path) -> Path:
+    """The same image stored with its voxel axes in another order (nibabel's (x, y, z) -> (z, x, y)), the affine
+    permuted with them: the same anatomy in space, another array order (as another scanner might store it)."""
+    image = nib.load(path)
+    affine = image.affine.copy()
+    affine[:, :3] = image.affine[:, [2, 0, 1]]
+    nib.save(nib.Nifti1Image(np.transpose(np.asarray(image.dataobj), (2, 0, 1)), affine), out)
+    return out
+
+
+def test_transfer_slices_a_target_stored_in_another_axis_order_in_the_labelled_plane(
+        hippocampus: dict[str, Path], data_file: Callable[[str], Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # the reference labelled on one axial slice; the target's axial slices are its array axis i. Measured with the
+    # stand-in: 3D Dice 0.828 / 0.759 (0.823 / 0.732 on the target as stored originally); with --axis k (its
+    # sagittal slices) 0.519 / 0.569.
+    target = permuted_axes(hippocampus["other"], tmp_path / "permuted.nii.gz")
+    truth = np.asarray(nib.load(permuted_axes(data_file("hippocampus/labels/hippocampus_017.nii.gz"),
+                                              tmp_path / "permuted_truth.nii.gz")).dataobj)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, stderr = run_cli(["transfer", str(hippocampus["image"]), str(hippocampus["one"]), str(target), "-o",
+                               str(out), "--summary", *FAST], capsys)
+    assert code == 0, stderr
+    assert json.loads((out / "permuted_summary.json").read_text())["axis"] == 2
+    result = np.asarray(nib.load(out / "permuted_seg.nii.gz").dataobj)
+    dices = [2 * np.count_nonzero((result == v) & (truth == v)) / (np.count_nonzero(result == v)
+                                                                    + np.count_nonzero(truth == v)) for v in (1, 2)]
+    assert min(dices) > 0.68, dices
 
 
 def test_segment_2d_writes_masks_of_the_target_size(data_file: Callable[[str], Path], tmp_path: Path,

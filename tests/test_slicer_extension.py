@@ -306,6 +306,10 @@ def test_transfer_command_line_and_output_names(tmp_path):
     command = commands.transfer_command(tool, "r.nii.gz", "rl.nii.gz", ["a.nii.gz", "b.nii"], "o", plan)
     assert command[:8] == ["py", "-m", "insid3_med", "transfer", "r.nii.gz", "rl.nii.gz", "a.nii.gz", "b.nii"]
     assert command[8:10] == ["-o", "o"] and command[command.index("--device") + 1] == "cpu"
+    assert command[command.index("--axis") + 1] == "auto"  # the tool finds the targets' plane from the reference's
+    chosen = validation.plan_transfer(one_slice_labels(), validation.PropagationSettings(axis=0), ["t"])
+    chosen_command = commands.transfer_command(tool, "r.nii.gz", "rl.nii.gz", ["a.nii.gz"], "o", chosen)
+    assert chosen_command[chosen_command.index("--axis") + 1] == "k"
     assert commands.transfer_output_path(tmp_path, "x/target_01.nii.gz") == tmp_path / "target_01_seg.nii.gz"
     assert commands.volume_stem("study.nrrd") == "study" and commands.volume_stem("dicom_folder") == "dicom_folder"
     with pytest.raises(ValueError):

@@ -23,9 +23,15 @@ from insid3_med.propagation import PropagationParams, SquareBox
 from insid3_med.volume import (
     LabelGridError,
     NoLabelledSliceError,
+    acquisition_axis,
+    anatomical_axis_name,
+    axis_mismatch,
+    drawn_axis,
     labelled_slices,
     near_crop_edge,
     propagate_through_slices,
+    propagation_axis,
+    study_axes,
     transfer_to_study,
 )
 
@@ -632,3 +638,81 @@ def test_real_hippocampus_a_part_drawn_small_grows_when_each_chained_slice_is_sp
     assert posterior >= 0.75, f"posterior 3D Dice {posterior:.3f} below the measured floor"
     assert posterior_after <= 0.5, f"posterior {posterior_after:.3f} without the in-chain split: the case changed"
     assert dice(split == 1, labels == 1) >= 0.8
+
+
+# -- which axis: the one the labels were drawn across ---------------------------------------------------------------
+
+SAGITTAL_STACK = ((0.0, 0.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+"""Direction cosines (row-major) of a sagittal acquisition: voxel i runs along P, j along S, k (the slices) along L."""
+
+
+def blob(shape: tuple[int, int, int] = (20, 24, 28)) -> np.ndarray:
+    """(K, J, I) uint8 ellipsoid filling the middle of the grid: a whole 3D segmentation."""
+    grid = np.indices(shape).astype(float)
+    centre = [(n - 1) / 2 for n in shape]
+    radius = [n / 3 for n in shape]
+    return (sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radius, strict=True)) <= 1).astype(np.uint8)
+
+
+def keep_slices(labels: np.ndarray, axis: int, indices: list[int]) -> np.ndarray:
+    kept = np.zeros_like(labels)
+    for n in indices:
+        selection = [slice(None)] * 3
+        selection[axis] = n
+        kept[tuple(selection)] = labels[tuple(selection)]
+    return kept
+
+
+def test_drawn_axis_is_the_axis_the_slices_were_drawn_across() -> None:
+    volume = Volume(np.zeros((20, 24, 28), np.float32), Geometry())
+    full = blob()
+    for axis in range(3):
+        middle = full.shape[axis] // 2
+        assert drawn_axis(keep_slices(full, axis, [middle]), volume) == axis
+        assert drawn_axis(keep_slices(full, axis, [middle - 3, middle + 3]), volume) == axis  # with a gap
+        assert propagation_axis(volume, keep_slices(full, axis, [middle]), "auto") == axis
+        assert propagation_axis(volume, keep_slices(full, axis, [middle]), "AUTO") == axis
+    assert drawn_axis(full, volume) is None  # a whole segmentation
+    with pytest.raises(NoLabelledSliceError):
+        drawn_axis(np.zeros_like(full), volume)
+    # a single labelled voxel lies on one slice across every axis: the acquisition's slice axis decides
+    dot = np.zeros_like(full)
+    dot[10, 12, 14] = 1
+    thick = Volume(np.zeros(full.shape, np.float32), Geometry(spacing=(1.0, 3.0, 1.0)))  # j: 3 mm
+    assert acquisition_axis(thick) == 1 and drawn_axis(dot, thick) == 1
+
+
+def test_auto_axis_falls_back_to_the_acquisition_axis_for_a_whole_segmentation() -> None:
+    full = blob()
+    anisotropic = Volume(np.zeros(full.shape, np.float32), Geometry(spacing=(0.8, 0.8, 5.0)))
+    assert propagation_axis(anisotropic, full, "auto") == 0  # k: 5 mm between slices
+    thin = blob((20, 60, 64))
+    assert acquisition_axis(Volume(np.zeros(thin.shape, np.float32), Geometry())) == 0  # a thin slab, isotropic
+    sagittal = Volume(np.zeros(full.shape, np.float32), Geometry(direction=SAGITTAL_STACK))
+    assert anatomical_axis_name(sagittal, 0) == "sagittal" and anatomical_axis_name(sagittal, 1) == "axial"
+    assert acquisition_axis(sagittal) == 1  # isotropic, comparable sizes: the axial slices (rows of the array)
+    assert propagation_axis(sagittal, full, "auto") == 1
+    assert propagation_axis(sagittal, full, "sagittal") == 0 and propagation_axis(sagittal, full, "k") == 0
+
+
+def test_transfer_axes_follow_the_plane_the_reference_was_labelled_in() -> None:
+    full = blob()
+    reference = Volume(np.zeros(full.shape, np.float32), Geometry())  # identity: k axial, j coronal, i sagittal
+    target = Volume(np.zeros(full.shape, np.float32), Geometry(direction=SAGITTAL_STACK))
+    axial_slice = keep_slices(full, 0, [10])
+    assert study_axes(reference, axial_slice, target, "auto") == (0, 1)  # the target's axial slices: its j axis
+    assert study_axes(reference, keep_slices(full, 2, [14]), target, "auto") == (2, 0)  # sagittal: its k axis
+    assert study_axes(reference, axial_slice, target, "k") == (0, 0)  # an array axis stays an array axis
+    assert study_axes(reference, axial_slice, target, "axial") == (0, 1)
+
+
+def test_axis_mismatch_names_the_axis_the_labels_were_drawn_across() -> None:
+    full = blob()
+    volume = Volume(np.zeros(full.shape, np.float32), Geometry())
+    message = axis_mismatch(volume, keep_slices(full, 2, [14]), 0)
+    assert message is not None
+    assert "1 slice across axis i (sagittal)" in message and "along axis k (axial)" in message, message
+    assert axis_mismatch(volume, keep_slices(full, 2, [8, 14, 20]), 0) is not None  # slices with gaps
+    assert axis_mismatch(volume, keep_slices(full, 2, [14]), 2) is None  # the right axis
+    assert axis_mismatch(volume, keep_slices(full, 2, [13, 14]), 0) is None  # consecutive: could be 3D
+    assert axis_mismatch(volume, full, 0) is None  # a whole segmentation

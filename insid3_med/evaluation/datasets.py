@@ -51,6 +51,7 @@ from PIL import Image
 
 from insid3_med.imaging.geometry import Volume
 from insid3_med.imaging.readers import read_label_volume, read_volume
+from insid3_med.volume import acquisition_axis
 
 if TYPE_CHECKING:
     from nibabel.spatialimages import SpatialImage
@@ -384,13 +385,7 @@ def slice_axis(volume: Volume, rule: str = "through_plane") -> int:
     if rule == "largest_spacing":
         return int(np.argmax(spacing_kji)) if spacing_kji.max() > spacing_kji.min() else axial
     if rule == "through_plane":
-        if spacing_kji.max() / spacing_kji.min() > 1.2:
-            return int(np.argmax(spacing_kji))
-        thinnest = int(np.argmin(shape))
-        others = np.delete(shape, thinnest)
-        if shape[thinnest] * 2 <= others.min():
-            return thinnest
-        return axial
+        return acquisition_axis(volume)
     raise ValueError(f"unknown slice-axis rule {rule!r}; choose from {SLICE_AXIS_RULES}")
 
 

@@ -33,9 +33,9 @@ def format_slice_range(first: int, last: int) -> str:
     return f"{first}:{last + 1}"
 
 
-def _common_options(plan: PropagationPlan) -> list[str]:
+def _common_options(plan: PropagationPlan, axis: str | None = None) -> list[str]:
     settings = plan.settings
-    options = ["--axis", AXIS_LETTERS[plan.axis], "--precision", settings.precision]
+    options = ["--axis", axis or AXIS_LETTERS[plan.axis], "--precision", settings.precision]
     options += ["--image-size", str(settings.image_size), "--progress", "lines"]
     if settings.device != "auto":
         options += ["--device", settings.device]
@@ -83,12 +83,16 @@ def transfer_command(
     output_dir: str | Path,
     plan: PropagationPlan,
 ) -> list[str]:
-    """``insid3-med transfer REF_VOLUME REF_LABELS TARGET... -o OUT_DIR`` with the plan's axis and settings."""
+    """``insid3-med transfer REF_VOLUME REF_LABELS TARGET... -o OUT_DIR`` with the plan's settings.
+
+    The axis chosen by the user is passed as its array letter; the automatic one as ``auto``, so that the tool
+    slices each target in the anatomical plane the reference was labelled in, whatever the target's array order.
+    """
     if not targets:
         raise ValueError("transfer needs at least one target volume")
     command = [str(part) for part in tool] + ["transfer", str(reference_volume), str(reference_labels)]
     command += [str(t) for t in targets] + ["-o", str(output_dir)]
-    return command + _common_options(plan)
+    return command + _common_options(plan, "auto" if plan.settings.axis is None else None)
 
 
 def volume_stem(path: str | Path) -> str:

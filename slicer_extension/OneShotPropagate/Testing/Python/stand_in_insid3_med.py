@@ -108,7 +108,12 @@ def main(argv):
         return 3
     if mode == "hang":
         hang()
-    axis = AXES[args.axis]
+    if args.axis == "auto":  # the reference's axis with the fewest labelled slices (the real tool's rule, simplified)
+        labelled = sitk.GetArrayFromImage(sitk.ReadImage(args.inputs[1])) > 0
+        axis = int(np.argmin([np.count_nonzero(labelled.any(axis=tuple(b for b in range(3) if b != a)))
+                              for a in range(3)]))
+    else:
+        axis = AXES[args.axis]
     if args.command == "propagate":
         volume_path, labels_path = args.inputs[:2]
         image = sitk.ReadImage(labels_path)
