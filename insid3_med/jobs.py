@@ -105,6 +105,11 @@ def volume_stem(path: Path) -> str:
     return name
 
 
+def input_files(volume: Volume) -> list[Path]:
+    """The files a volume was read from where it came from a folder (a DICOM series' slices); else none."""
+    return [Path(path) for path in volume.metadata.get("source_files", ())]
+
+
 def check_outputs(outputs: VolumeOutputs, volume: Volume, outputs_set: OutputSet) -> dict[str, Path]:
     """Claim every output path (refusing existing ones unless overwriting) before any work starts."""
     if outputs.dicom_seg is not None and "source_files" not in volume.metadata:
@@ -172,7 +177,7 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
     array_axis, warnings = resolved_axis(volume, labels, labels_path, axis, warn)
     references = labelled_slices(labels, array_axis)
     intensity_mapping(volume, preset)  # a bad preset fails before the model loads
-    with output_set(force) as outputs_set:
+    with output_set(force, inputs=[volume_path, labels_path, *input_files(volume)]) as outputs_set:
         claimed = check_outputs(outputs, volume, outputs_set)
         segmenter = model.build(chained=mode == "volume")
         loaded = time.perf_counter()
@@ -213,7 +218,8 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
         raise ImageReadError(output_dir, f"targets share a name, so their outputs would collide: {stems}")
     names = read_label_names(reference_labels_path) or None
     summaries = []
-    with output_set(force) as outputs_set:
+    inputs = [reference_path, reference_labels_path, *targets, *input_files(reference)]
+    with output_set(force, inputs=inputs + [f for _, study in studies for f in input_files(study)]) as outputs_set:
         plans = []
         for (path, study), stem in zip(studies, stems, strict=True):
             outputs = VolumeOutputs(
@@ -269,7 +275,7 @@ def segment_images(reference_image: Path, reference_mask: Path, targets: Sequenc
         raise ImageReadError(output_dir, "output folder does not exist")
     images = [read_image_2d(path) for path in targets]
     written: list[Path] = []
-    with output_set(force) as outputs_set:
+    with output_set(force, inputs=[reference_image, reference_mask, *targets]) as outputs_set:
         claimed = [outputs_set.claim(output_dir / f"{Path(p).stem}_mask.png") for p in targets]
         segmenter = model.build()
         segmenter.set_reference(intensity_mapping(reference)(reference.array[0]), mask)

@@ -2,7 +2,7 @@
 
 An :class:`OutputSet` hands every writer a temporary path beside its final one; only when every file of a run has
 been written are they renamed into place, so a failure leaves no partial output and never replaces an existing file
-unless overwriting was asked for.
+unless overwriting was asked for; an input of the run is never an output, even when overwriting.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import os
 import platform
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,13 +25,16 @@ from insid3_med.imaging.geometry import Volume
 class OutputSet:
     """Final paths -> temporary paths; :meth:`commit` renames them all, :meth:`abort` deletes them."""
 
-    def __init__(self, overwrite: bool = False) -> None:
+    def __init__(self, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> None:
         self.overwrite = overwrite
         self._pending: dict[Path, Path] = {}
+        self._inputs = [Path(path).expanduser().absolute() for path in inputs]
 
     def claim(self, path: str | Path) -> Path:
         """Reserve ``path``; returns the temporary path to write instead (same folder, same suffixes)."""
         final = Path(path).expanduser().absolute()
+        if any(_same_file(final, source) for source in self._inputs):
+            raise OutputExistsError(final, "this output path is an input of the run; write the result elsewhere")
         if final.exists() and not self.overwrite:
             raise OutputExistsError(final, "output exists; use --force to overwrite it")
         if final in self._pending:
@@ -60,10 +63,19 @@ class OutputSet:
         self._pending.clear()
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (links and ``..`` resolved; an absent path is the same only by name)."""
+    try:
+        return a.samefile(b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
 @contextmanager
-def output_set(overwrite: bool = False) -> Iterator[OutputSet]:
-    """``with output_set(force) as outputs:`` claim paths, write to the returned temporaries; commit on success."""
-    outputs = OutputSet(overwrite)
+def output_set(overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[OutputSet]:
+    """``with output_set(force, inputs) as outputs:`` claim paths, write to the returned temporaries; commit on
+    success. ``inputs``: the run's input files, which no output may replace."""
+    outputs = OutputSet(overwrite, inputs)
     try:
         yield outputs
     except BaseException:

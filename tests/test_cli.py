@@ -322,6 +322,26 @@ def test_existing_output_is_kept_without_force(hippocampus: dict[str, Path], tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz"]  # no temporary left behind
 
 
+def test_an_input_is_never_an_output_even_with_force(hippocampus: dict[str, Path], data_file: Callable[[str], Path],
+                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labels = tmp_path / "labels.nii.gz"
+    labels.write_bytes(hippocampus["one"].read_bytes())
+    before = labels.read_bytes()
+    elsewhere = ["-o", str(tmp_path / "x.nii.gz"), "--summary", str(tmp_path / "." / labels.name)]
+    for output in (["-o", str(labels)], elsewhere):
+        code, _, stderr = run_cli(["propagate", str(hippocampus["image"]), str(labels), *output, "--force", *FAST],
+                                  capsys)
+        assert code == 2 and "is an input of the run" in stderr and str(labels) in stderr, stderr
+        assert labels.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz"]
+    # 2D: the reference mask stored where a target's mask would be written (<target stem>_mask.png)
+    mask = tmp_path / "IMD003_mask.png"
+    mask.write_bytes(data_file("ph2/masks/IMD002_lesion.png").read_bytes())
+    code, _, stderr = run_cli(["segment", str(data_file("ph2/images/IMD002.jpg")), str(mask),
+                               str(data_file("ph2/images/IMD003.jpg")), "-o", str(tmp_path), "--force", *FAST], capsys)
+    assert code == 2 and "is an input of the run" in stderr, stderr
+    assert mask.read_bytes() == data_file("ph2/masks/IMD002_lesion.png").read_bytes()
+
+
 def test_2d_bad_inputs(data_file: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     empty = tmp_path / "empty.png"
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(empty)
