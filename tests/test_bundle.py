@@ -367,6 +367,9 @@ def test_network_rejects_bad_input(standin: Path, hippocampus: Path, tmp_path: P
     write_nifti_labels(np.zeros(read_volume(image).shape, np.uint8), read_volume(image), empty)
     with pytest.raises(ImageReadError, match="no labelled voxel"):
         bare.load_reference(image, empty)
+    with pytest.raises(ImageReadError, match="unknown axis 'diagonal'"):
+        OneShotNetwork(image, label, weights=standin, image_size=IMAGE_SIZE, axis="diagonal")
+    assert OneShotNetwork(image, label, weights=standin, image_size=IMAGE_SIZE, axis="auto").reference is not None
     network = OneShotNetwork(image, label, weights=standin, image_size=IMAGE_SIZE, max_shots=1)
     with pytest.raises(ValueError, match=r"scaled to \[0, 1\]"):
         network(torch.full((1, 1, 3, 3, 3), 40.0))
