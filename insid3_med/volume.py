@@ -93,13 +93,6 @@ def slicing_axis(volume: Volume, axis: int | str) -> int:
     raise ValueError(f"unknown axis {axis!r}: use 0/1/2, k/j/i, axial/coronal/sagittal or auto")
 
 
-def anatomical_axis_name(volume: Volume, axis: int) -> str:
-    """"axial", "coronal" or "sagittal": the patient-space plane nearest to the slices along array ``axis``."""
-    direction = volume.geometry.direction_matrix()  # column c: LPS direction of voxel axis c (i, j, k)
-    component = int(np.argmax(np.abs(direction[:, 2 - axis])))
-    return next(name for name, value in PATIENT_AXES.items() if value == component)
-
-
 def drawn_axis(labels: np.ndarray, volume: Volume) -> int | None:
     """The array axis across which the labels were drawn slice by slice, or None where they fill a 3D region.
 
@@ -145,8 +138,8 @@ def axis_mismatch(volume: Volume, labels: np.ndarray, axis: int) -> str | None:
         return None
     names = {value: name for name, value in ARRAY_AXIS_NAMES.items()}
     return (f"the labels are drawn on {count} slice{'s' if count != 1 else ''} across axis {names[drawn]} "
-            f"({anatomical_axis_name(volume, drawn)}) but slices are taken along axis {names[axis]} "
-            f"({anatomical_axis_name(volume, axis)}), where {len(labelled_slices(labels, axis))} slices hold labels "
+            f"({volume.geometry.slice_plane(drawn)}) but slices are taken along axis {names[axis]} "
+            f"({volume.geometry.slice_plane(axis)}), where {len(labelled_slices(labels, axis))} slices hold labels "
             f"and are kept as drawn: give the axis auto (the default) or {names[drawn]}")
 
 
@@ -707,10 +700,10 @@ def transfer_to_study(segmenter: OneShotSegmenter, reference: Volume, reference_
 def study_axes(reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int | str) -> tuple[int, int]:
     """(reference array axis, target array axis) for :func:`transfer_to_study`: ``axis`` resolved in each study;
     "auto" takes the reference's from its labels (:func:`propagation_axis`) and the target's as the same anatomical
-    plane (:func:`anatomical_axis_name`), whatever the order of the target's array axes."""
+    plane (:meth:`~insid3_med.imaging.geometry.Geometry.slice_plane`), whatever the order of the target's array axes."""
     ref_axis = propagation_axis(reference, reference_labels, axis)
     if isinstance(axis, str) and axis.lower() == AUTO_AXIS:
-        return ref_axis, slicing_axis(target, anatomical_axis_name(reference, ref_axis))
+        return ref_axis, slicing_axis(target, reference.geometry.slice_plane(ref_axis))
     return ref_axis, slicing_axis(target, axis)
 
 

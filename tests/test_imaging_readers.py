@@ -263,6 +263,7 @@ def test_describe_a_nifti_file_and_a_photo(data_file):
     assert info["kind"] == "file" and info["format"] == "nifti"
     assert info["shape"] == [155, 240, 240] and info["dtype"] == "float32"
     assert info["spacing"] == [1.0, 1.0, 1.0] and info["preset"] == "mr"
+    assert info["slice_planes"] == {"k": "axial", "j": "coronal", "i": "sagittal"}  # a BraTS volume is stored axially
     volume = read_volume(data_file(BRATS_FLAIR))
     assert info["intensity_min"] == pytest.approx(float(volume.array.min()))
     assert info["intensity_max"] == pytest.approx(float(volume.array.max()))

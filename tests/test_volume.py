@@ -24,7 +24,6 @@ from insid3_med.volume import (
     LabelGridError,
     NoLabelledSliceError,
     acquisition_axis,
-    anatomical_axis_name,
     axis_mismatch,
     drawn_axis,
     labelled_slices,
@@ -689,7 +688,7 @@ def test_auto_axis_falls_back_to_the_acquisition_axis_for_a_whole_segmentation()
     thin = blob((20, 60, 64))
     assert acquisition_axis(Volume(np.zeros(thin.shape, np.float32), Geometry())) == 0  # a thin slab, isotropic
     sagittal = Volume(np.zeros(full.shape, np.float32), Geometry(direction=SAGITTAL_STACK))
-    assert anatomical_axis_name(sagittal, 0) == "sagittal" and anatomical_axis_name(sagittal, 1) == "axial"
+    assert [sagittal.geometry.slice_plane(axis) for axis in range(3)] == ["sagittal", "axial", "coronal"]
     assert acquisition_axis(sagittal) == 1  # isotropic, comparable sizes: the axial slices (rows of the array)
     assert propagation_axis(sagittal, full, "auto") == 1
     assert propagation_axis(sagittal, full, "sagittal") == 0 and propagation_axis(sagittal, full, "k") == 0

@@ -52,6 +52,12 @@ class Geometry:
         """(3, 3) float64; column c is the LPS direction of voxel axis c (i, j, k)."""
         return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
 
+    def slice_plane(self, axis: int) -> str:
+        """"axial", "coronal" or "sagittal": the patient-space plane nearest to the slices across array ``axis``
+        (0, 1 or 2 of a (K, J, I) array), from the direction of voxel axis 2 - ``axis``."""
+        component = int(np.argmax(np.abs(self.direction_matrix()[:, 2 - axis])))  # 0: L, 1: P, 2: S
+        return ("sagittal", "coronal", "axial")[component]
+
     def ijk_to_lps(self) -> np.ndarray:
         """(4, 4) affine mapping homogeneous (i, j, k, 1) voxel indices to LPS millimetres."""
         affine = np.eye(4)

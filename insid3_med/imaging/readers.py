@@ -471,6 +471,7 @@ def _describe_volume(volume: Volume) -> dict[str, Any]:
         info["voi_lut_entries"] = int(len(volume.metadata["voi_lut"]["data"]))
     if "source_files" in volume.metadata:
         info["n_files"] = len(volume.metadata["source_files"])
+    info["slice_planes"] = {name: volume.geometry.slice_plane(axis) for axis, name in enumerate("kji")}
     return info
 
 
