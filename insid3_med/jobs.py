@@ -31,10 +31,12 @@ from insid3_med.volume import (
     AUTO_AXIS,
     ProgressCallback,
     axis_mismatch,
+    check_range_holds_a_labelled_slice,
     labelled_slices,
     propagate_through_slices,
     propagation_axis,
     propagation_description,
+    resolve_slice_range,
     study_axes,
     transfer_to_study,
 )
@@ -176,6 +178,12 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
     labels = read_label_volume(labels_path, volume)
     array_axis, warnings = resolved_axis(volume, labels, labels_path, axis, warn)
     references = labelled_slices(labels, array_axis)
+    if mode == "volume":  # before the model loads, naming the file
+        start, stop = resolve_slice_range(volume.shape[array_axis], slice_range)
+        try:
+            check_range_holds_a_labelled_slice(references, start, stop, array_axis)
+        except ValueError as error:
+            raise ImageReadError(labels_path, str(error)) from error
     intensity_mapping(volume, preset)  # a bad preset fails before the model loads
     with output_set(force, inputs=[volume_path, labels_path, *input_files(volume)]) as outputs_set:
         claimed = check_outputs(outputs, volume, outputs_set)

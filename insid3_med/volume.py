@@ -252,7 +252,9 @@ def check_label_grid(volume: Volume, labels: np.ndarray) -> np.ndarray:
     return labels.astype(label_dtype([float(labels.max())] if labels.size else []), copy=False)
 
 
-def _slice_range(length: int, slice_range: tuple[int, int] | None) -> tuple[int, int]:
+def resolve_slice_range(length: int, slice_range: tuple[int, int] | None) -> tuple[int, int]:
+    """(start, stop) of the half-open ``slice_range`` among ``length`` slices (negative ends count from the end;
+    None: all); a ValueError where it is empty."""
     if slice_range is None:
         return 0, length
     start, stop = slice_range
@@ -261,6 +263,17 @@ def _slice_range(length: int, slice_range: tuple[int, int] | None) -> tuple[int,
     if start >= stop:
         raise ValueError(f"empty slice range {slice_range} for {length} slices")
     return start, stop
+
+
+def check_range_holds_a_labelled_slice(references: Sequence[int], start: int, stop: int, axis: int) -> None:
+    """Raise :class:`NoLabelledSliceError` unless a labelled slice lies in ``start:stop``: the volume mode chains
+    from the labelled slices, so a range without one would stay empty."""
+    if not any(start <= n < stop for n in references):
+        names = {value: name for name, value in ARRAY_AXIS_NAMES.items()}
+        shown = ", ".join(str(n) for n in references[:10]) + (", ..." if len(references) > 10 else "")
+        raise NoLabelledSliceError(f"no labelled slice inside the slice range {start}:{stop} along axis "
+                                   f"{names[axis]} (the labelled slices are {shown}): the volume mode propagates "
+                                   "from a labelled slice, so the range must hold one")
 
 
 def set_references_from_slices(segmenter: OneShotSegmenter, stack: SliceStack, labels: np.ndarray,
@@ -313,11 +326,13 @@ def propagate_through_slices(segmenter: OneShotSegmenter, volume: Volume, labels
     check_propagation_mode(mode)
     labels = check_label_grid(volume, labels)
     axis = propagation_axis(volume, labels, axis)
-    start, stop = _slice_range(volume.shape[axis], slice_range)
+    start, stop = resolve_slice_range(volume.shape[axis], slice_range)
     references = labelled_slices(labels, axis)
     if not references:
         raise NoLabelledSliceError("the label volume has no labelled slice: label the structure on at least one "
                                    "slice")
+    if mode == "volume":
+        check_range_holds_a_labelled_slice(references, start, stop, axis)
     stack = SliceStack(volume, axis, intensity_mapping(volume, preset))
     if mode == "volume":
         params = params or PropagationParams()

@@ -308,6 +308,16 @@ def test_empty_label_volume_and_4d_input_are_refused(hippocampus: dict[str, Path
     assert set(tmp_path.iterdir()) == before
 
 
+def test_a_slice_range_without_a_labelled_slice_is_refused_before_the_model_loads(
+        hippocampus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    best = int(str(hippocampus["best"]))
+    out = tmp_path / "out.nii.gz"
+    code, _, stderr = run_cli(["propagate", str(hippocampus["image"]), str(hippocampus["one"]), "-o", str(out),
+                               "--slices", f"{best + 1}:{best + 5}", "--weights", str(tmp_path / "absent")], capsys)
+    assert code == 2 and str(hippocampus["one"]) in stderr and f"labelled slices are {best}" in stderr, stderr
+    assert not out.exists()
+
+
 def test_existing_output_is_kept_without_force(hippocampus: dict[str, Path], tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out.nii.gz"

@@ -191,6 +191,10 @@ def test_volume_mode_respects_the_slice_range_and_carries_label_values() -> None
                                       slice_range=(4, 7), params=PropagationParams(image_size=112))
     assert set(np.unique(output)) == {0, 7}
     assert labelled_slices(output, 0) == [4, 5, 6]
+    with pytest.raises(NoLabelledSliceError, match=r"no labelled slice inside the slice range 7:12 along axis k "
+                                                   r"\(the labelled slices are 5\)"):
+        propagate_through_slices(segmenter, volume, only_slice(truth, 5), axis=0,  # type: ignore[arg-type]
+                                 slice_range=(7, 12))
 
 
 @pytest.mark.parametrize(("self_propagation", "random_walk_beta"), [(True, None), (False, None), (True, 130.0)])
