@@ -256,16 +256,41 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
     return summaries
 
 
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
+MAX_MASK_LABELS = 64
+"""More distinct values than this in a lossless 2D mask: a grey-scale image given as the mask, refused."""
+
+
 def read_mask_2d(path: Path, like: Volume) -> np.ndarray:
-    """A 2D label mask (PNG ...) as an (H, W) int64 label map; 0/255 masks become 0/1."""
+    """A 2D label mask as an (H, W) int64 label map: grey or palette values are the labels, except that a black and
+    white mask (0/255) and a mask of one colour on black give 0/1, and a JPEG mask (lossy compression blurs its
+    edges into other values) is thresholded at 128 into 0/1."""
     mask = read_image_2d(path).array[0]
-    if mask.ndim == 3:
-        mask = mask[..., 0]
-    if mask.shape != like.array.shape[1:3]:
-        raise ImageReadError(path, f"mask size {mask.shape} differs from its image's {like.array.shape[1:3]}")
+    if mask.shape[:2] != like.array.shape[1:3]:
+        raise ImageReadError(path, f"mask size {mask.shape[:2]} differs from its image's {like.array.shape[1:3]}")
+    lossy = path.suffix.lower() in LOSSY_SUFFIXES
+    if mask.ndim == 3:  # colour: its channels differ somewhere
+        if not lossy:
+            colours = np.unique(mask.reshape(-1, 3), axis=0)
+            colours = colours[colours.any(axis=1)]
+            if len(colours) > 1:
+                raise ImageReadError(path, f"colour mask with {len(colours)} colours: save one label value per "
+                                     "structure in a grey-scale or palette PNG (0 = background)")
+            mask = np.where(mask.any(axis=-1), 255, 0)  # one colour on black: one structure
+        else:
+            mask = mask.max(axis=-1)
     mask = np.rint(mask).astype(np.int64)
-    values = set(np.unique(mask).tolist())
-    if values <= {0, 255}:
+    values = np.unique(mask)
+    if lossy:
+        grey = np.count_nonzero((mask >= 64) & (mask < 192)) / mask.size
+        if grey > 0.02:
+            raise ImageReadError(path, f"{grey:.0%} of its pixels are grey, neither near black nor near white: a "
+                                 "JPEG mask must be black and white (several labels need a lossless PNG)")
+        mask = (mask >= 128).astype(np.int64)
+    elif len(values) > MAX_MASK_LABELS + 1:
+        raise ImageReadError(path, f"{len(values)} distinct values: a grey-scale image rather than a label mask "
+                             "(0 = background, one value per structure)?")
+    elif set(values.tolist()) <= {0, 255}:
         mask = (mask > 0).astype(np.int64)
     if not mask.any():
         raise ImageReadError(path, "the reference mask is empty")

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from insid3_med.cli import main
+from insid3_med.imaging.errors import ImageReadError
 from insid3_med.imaging.readers import read_label_names, read_label_volume, read_volume
 from insid3_med.imaging.writers import write_nifti_labels
 
@@ -366,6 +367,36 @@ def test_2d_bad_inputs(data_file: Callable[[str], Path], tmp_path: Path, capsys:
                                "-o", str(outdir), *FAST], capsys)
     assert code == 2 and "broken.png" in stderr
     assert list(outdir.iterdir()) == []
+
+
+def test_2d_masks_saved_as_jpeg_or_in_colour_read_as_one_structure(data_file: Callable[[str], Path],
+                                                                    tmp_path: Path) -> None:
+    from insid3_med.imaging.readers import read_image_2d
+    from insid3_med.jobs import read_mask_2d
+
+    like = read_image_2d(data_file("ph2/images/IMD002.jpg"))
+    drawn = np.asarray(Image.open(data_file("ph2/masks/IMD002_lesion.png")).convert("L")) > 127
+    green = np.zeros(drawn.shape + (3,), np.uint8)
+    green[drawn] = (0, 200, 0)
+    saved = {"grey.jpg": Image.fromarray(drawn.astype(np.uint8) * 255), "green.png": Image.fromarray(green),
+             "green.jpg": Image.fromarray(green)}
+    for name, image in saved.items():
+        image.save(tmp_path / name, quality=85)
+        mask = read_mask_2d(tmp_path / name, like)
+        assert set(np.unique(mask)) == {0, 1}, name
+        assert np.count_nonzero(mask != drawn) < 0.002 * drawn.size, name  # JPEG: at most a few edge pixels
+    if len(np.unique(np.asarray(Image.open(tmp_path / "grey.jpg")))) <= 2:
+        pytest.fail("the JPEG mask came back without compression noise: the case no longer tests it")
+    two = green.copy()
+    two[: drawn.shape[0] // 2][drawn[: drawn.shape[0] // 2]] = (200, 0, 0)
+    Image.fromarray(two).save(tmp_path / "two.png")
+    photo = np.asarray(Image.open(data_file("ph2/images/IMD002.jpg")).convert("L"))
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    Image.fromarray(photo).save(tmp_path / "photo.jpg")
+    for name, message in (("two.png", "colour mask with 2 colours"), ("photo.png", "distinct values"),
+                          ("photo.jpg", "must be black and white")):
+        with pytest.raises(ImageReadError, match=message):
+            read_mask_2d(tmp_path / name, like)
 
 
 def test_missing_weights_exit_3_with_instructions(hippocampus: dict[str, Path], tmp_path: Path) -> None:
