@@ -42,6 +42,8 @@ from insid3_med.imaging.readers import read_label_volume
 from insid3_med.predictor import OneShotSegmenter
 from insid3_med.propagation import params_from_settings
 from insid3_med.volume import (
+    AUTO_AXIS,
+    axis_mismatch,
     check_label_grid,
     labelled_slices,
     propagate_through_slices,
@@ -425,6 +427,9 @@ class OneShotNetwork(nn.Module):
             axis = propagation_axis(volume, labels, self.axis)
         except ValueError as error:
             raise ImageReadError(label_path, str(error)) from error
+        mismatch = axis_mismatch(volume, labels, axis) if str(self.axis).lower() != AUTO_AXIS else None
+        if mismatch:
+            logger.warning("%s: %s", label, mismatch)
         reference = BundleReference(volume, labels, image_path, label_path)
         logger.info("reference %s with labels %s from %s (%d labelled slices along %s: array axis %d)", image,
                     reference.label_values, label, len(labelled_slices(labels, axis)), self.axis, axis)

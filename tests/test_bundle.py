@@ -350,7 +350,8 @@ def test_state_for_other_settings_is_not_applied(standin: Path, tmp_path: Path,
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt"]
 
 
-def test_network_rejects_bad_input(standin: Path, hippocampus: Path, tmp_path: Path) -> None:
+def test_network_rejects_bad_input(standin: Path, hippocampus: Path, tmp_path: Path,
+                                   caplog: pytest.LogCaptureFixture) -> None:
     image = hippocampus / "images" / f"{REFERENCE}.nii.gz"
     label = hippocampus / "labels" / f"{REFERENCE}.nii.gz"
     bare = OneShotNetwork(weights=standin, image_size=IMAGE_SIZE)
@@ -370,6 +371,14 @@ def test_network_rejects_bad_input(standin: Path, hippocampus: Path, tmp_path: P
     with pytest.raises(ImageReadError, match="unknown axis 'diagonal'"):
         OneShotNetwork(image, label, weights=standin, image_size=IMAGE_SIZE, axis="diagonal")
     assert OneShotNetwork(image, label, weights=standin, image_size=IMAGE_SIZE, axis="auto").reference is not None
+    sagittal = tmp_path / "sagittal.nii.gz"  # one sagittal slice labelled (array axis i), slices taken axially
+    full = read_label_volume(label, read_volume(image))
+    one = np.zeros_like(full)
+    one[:, :, 17] = full[:, :, 17]
+    write_nifti_labels(one, read_volume(image), sagittal)
+    with caplog.at_level(logging.WARNING, logger="insid3_med.bundle"):
+        OneShotNetwork(image, sagittal, weights=standin, image_size=IMAGE_SIZE, axis="axial")
+    assert "drawn on 1 slice across" in caplog.text and "(sagittal)" in caplog.text, caplog.text
     network = OneShotNetwork(image, label, weights=standin, image_size=IMAGE_SIZE, max_shots=1)
     with pytest.raises(ValueError, match=r"scaled to \[0, 1\]"):
         network(torch.full((1, 1, 3, 3, 3), 40.0))
