@@ -22,7 +22,13 @@ from insid3_med.imaging.errors import ImageReadError
 from insid3_med.imaging.geometry import Volume
 from insid3_med.imaging.intensity import intensity_mapping
 from insid3_med.imaging.overlay import write_overlay_montage
-from insid3_med.imaging.readers import read_image_2d, read_label_names, read_label_volume, read_volume
+from insid3_med.imaging.readers import (
+    IMAGE_2D_SUFFIXES,
+    read_image_2d,
+    read_label_names,
+    read_label_volume,
+    read_volume,
+)
 from insid3_med.imaging.writers import write_dicom_seg, write_nifti_labels, write_seg_nrrd
 from insid3_med.outputs import OutputSet, label_statistics, output_set, write_json
 from insid3_med.predictor import OneShotSegmenter
@@ -107,6 +113,14 @@ def volume_stem(path: Path) -> str:
     return name
 
 
+def read_study(path: Path, series_uid: str | None = None) -> Volume:
+    """A volume for ``propagate`` or ``transfer``; a 2D image file (PNG, JPEG ...) is refused, naming ``segment``."""
+    if path.suffix.lower() in IMAGE_2D_SUFFIXES:
+        raise ImageReadError(path, "a 2D image: propagate and transfer take volumes (NIfTI, NRRD, MHA or a DICOM "
+                             "series folder); segment 2D images with `insid3-med segment`")
+    return read_volume(path, series_uid=series_uid)
+
+
 def input_files(volume: Volume) -> list[Path]:
     """The files a volume was read from where it came from a folder (a DICOM series' slices); else none."""
     return [Path(path) for path in volume.metadata.get("source_files", ())]
@@ -174,7 +188,7 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
     """
     propagation = propagation_description(mode, params)  # a bad mode fails before anything is read
     started = time.perf_counter()
-    volume = read_volume(volume_path, series_uid=series_uid)
+    volume = read_study(volume_path, series_uid=series_uid)
     labels = read_label_volume(labels_path, volume)
     array_axis, warnings = resolved_axis(volume, labels, labels_path, axis, warn)
     references = labelled_slices(labels, array_axis)
@@ -215,12 +229,12 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
     was labelled in).
     """
     propagation = propagation_description(mode, params)
-    reference = read_volume(reference_path)
+    reference = read_study(reference_path)
     reference_labels = read_label_volume(reference_labels_path, reference)
     _, warnings = resolved_axis(reference, reference_labels, reference_labels_path, axis, warn)
     if not output_dir.is_dir():
         raise ImageReadError(output_dir, "output folder does not exist")
-    studies = [(path, read_volume(path)) for path in targets]
+    studies = [(path, read_study(path)) for path in targets]
     stems = [volume_stem(path) for path in targets]
     if len(set(stems)) != len(stems):
         raise ImageReadError(output_dir, f"targets share a name, so their outputs would collide: {stems}")

@@ -291,6 +291,13 @@ def test_bad_inputs_exit_2_and_write_nothing(hippocampus: dict[str, Path], data_
         assert code == 2, (args, stderr)
         assert expected.lower() in stderr.lower(), stderr
         assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+    # a 2D photograph as a volume (propagate) or as a target study (transfer): segment is the command for it
+    photo = str(data_file("ph2/images/IMD003.jpg"))
+    for command in (["propagate", photo, str(hippocampus["one"]), "-o", str(out)],
+                    ["transfer", str(hippocampus["image"]), str(hippocampus["one"]), photo, "-o", str(tmp_path)]):
+        code, _, stderr = run_cli([*command, *FAST], capsys)
+        assert code == 2 and "IMD003.jpg" in stderr and "insid3-med segment" in stderr, stderr
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_empty_label_volume_and_4d_input_are_refused(hippocampus: dict[str, Path], tmp_path: Path,
