@@ -441,9 +441,27 @@ def resolve_weights(weights: str | Path | None, cache_dir: str | Path | None = N
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """The given device, else cuda, mps or cpu, in that order of preference."""
+    """The given device, else cuda, mps or cpu, in that order of preference.
+
+    A device that cannot be named or is not available to this PyTorch raises a ValueError that says so.
+    """
     if device is not None and str(device) not in ("", "auto"):
-        return torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except RuntimeError as error:
+            raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps") from error
+        if chosen.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ValueError(f"device {str(device)!r}: no CUDA GPU is available to this PyTorch "
+                                 f"({torch.__version__}); leave the device out or use cpu")
+            if chosen.index is not None and chosen.index >= count:
+                raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s), numbered from 0")
+        if chosen.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                         and torch.backends.mps.is_available()):
+            raise ValueError(f"device {str(device)!r}: Apple's MPS is not available to this PyTorch; leave the "
+                             "device out or use cpu")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

@@ -81,9 +81,11 @@ def propagation_params(args: argparse.Namespace):  # noqa: ANN201 - imported laz
 
 
 def model_options(args: argparse.Namespace):  # noqa: ANN201 - imported lazily to keep --help fast
+    from insid3_med.backbones import pick_device
     from insid3_med.engine import EngineParams
     from insid3_med.jobs import ModelOptions
 
+    pick_device(args.device)  # a device that is not there fails before anything is read
     return ModelOptions(weights=args.weights, device=args.device, precision=args.precision,
                         image_size=args.image_size, feature_block=args.feature_block, fit=args.fit,
                         params=EngineParams(tau=args.tau, merge_threshold=args.merge_threshold,

@@ -15,6 +15,7 @@ from insid3_med.backbones import (
     WeightsFormatError,
     WeightsNotFoundError,
     load_backbone,
+    pick_device,
     resolve_weights,
 )
 
@@ -239,3 +240,12 @@ def test_auto_precision_is_bf16_only_for_the_chained_propagation_on_a_native_bf1
     assert backbones.resolve_precision("auto", "cpu", chained=True) == "fp32"
     with pytest.raises(ValueError, match="precision must be"):
         backbones.resolve_precision("fp16")
+
+
+def test_a_device_that_is_not_there_is_named_in_a_value_error() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        pick_device("tpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match="no CUDA GPU" if count == 0 else "numbered from 0"):
+        pick_device(f"cuda:{count}")

@@ -291,6 +291,10 @@ def test_bad_inputs_exit_2_and_write_nothing(hippocampus: dict[str, Path], data_
         assert code == 2, (args, stderr)
         assert expected.lower() in stderr.lower(), stderr
         assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+    # a device that is not there: named before anything is read (the volume here does not even exist)
+    code, _, stderr = run_cli(["propagate", str(tmp_path / "missing.nii.gz"), str(hippocampus["one"]), "-o",
+                               str(out), *FAST, "--device", "tpu"], capsys)
+    assert code == 2 and "unknown device 'tpu'" in stderr and "Traceback" not in stderr, stderr
     # a 2D photograph as a volume (propagate) or as a target study (transfer): segment is the command for it
     photo = str(data_file("ph2/images/IMD003.jpg"))
     for command in (["propagate", photo, str(hippocampus["one"]), "-o", str(out)],
