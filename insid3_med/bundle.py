@@ -42,9 +42,9 @@ from insid3_med.imaging.readers import read_label_volume
 from insid3_med.predictor import OneShotSegmenter
 from insid3_med.propagation import params_from_settings
 from insid3_med.volume import (
-    AUTO_AXIS,
     axis_mismatch,
     check_label_grid,
+    is_auto_axis,
     labelled_slices,
     propagate_through_slices,
     propagation_axis,
@@ -427,7 +427,7 @@ class OneShotNetwork(nn.Module):
             axis = propagation_axis(volume, labels, self.axis)
         except ValueError as error:
             raise ImageReadError(label_path, str(error)) from error
-        mismatch = axis_mismatch(volume, labels, axis) if str(self.axis).lower() != AUTO_AXIS else None
+        mismatch = None if is_auto_axis(self.axis) else axis_mismatch(volume, labels, axis)
         if mismatch:
             logger.warning("%s: %s", label, mismatch)
         reference = BundleReference(volume, labels, image_path, label_path)

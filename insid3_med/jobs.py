@@ -38,6 +38,7 @@ from insid3_med.volume import (
     ProgressCallback,
     axis_mismatch,
     check_range_holds_a_labelled_slice,
+    is_auto_axis,
     labelled_slices,
     propagate_through_slices,
     propagation_axis,
@@ -166,8 +167,7 @@ def resolved_axis(volume: Volume, labels: np.ndarray, labels_path: Path, axis: i
         raise ImageReadError(labels_path, "no labelled slice (the label map is empty): label the structure on at "
                              "least one slice")
     array_axis = propagation_axis(volume, labels, axis)
-    explicit = not (isinstance(axis, str) and axis.lower() == AUTO_AXIS)
-    mismatch = axis_mismatch(volume, labels, array_axis) if explicit else None
+    mismatch = None if is_auto_axis(axis) else axis_mismatch(volume, labels, array_axis)
     warnings = [f"{labels_path}: {mismatch}"] if mismatch else []
     for message in warnings:
         if warn is not None:

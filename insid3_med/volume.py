@@ -61,6 +61,7 @@ from insid3_med.refinement import boundary_box, refine_boundaries, walk_calibrat
 ProgressCallback = Callable[[int, int], None]
 
 ARRAY_AXIS_NAMES = {"k": 0, "j": 1, "i": 2}
+ARRAY_AXIS_LETTERS = "kji"  # array axis -> its name in ARRAY_AXIS_NAMES
 PATIENT_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # LPS component of the slice normal
 PROPAGATION_MODES = ("volume", "published")
 AUTO_AXIS = "auto"
@@ -93,6 +94,11 @@ def slicing_axis(volume: Volume, axis: int | str) -> int:
     raise ValueError(f"unknown axis {axis!r}: use 0/1/2, k/j/i, axial/coronal/sagittal or auto")
 
 
+def is_auto_axis(axis: int | str) -> bool:
+    """Whether ``axis`` asks for the axis to be chosen from the labels (``"auto"``, any case)."""
+    return isinstance(axis, str) and axis.lower() == AUTO_AXIS
+
+
 def drawn_axis(labels: np.ndarray, volume: Volume) -> int | None:
     """The array axis across which the labels were drawn slice by slice, or None where they fill a 3D region.
 
@@ -118,7 +124,7 @@ def drawn_axis(labels: np.ndarray, volume: Volume) -> int | None:
 def propagation_axis(volume: Volume, labels: np.ndarray, axis: int | str) -> int:
     """The array axis to slice along: ``axis`` as :func:`slicing_axis` reads it, or for ``"auto"`` the axis the
     labels were drawn across (:func:`drawn_axis`), the acquisition's slice axis where they fill a 3D region."""
-    if isinstance(axis, str) and axis.lower() == AUTO_AXIS:
+    if is_auto_axis(axis):
         drawn = drawn_axis(labels, volume)
         return drawn if drawn is not None else acquisition_axis(volume)
     return slicing_axis(volume, axis)
@@ -136,7 +142,7 @@ def axis_mismatch(volume: Volume, labels: np.ndarray, axis: int) -> str | None:
     count = len(slices)
     if count > 1 and slices[-1] - slices[0] + 1 == count:
         return None
-    names = {value: name for name, value in ARRAY_AXIS_NAMES.items()}
+    names = ARRAY_AXIS_LETTERS
     return (f"the labels are drawn on {count} slice{'s' if count != 1 else ''} across axis {names[drawn]} "
             f"({volume.geometry.slice_plane(drawn)}) but slices are taken along axis {names[axis]} "
             f"({volume.geometry.slice_plane(axis)}), where {len(labelled_slices(labels, axis))} slices hold labels "
@@ -269,11 +275,10 @@ def check_range_holds_a_labelled_slice(references: Sequence[int], start: int, st
     """Raise :class:`NoLabelledSliceError` unless a labelled slice lies in ``start:stop``: the volume mode chains
     from the labelled slices, so a range without one would stay empty."""
     if not any(start <= n < stop for n in references):
-        names = {value: name for name, value in ARRAY_AXIS_NAMES.items()}
         shown = ", ".join(str(n) for n in references[:10]) + (", ..." if len(references) > 10 else "")
         raise NoLabelledSliceError(f"no labelled slice inside the slice range {start}:{stop} along axis "
-                                   f"{names[axis]} (the labelled slices are {shown}): the volume mode propagates "
-                                   "from a labelled slice, so the range must hold one")
+                                   f"{ARRAY_AXIS_LETTERS[axis]} (the labelled slices are {shown}): the volume mode "
+                                   "propagates from a labelled slice, so the range must hold one")
 
 
 def set_references_from_slices(segmenter: OneShotSegmenter, stack: SliceStack, labels: np.ndarray,
@@ -717,7 +722,7 @@ def study_axes(reference: Volume, reference_labels: np.ndarray, target: Volume, 
     "auto" takes the reference's from its labels (:func:`propagation_axis`) and the target's as the same anatomical
     plane (:meth:`~insid3_med.imaging.geometry.Geometry.slice_plane`), whatever the order of the target's array axes."""
     ref_axis = propagation_axis(reference, reference_labels, axis)
-    if isinstance(axis, str) and axis.lower() == AUTO_AXIS:
+    if is_auto_axis(axis):
         return ref_axis, slicing_axis(target, reference.geometry.slice_plane(ref_axis))
     return ref_axis, slicing_axis(target, axis)
 
