@@ -27,6 +27,7 @@ import pydicom
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
+from monai.data.image_writer import NibabelWriter
 from monai.data.utils import create_file_basename
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform, Orientationd
 from monai.utils import convert_to_dst_type
@@ -39,6 +40,7 @@ from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError, Output
 from insid3_med.imaging.geometry import Geometry, Volume
 from insid3_med.imaging.intensity import intensity_mapping
 from insid3_med.imaging.readers import read_label_volume
+from insid3_med.outputs import partial_path, same_file
 from insid3_med.predictor import OneShotSegmenter
 from insid3_med.propagation import params_from_settings
 from insid3_med.volume import (
@@ -285,15 +287,6 @@ def _existing_reference_path(name: str, path: str | Path | None, either: str | P
     return Path(path)
 
 
-def _same_file(a: str | Path | None, b: str | Path | None) -> bool:
-    if not a or not b:
-        return False
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return Path(a).resolve() == Path(b).resolve()
-
-
 def _rank() -> str:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return f" [rank {torch.distributed.get_rank()}/{torch.distributed.get_world_size()}]"
@@ -444,7 +437,8 @@ class OneShotNetwork(nn.Module):
                              "--reference_label PATH)")
         self.segmenter.state_basis = self.positional_basis
         reference = self.reference
-        if _same_file(volume.source, reference.image_path) and volume.shape == reference.volume.shape:
+        is_reference = volume.source is not None and same_file(volume.source, reference.image_path)
+        if is_reference and volume.shape == reference.volume.shape:
             return propagate_through_slices(self.segmenter, volume, reference.labels, axis=self.axis,
                                             preset=UNIT_PRESET, batch_size=self.batch_size, mode=self.mode,
                                             params=self.params)
@@ -500,17 +494,45 @@ def write_network_state(path: str | Path, network: OneShotNetwork | None = None,
 
 
 def check_outputs_absent(studies: Sequence[str | Path], output_dir: str | Path, output_postfix: str,
-                         output_ext: str, separate_folder: bool = True, overwrite: bool = False) -> list[Path]:
-    """The label maps SaveImaged will write for ``studies``; raises OutputExistsError if one exists and not
-    ``overwrite`` (MONAI's writer itself replaces files silently)."""
+                         output_ext: str, separate_folder: bool = True, overwrite: bool = False,
+                         inputs: Sequence[str | Path | None] = ()) -> list[Path]:
+    """The label maps SaveImaged will write for ``studies``.
+
+    Raises OutputExistsError if one exists and not ``overwrite`` (MONAI's writer itself replaces files silently),
+    or, even with ``overwrite``, if one would replace a study or another of the run's ``inputs`` (the reference
+    image and label map; ``None`` entries are skipped).
+    """
     planned = [Path(create_file_basename(output_postfix, str(study), str(output_dir), separate_folder=separate_folder,
                                          makedirs=False) + output_ext) for study in studies]
+    sources = [Path(path) for path in [*studies, *inputs] if path is not None]
+    for path in planned:
+        if any(same_file(path, source) for source in sources):
+            raise OutputExistsError(path, "this output would replace an input of the run (a study or the reference); "
+                                          "choose another --output_dir or --output_postfix")
     existing = [path for path in planned if path.exists()]
     if existing and not overwrite:
         listing = ", ".join(str(path) for path in existing[:5]) + (" ..." if len(existing) > 5 else "")
         raise OutputExistsError(Path(output_dir), f"{len(existing)} output(s) exist ({listing}); choose another "
                                                   "--output_dir or pass --overwrite true")
     return planned
+
+
+class AtomicNibabelWriter(NibabelWriter):
+    """MONAI's NIfTI writer, writing each file to a temporary name beside it and renaming it into place.
+
+    ``SaveImaged(writer=AtomicNibabelWriter)``: a run stopped while writing leaves no partial label map under the
+    final name (the temporary file is deleted on an error; only a killed process can leave one, named
+    ``.insid3-partial-*``), and an existing file is replaced only once its successor is complete.
+    """
+
+    def write(self, filename: str | os.PathLike[str], verbose: bool = False, **obj_kwargs: Any) -> None:
+        final = Path(filename)
+        temporary = partial_path(final)
+        try:
+            super().write(temporary, verbose=verbose, **obj_kwargs)
+            os.replace(temporary, final)
+        finally:
+            temporary.unlink(missing_ok=True)
 
 
 def locate_bundle_root(start: str | Path | None = None) -> str:
@@ -527,6 +549,7 @@ def locate_bundle_root(start: str | Path | None = None) -> str:
 
 
 __all__: Sequence[str] = [
+    "AtomicNibabelWriter",
     "BundleReference",
     "check_outputs_absent",
     "OneShotNetwork",

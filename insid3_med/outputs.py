@@ -33,7 +33,7 @@ class OutputSet:
     def claim(self, path: str | Path) -> Path:
         """Reserve ``path``; returns the temporary path to write instead (same folder, same suffixes)."""
         final = Path(path).expanduser().absolute()
-        if any(_same_file(final, source) for source in self._inputs):
+        if any(same_file(final, source) for source in self._inputs):
             raise OutputExistsError(final, "this output path is an input of the run; write the result elsewhere")
         if final.exists() and not self.overwrite:
             raise OutputExistsError(final, "output exists; use --force to overwrite it")
@@ -41,7 +41,7 @@ class OutputSet:
             raise OutputExistsError(final, "the same output path is used twice")
         if not final.parent.is_dir():
             raise OutputExistsError(final.parent, "output folder does not exist")
-        temporary = final.with_name(f".insid3-partial-{uuid.uuid4().hex[:8]}-{final.name}")
+        temporary = partial_path(final)
         self._pending[final] = temporary
         return temporary
 
@@ -63,12 +63,17 @@ class OutputSet:
         self._pending.clear()
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def partial_path(final: Path) -> Path:
+    """A fresh temporary name beside ``final`` that keeps its suffixes (writers pick the format from them)."""
+    return final.with_name(f".insid3-partial-{uuid.uuid4().hex[:8]}-{final.name}")
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
     """Whether two paths name one file (links and ``..`` resolved; an absent path is the same only by name)."""
     try:
-        return a.samefile(b)
+        return os.path.samefile(a, b)
     except OSError:
-        return a.resolve() == b.resolve()
+        return Path(a).resolve() == Path(b).resolve()
 
 
 @contextmanager

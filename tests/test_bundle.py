@@ -303,6 +303,7 @@ def test_configs_define_the_inference_properties() -> None:
     assert "$import torch.distributed as dist" in parser.get("imports")
     assert parser.get("weights") == "$os.environ.get('INSID3_MED_WEIGHTS')"
     assert parser.get("postprocessing#transforms#1#_target_") == "SaveImaged"
+    assert parser.get("postprocessing#transforms#1#writer") == "$insid3_bundle.AtomicNibabelWriter"
 
 
 def test_locate_bundle_root(tmp_path: Path) -> None:
@@ -502,3 +503,64 @@ def test_bundle_runs_distributed_on_two_cpu_processes(tmp_path: Path, nifti_data
     assert {rank for _, rank in segmented} == {"0", "1"}, segmented  # both processes worked
     check_outputs(output_dir, nifti_dataset, expected_labels)
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing the outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def bundle_save_transform(output_dir: Path) -> object:
+    """The configured SaveImaged, as the bundle builds it (inference.json's postprocessing, last transform)."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG))
+    parser["bundle_root"] = str(BUNDLE)
+    parser["output_dir"] = str(output_dir)
+    parser["separate_folder"] = False
+    return parser.get_parsed_content("postprocessing").transforms[-1]
+
+
+def label_prediction(path: str, value: int) -> dict[str, MetaTensor]:
+    array = torch.full((1, 6, 5, 4), value, dtype=torch.uint8)
+    return {"pred": MetaTensor(array, affine=torch.eye(4), meta={"filename_or_obj": path})}
+
+
+def test_bundle_writes_each_label_map_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that fails half-way leaves neither a partial file nor a temporary one, and keeps the earlier file."""
+    save = bundle_save_transform(tmp_path)
+    save(label_prediction("/data/case_01.nii.gz", 2))
+    written = tmp_path / "case_01_seg.nii.gz"
+    np.testing.assert_array_equal(np.asanyarray(nib.load(written).dataobj), np.full((6, 5, 4), 2))
+
+    def fails_half_way(image: nib.Nifti1Image, filename: str) -> None:
+        Path(filename).write_bytes(b"\x1f\x8b truncated")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", fails_half_way)
+    with pytest.raises(Exception, match="disk full"):
+        save(label_prediction("/data/case_01.nii.gz", 3))
+    with pytest.raises(Exception, match="disk full"):
+        save(label_prediction("/data/case_02.nii.gz", 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case_01_seg.nii.gz"]
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.asanyarray(nib.load(written).dataobj), np.full((6, 5, 4), 2))
+
+
+def test_no_output_replaces_an_input_even_with_overwrite(tmp_path: Path) -> None:
+    studies = [tmp_path / "case_01.nii.gz", tmp_path / "case_02.nii.gz"]
+    for study in studies:
+        study.write_bytes(b"study")
+    reference_label = tmp_path / "labels" / "case_01.nii.gz"
+    # An empty postfix in the dataset folder names each study itself.
+    with pytest.raises(OutputExistsError, match="replace an input.*case_01.nii.gz|case_01.nii.gz.*replace an input"):
+        check_outputs_absent(studies, tmp_path, "", ".nii.gz", separate_folder=False, overwrite=True)
+    # The reference label map is an input too, even where it is not one of the studies.
+    reference_label.parent.mkdir()
+    reference_label.write_bytes(b"label")
+    with pytest.raises(OutputExistsError, match="replace an input"):
+        check_outputs_absent(studies[:1], reference_label.parent, "", ".nii.gz", separate_folder=False,
+                             overwrite=True, inputs=[None, reference_label])
+    planned = check_outputs_absent(studies, tmp_path, "seg", ".nii.gz", separate_folder=False, overwrite=True,
+                                   inputs=[studies[0], reference_label])
+    assert planned == [tmp_path / "case_01_seg.nii.gz", tmp_path / "case_02_seg.nii.gz"]
+    assert all(study.read_bytes() == b"study" for study in studies)
