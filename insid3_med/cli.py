@@ -146,7 +146,7 @@ def command_propagate(args: argparse.Namespace) -> int:
 
     summary = propagate_file(args.volume, args.labels, volume_outputs(args), model_options(args), axis=args.axis,
                              slice_range=args.slices, preset=args.preset, force=args.force,
-                             series_uid=args.series_uid, mode=args.mode, params=propagation_params(args),
+                             series=args.series, mode=args.mode, params=propagation_params(args),
                              progress=progress_reporter(args.progress, "propagate"), warn=print_warning)
     print(f"wrote {args.output} ({summary['timings_s']['propagate']:.1f} s)")
     return 0
@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     propagate.add_argument("labels", type=Path, help="label volume on the same grid with one or more labelled slices")
     propagate.add_argument("-o", "--output", type=Path, required=True, help="output label map (.nii.gz)")
     propagate.add_argument("--slices", type=parse_slices, help="only slices A:B (half-open)")
-    propagate.add_argument("--series-uid", help="SeriesInstanceUID when the DICOM folder holds several series")
+    propagate.add_argument("--series", "--series-uid", dest="series", help="the series to read when the DICOM folder "
+                           "holds several: its series number or SeriesInstanceUID")
     add_volume_options(propagate, flags_only=False)
     propagate.set_defaults(handler=command_propagate)
 

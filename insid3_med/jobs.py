@@ -18,7 +18,7 @@ from PIL import Image
 
 from insid3_med.backbones import Backbone, load_backbone, resolve_precision
 from insid3_med.engine import EngineParams
-from insid3_med.imaging.errors import ImageReadError
+from insid3_med.imaging.errors import ImageReadError, SeveralSeriesError
 from insid3_med.imaging.geometry import Volume
 from insid3_med.imaging.intensity import intensity_mapping
 from insid3_med.imaging.overlay import write_overlay_montage
@@ -114,12 +114,31 @@ def volume_stem(path: Path) -> str:
     return name
 
 
-def read_study(path: Path, series_uid: str | None = None) -> Volume:
-    """A volume for ``propagate`` or ``transfer``; a 2D image file (PNG, JPEG ...) is refused, naming ``segment``."""
+def read_study(path: Path, series: str | None = None) -> Volume:
+    """A volume for ``propagate`` or ``transfer``.
+
+    A DICOM image file stands for its whole series; ``series`` (a series number or a SeriesInstanceUID) picks one
+    series of a DICOM folder. A 2D image file (PNG, JPEG ...) is refused, naming ``segment``; a folder of several
+    series without a choice is refused, listing them and saying how to choose.
+    """
     if path.suffix.lower() in IMAGE_2D_SUFFIXES:
         raise ImageReadError(path, "a 2D image: propagate and transfer take volumes (NIfTI, NRRD, MHA or a DICOM "
                              "series folder); segment 2D images with `insid3-med segment`")
-    return read_volume(path, series_uid=series_uid)
+    number, uid = (int(series), None) if series is not None and series.isdigit() else (None, series)
+    try:
+        return read_volume(path, series_uid=uid, series_number=number, whole_series=True)
+    except SeveralSeriesError as error:
+        raise ImageReadError(path, f"{error.problem}\ngive one of its files in place of the folder (any file of a "
+                             "series stands for the whole series), or, with propagate, --series NUMBER") from error
+
+
+def study_stem(path: Path, volume: Volume) -> str:
+    """The name a study's outputs start with: the file's stem or the DICOM folder's name; a DICOM series given by
+    one of its files is named by its folder and series number (``<folder>_series<N>``)."""
+    if path.is_file() and "source_files" in volume.metadata and volume.shape[0] > 1:
+        number = volume.metadata.get("series_number")
+        return f"{path.parent.name}_series{number}" if number is not None else f"{path.parent.name}_{path.stem}"
+    return volume_stem(path)
 
 
 def input_files(volume: Volume) -> list[Path]:
@@ -177,7 +196,7 @@ def resolved_axis(volume: Volume, labels: np.ndarray, labels_path: Path, axis: i
 
 def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs, model: ModelOptions, *,
                    axis: int | str = AUTO_AXIS, slice_range: tuple[int, int] | None = None, preset: str | None = None,
-                   force: bool = False, series_uid: str | None = None, mode: str = "volume",
+                   force: bool = False, series: str | None = None, mode: str = "volume",
                    params: PropagationParams | None = None,
                    progress: ProgressCallback | None = None, warn: Warn | None = None) -> dict[str, Any]:
     """``insid3-med propagate``: labelled slices of ``labels_path`` through ``volume_path``; returns the summary.
@@ -188,7 +207,7 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
     """
     propagation = propagation_description(mode, params)  # a bad mode fails before anything is read
     started = time.perf_counter()
-    volume = read_study(volume_path, series_uid=series_uid)
+    volume = read_study(volume_path, series=series)
     labels = read_label_volume(labels_path, volume)
     array_axis, warnings = resolved_axis(volume, labels, labels_path, axis, warn)
     references = labelled_slices(labels, array_axis)
@@ -235,7 +254,7 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
     if not output_dir.is_dir():
         raise ImageReadError(output_dir, "output folder does not exist")
     studies = [(path, read_study(path)) for path in targets]
-    stems = [volume_stem(path) for path in targets]
+    stems = [study_stem(path, study) for path, study in studies]
     if len(set(stems)) != len(stems):
         raise ImageReadError(output_dir, f"targets share a name, so their outputs would collide: {stems}")
     names = read_label_names(reference_labels_path) or None

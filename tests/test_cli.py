@@ -153,6 +153,37 @@ def test_propagate_dicom_series_writes_dicom_seg(ct_series, data_file: Callable[
     assert seg.number_of_segments == 2
 
 
+def test_a_series_of_a_folder_of_several_is_picked_by_number_or_by_one_of_its_files(
+        two_series_folder, data_file: Callable[[str], Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A study folder holding two series: refused without a choice, saying how to choose; ``--series 3`` and one
+    file of series 3 give the same result; a transfer target given as one file is named by folder and series."""
+    folder, series = two_series_folder
+    ct = series[3]
+    truth = np.asarray(nib.load(data_file("hippocampus/labels/hippocampus_007.nii.gz")).dataobj).transpose(2, 1, 0)
+    one = np.zeros_like(truth)
+    one[20] = truth[20]
+    labels = write_nifti_labels(one, ct.expected, tmp_path / "one.nii.gz")
+    code, _, stderr = run_cli(["propagate", str(folder), str(labels), "-o", str(tmp_path / "x.nii.gz"), *FAST],
+                              capsys)
+    assert code == 2 and "2 DICOM series" in stderr and "give one of its files" in stderr, stderr
+    assert "--series NUMBER" in stderr and ct.series_uid in stderr
+    by_number, by_file = tmp_path / "by_number.nii.gz", tmp_path / "by_file.nii.gz"
+    for study, out, extra in ((folder, by_number, ["--series", "3"]), (ct.files[5], by_file, [])):
+        code, _, stderr = run_cli(["propagate", str(study), str(labels), "-o", str(out), "--slices", "17:23", *extra,
+                                   *FAST], capsys)
+        assert code == 0, stderr
+    result = read_label_volume(by_file, ct.expected)
+    np.testing.assert_array_equal(result, read_label_volume(by_number, ct.expected))
+    assert result[17:23].any(axis=(1, 2)).all() and not result[:17].any() and not result[23:].any()
+    out_dir = tmp_path / "transfer"
+    out_dir.mkdir()
+    code, _, stderr = run_cli(["transfer", str(ct.files[0]), str(labels), str(ct.files[3]), "-o", str(out_dir),
+                               *FAST, "--mode", "published"], capsys)
+    assert code == 0, stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == [f"{folder.name}_series3_seg.nii.gz"]
+
+
 def test_propagate_reads_a_dicom_seg_as_the_labelled_slice(ct_series, data_file: Callable[[str], Path],
                                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The label map may be a DICOM SEG of the series (as a PACS viewer such as OHIF saves one)."""

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from conftest import HIPPOCAMPUS_IMAGE, oblique_ct_geometry, write_dicom_series
 
 from insid3_med.imaging.dicom import list_dicom_series, modality_values
-from insid3_med.imaging.errors import ImageReadError
+from insid3_med.imaging.errors import ImageReadError, SeveralSeriesError
 from insid3_med.imaging.geometry import Geometry
 from insid3_med.imaging.intensity import choose_preset, normalise
 from insid3_med.imaging.readers import describe, read_image_2d, read_volume
@@ -105,6 +105,21 @@ def test_pick_series_by_number_or_uid(two_series_folder):
         read_volume(folder, series_number=5)
     with pytest.raises(ImageReadError, match="no series with SeriesInstanceUID 1.2.3"):
         read_volume(folder, series_uid="1.2.3")
+
+
+def test_a_file_of_a_series_stands_for_the_whole_series(two_series_folder):
+    """As viewers open a series from one of its files: ``whole_series`` reads every file of that series from the
+    file's folder, and only those (the folder holds two series); without it the file is one slice."""
+    folder, series = two_series_folder
+    for number in (3, 7):
+        one_file = series[number].files[len(series[number].files) // 2]
+        whole = read_volume(one_file, whole_series=True)
+        np.testing.assert_array_equal(whole.array, series[number].expected.array)
+        assert whole.geometry.allclose(series[number].expected.geometry)
+        assert whole.metadata["series_number"] == number
+        assert read_volume(one_file).shape[0] == 1
+    with pytest.raises(SeveralSeriesError, match="2 DICOM series"):
+        read_volume(folder)
 
 
 def test_describe_dicom_folders(two_series_folder, ct_series):

@@ -30,7 +30,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError
+from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError, SeveralSeriesError
 from insid3_med.imaging.geometry import Geometry, Volume, direction_rows, float_triple
 
 _T = TypeVar("_T")
@@ -213,9 +213,9 @@ def select_series(
             )
         return chosen[0]
     if len(series) > 1:
-        raise ImageReadError(
+        raise SeveralSeriesError(
             folder,
-            f"the folder holds {len(series)} DICOM series; choose one with series_uid= or series_number=:"
+            f"the folder holds {len(series)} DICOM series; choose one by its series number or SeriesInstanceUID:"
             f"\n  {listing}",
         )
     return series[0]
@@ -528,6 +528,22 @@ def read_dicom_series(
     folder = Path(folder)
     chosen = select_series(folder, list_dicom_series(folder), series_uid, series_number)
     return read_dicom_files(chosen.files, source=folder)
+
+
+def read_series_of_file(path: str | Path) -> Volume:
+    """The whole series one DICOM image file belongs to: every file of its folder (not sub-folders) with the same
+    SeriesInstanceUID, as :func:`read_dicom_files` orders them. A multi-frame file is a volume on its own."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageNotFoundError(path, "no such file")
+    ds = _read_header(path)
+    if ds is None:
+        raise ImageReadError(path, "not a DICOM image file")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        return read_dicom_files([path], source=path)
+    uid = str(ds.SeriesInstanceUID)
+    members = [s for s in list_dicom_series(path.parent, recursive=False) if s.series_instance_uid == uid]
+    return read_dicom_files(members[0].files if members else [path], source=path)
 
 
 def read_dicom_image(path: str | Path) -> Volume:

@@ -15,6 +15,10 @@ class ImageReadError(ValueError):
         super().__init__(f"{self.path}: {problem}")
 
 
+class SeveralSeriesError(ImageReadError):
+    """A DICOM folder holding several image series where none was chosen (the message lists them)."""
+
+
 class ImageNotFoundError(ImageReadError, FileNotFoundError):
     """The input path does not exist (both a ``ValueError`` and a ``FileNotFoundError``)."""
 

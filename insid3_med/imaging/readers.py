@@ -21,6 +21,7 @@ from insid3_med.imaging.dicom import (
     read_dicom_files,
     read_dicom_image,
     read_dicom_series,
+    read_series_of_file,
 )
 from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError
 from insid3_med.imaging.geometry import (
@@ -238,13 +239,16 @@ def read_image_2d(path: str | Path) -> Volume:
 
 
 def read_volume(
-    path: str | Path, series_uid: str | None = None, series_number: int | None = None
+    path: str | Path, series_uid: str | None = None, series_number: int | None = None, *,
+    whole_series: bool = False,
 ) -> Volume:
     """A 3D volume (K, J, I) with its geometry, from a file or a DICOM series folder.
 
-    ``series_uid`` / ``series_number`` pick one series of a DICOM folder that holds several (otherwise the
-    error lists them). 2D image files come back with K = 1 (see :func:`read_image_2d`). 4D inputs, missing,
-    corrupt or unsupported files raise :class:`ImageReadError`.
+    ``series_uid`` / ``series_number`` pick one series of a DICOM folder that holds several (otherwise a
+    :class:`SeveralSeriesError` lists them). ``whole_series``: a single-frame DICOM image file stands for the
+    series it belongs to (:func:`~insid3_med.imaging.dicom.read_series_of_file`), as viewers open a series from
+    one of its files; otherwise it is read alone (K = 1). 2D image files come back with K = 1 (see
+    :func:`read_image_2d`). 4D inputs, missing, corrupt or unsupported files raise :class:`ImageReadError`.
     """
     path = Path(path)
     if not path.exists():
@@ -252,7 +256,7 @@ def read_volume(
     if path.is_dir():
         return read_dicom_series(path, series_uid=series_uid, series_number=series_number)
     if series_uid is not None or series_number is not None:
-        raise ImageReadError(path, "series_uid / series_number only apply to a DICOM folder")
+        raise ImageReadError(path, "a series is chosen in a DICOM folder; a file is read as it is")
     suffix = _suffix(path)
     if suffix in NIBABEL_SUFFIXES:
         return _read_nibabel(path)
@@ -261,7 +265,7 @@ def read_volume(
     if suffix in IMAGE_2D_SUFFIXES:
         return read_image_2d(path)
     if _is_dicom_file(path):
-        return read_dicom_files([path], source=path)
+        return read_series_of_file(path) if whole_series else read_dicom_files([path], source=path)
     try:
         return _read_simpleitk(path)
     except ImageReadError as error:
