@@ -411,21 +411,23 @@ def _read_multiframe(path: Path, ds: Dataset) -> Volume:
     )
 
 
+def _image_header(path: Path) -> Dataset:
+    """The header of a DICOM image file; raises naming the file when it is missing or not a DICOM image."""
+    if not path.exists():
+        raise ImageNotFoundError(path, "no such file")
+    ds = _read_header(path)
+    if ds is None:
+        raise ImageReadError(path, "not a DICOM image file")
+    return ds
+
+
 def read_dicom_files(files: Sequence[Path], source: Path) -> Volume:
     """The volume made of the given files of ONE series, ordered along the slice normal.
 
     Raises :class:`ImageReadError` for slices of differing size or orientation, several slices at one position
     (a 4D, multi-echo or multi-phase series), or undecodable pixel data.
     """
-    headers = []
-    for path in files:
-        path = Path(path)
-        if not path.exists():
-            raise ImageNotFoundError(path, "no such file")
-        ds = _read_header(path)
-        if ds is None:
-            raise ImageReadError(path, "not a DICOM image file")
-        headers.append((path, ds))
+    headers = [(Path(path), _image_header(Path(path))) for path in files]
     if not headers:
         raise ImageReadError(source, "no DICOM image files")
     if len(headers) == 1 and int(headers[0][1].get("NumberOfFrames", 1) or 1) > 1:
@@ -534,11 +536,7 @@ def read_series_of_file(path: str | Path) -> Volume:
     """The whole series one DICOM image file belongs to: every file of its folder (not sub-folders) with the same
     SeriesInstanceUID, as :func:`read_dicom_files` orders them. A multi-frame file is a volume on its own."""
     path = Path(path)
-    if not path.exists():
-        raise ImageNotFoundError(path, "no such file")
-    ds = _read_header(path)
-    if ds is None:
-        raise ImageReadError(path, "not a DICOM image file")
+    ds = _image_header(path)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         return read_dicom_files([path], source=path)
     uid = str(ds.SeriesInstanceUID)
@@ -553,11 +551,7 @@ def read_dicom_image(path: str | Path) -> Volume:
     back as (1, H, W, 3).
     """
     path = Path(path)
-    if not path.exists():
-        raise ImageNotFoundError(path, "no such file")
-    ds = _read_header(path)
-    if ds is None:
-        raise ImageReadError(path, "not a DICOM image file")
+    ds = _image_header(path)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise ImageReadError(
