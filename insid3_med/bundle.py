@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 UNIT_DISPLAY: dict[str, Any] = {"window_center": 0.5, "window_width": 1.0, "voi_lut_function": "LINEAR_EXACT"}
 UNIT_PRESET = "dicom"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+STUDY_SUFFIXES = (*NIFTI_SUFFIXES, ".nrrd", ".nhdr", ".mha", ".mhd")
+"""Study files MONAI's LoadImaged reads (NibabelReader, ITKReader); a Slicer ``.seg.nrrd`` is a label map."""
 MAX_LABEL = int(np.iinfo(np.uint8).max)
 
 
@@ -117,43 +119,51 @@ def labels_to_channel_first(labels: np.ndarray) -> torch.Tensor:
 
 
 def list_studies(dataset_dir: str | Path) -> list[str]:
-    """The studies directly inside ``dataset_dir``, sorted by name: NIfTI files and DICOM series folders.
+    """The studies directly inside ``dataset_dir``, sorted by name: image files (NIfTI, NRRD, MHA/MHD) and DICOM
+    series folders.
 
     A folder counts as a study when it holds exactly one DICOM image series (MONAI's ITK reader would silently read
-    only the first of several); other folders and files are skipped. Raises :class:`ImageReadError` when
-    ``dataset_dir`` is not a folder, holds no study, or has a folder with several series.
+    only the first of several); other folders and files (a Slicer ``.seg.nrrd``, a detached header's data file,
+    notes) are skipped, and the skipped ones are logged. Raises :class:`ImageReadError` when ``dataset_dir`` is not
+    a folder, holds no study, or has a folder with several series.
     """
     folder = Path(dataset_dir)
     if not folder.is_dir():
         raise ImageNotFoundError(folder, "dataset_dir is not a folder (pass --dataset_dir DIR)")
     studies: list[str] = []
+    skipped: list[str] = []
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.is_file() and entry.name.lower().endswith(NIFTI_SUFFIXES):
+        name = entry.name.lower()
+        if entry.is_file() and name.endswith(STUDY_SUFFIXES) and not name.endswith(".seg.nrrd"):
             studies.append(str(entry))
-        elif entry.is_dir():
-            series = list_dicom_series(entry, recursive=False)
+        elif entry.is_dir() and (series := list_dicom_series(entry, recursive=False)):
             if len(series) > 1:
                 listing = "\n  ".join(s.summary() for s in series)
                 raise ImageReadError(entry, f"holds {len(series)} DICOM series; put each series in a folder of "
                                             f"its own:\n  {listing}")
-            if series:
-                studies.append(str(entry))
+            studies.append(str(entry))
+        else:
+            skipped.append(entry.name)
     if not studies:
-        raise ImageReadError(folder, "no study found: expected NIfTI files (.nii, .nii.gz) or DICOM series folders")
+        raise ImageReadError(folder, "no study found: expected image files (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) "
+                                     "or DICOM series folders")
+    if skipped:
+        logger.info("%s: %d entries that are not studies skipped: %s", folder, len(skipped),
+                    ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
     return studies
 
 
 def dicom_header_metadata(path: str | Path) -> tuple[str | None, dict[str, Any]]:
-    """(modality, display metadata) of a DICOM series folder or file; (None, {}) for anything else (NIfTI)."""
+    """(modality, display metadata) of a DICOM series folder or file; (None, {}) for anything else (NIfTI, NRRD)."""
     path = Path(path)
     if path.is_dir():
         series = list_dicom_series(path, recursive=False)
         if len(series) != 1:
             return None, {}
         first = series[0].files[0]
-    elif path.is_file() and not path.name.lower().endswith(NIFTI_SUFFIXES):
+    elif path.is_file() and not path.name.lower().endswith(STUDY_SUFFIXES):
         first = path
     else:
         return None, {}

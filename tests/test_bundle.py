@@ -205,6 +205,34 @@ def test_list_studies(tmp_path: Path, nifti_dataset: Path, ct_series, two_series
         list_studies(tmp_path / "mixed")
 
 
+def test_nrrd_and_metaimage_studies_are_listed_and_read_as_the_library_reads_them(
+        tmp_path: Path, ct_series, caplog: pytest.LogCaptureFixture) -> None:
+    """The formats 3D Slicer and ITK users keep studies in: listed beside NIfTI (a Slicer segmentation and a detached
+    header's data file are not studies, and the log names them), and read by the bundle's LoadImaged onto the same
+    voxels and geometry as the library reads them (an oblique grid)."""
+    import SimpleITK as sitk
+
+    original = ct_series.expected
+    image = sitk.GetImageFromArray(original.array.astype(np.int16))
+    image.SetSpacing(original.geometry.spacing)
+    image.SetOrigin(original.geometry.origin)
+    image.SetDirection([float(v) for v in np.asarray(original.geometry.direction).ravel()])
+    for name in ("a.nrrd", "b.mha", "c.mhd", "d.nhdr"):
+        sitk.WriteImage(image, str(tmp_path / name))
+    write_seg_nrrd(np.ones(original.shape, np.uint8), original, tmp_path / "a_label.seg.nrrd")
+    (tmp_path / "notes.txt").write_text("not a study")
+    with caplog.at_level(logging.INFO, logger="insid3_med.bundle"):
+        studies = list_studies(tmp_path)
+    assert [Path(s).name for s in studies] == ["a.nrrd", "b.mha", "c.mhd", "d.nhdr"]
+    skipped = caplog.text
+    assert "a_label.seg.nrrd" in skipped and "notes.txt" in skipped and "c.raw" in skipped
+    for study in studies:
+        volume = volume_from_metatensor(LoadImage(image_only=True, ensure_channel_first=True)(study))
+        np.testing.assert_array_equal(volume.array, original.array)
+        assert volume.geometry.allclose(original.geometry, atol=1e-3)
+        assert read_volume(study).geometry.allclose(original.geometry, atol=1e-3)
+
+
 def test_scale_intensity_preset_matches_the_library(hippocampus: Path, ct_series) -> None:
     path = hippocampus / "images" / f"{REFERENCE}.nii.gz"
     load = LoadImaged(keys="image", image_only=True)
