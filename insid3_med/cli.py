@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_BAD_INPUT = 2
 EXIT_WEIGHTS = 3
@@ -159,10 +160,15 @@ def command_transfer(args: argparse.Namespace) -> int:
                                model_options(args), axis=args.axis, preset=args.preset, force=args.force,
                                seg_nrrd=args.seg_nrrd, dicom_seg=args.dicom_seg, overlay=args.overlay,
                                summary=args.summary, mode=args.mode, params=propagation_params(args),
-                               progress=progress_reporter(args.progress, "transfer"), warn=print_warning)
-    for record in summaries:
-        print(f"{record['target']}: done in {record['timings_s']['transfer']:.1f} s")
+                               progress=progress_reporter(args.progress, "transfer"), warn=print_warning,
+                               done=print_transfer_done)
+    print(f"{len(summaries)} target(s) done")
     return 0
+
+
+def print_transfer_done(record: dict[str, Any]) -> None:
+    """One line per target as soon as its outputs are in place."""
+    print(f"{record['target']}: done in {record['timings_s']['transfer']:.1f} s", flush=True)
 
 
 def command_info(args: argparse.Namespace) -> int:

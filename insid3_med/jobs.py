@@ -14,15 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 from PIL import Image
 
 from insid3_med.backbones import Backbone, load_backbone, resolve_precision
 from insid3_med.engine import EngineParams
-from insid3_med.imaging.errors import ImageReadError, SeveralSeriesError
+from insid3_med.imaging.dicom import has_dicom_preamble
+from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError, OutputExistsError, SeveralSeriesError
 from insid3_med.imaging.geometry import Volume
 from insid3_med.imaging.intensity import intensity_mapping
 from insid3_med.imaging.overlay import write_overlay_montage
 from insid3_med.imaging.readers import (
+    DICOM_SUFFIXES,
     IMAGE_2D_SUFFIXES,
     read_image_2d,
     read_label_names,
@@ -114,6 +117,16 @@ def volume_stem(path: Path) -> str:
     return name
 
 
+def check_study_path(path: Path) -> None:
+    """Refuse, naming the file, a study path that does not exist or is a 2D image file (PNG, JPEG ...: ``segment``
+    is the command for those); nothing is read."""
+    if not path.exists():
+        raise ImageNotFoundError(path, "no such file or folder")
+    if path.suffix.lower() in IMAGE_2D_SUFFIXES:
+        raise ImageReadError(path, "a 2D image: propagate and transfer take volumes (NIfTI, NRRD, MHA or a DICOM "
+                             "series folder); segment 2D images with `insid3-med segment`")
+
+
 def read_study(path: Path, series: str | None = None) -> Volume:
     """A volume for ``propagate`` or ``transfer``.
 
@@ -121,9 +134,7 @@ def read_study(path: Path, series: str | None = None) -> Volume:
     series of a DICOM folder. A 2D image file (PNG, JPEG ...) is refused, naming ``segment``; a folder of several
     series without a choice is refused, listing them and saying how to choose.
     """
-    if path.suffix.lower() in IMAGE_2D_SUFFIXES:
-        raise ImageReadError(path, "a 2D image: propagate and transfer take volumes (NIfTI, NRRD, MHA or a DICOM "
-                             "series folder); segment 2D images with `insid3-med segment`")
+    check_study_path(path)
     number, uid = (int(series), None) if series is not None and series.isdigit() else (None, series)
     try:
         return read_volume(path, series_uid=uid, series_number=number, whole_series=True)
@@ -132,12 +143,18 @@ def read_study(path: Path, series: str | None = None) -> Volume:
                              "series stands for the whole series), or, with propagate, --series NUMBER") from error
 
 
-def study_stem(path: Path, volume: Volume) -> str:
+def is_dicom_study(path: Path) -> bool:
+    """Whether a study path is DICOM (a series folder or a DICOM file), from the path and the file's marker."""
+    return path.is_dir() or path.suffix.lower() in DICOM_SUFFIXES or (path.is_file() and has_dicom_preamble(path))
+
+
+def study_stem(path: Path) -> str:
     """The name a study's outputs start with: the file's stem or the DICOM folder's name; a DICOM series given by
     one of its files is named by its folder and series number (``<folder>_series<N>``)."""
-    if path.is_file() and "source_files" in volume.metadata and volume.shape[0] > 1:
-        number = volume.metadata.get("series_number")
-        return f"{path.parent.name}_series{number}" if number is not None else f"{path.parent.name}_{path.stem}"
+    if path.is_file() and is_dicom_study(path):
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesNumber"], force=True)
+        number = header.get("SeriesNumber")
+        return f"{path.parent.name}_series{number}" if number not in (None, "") else f"{path.parent.name}_{path.stem}"
     return volume_stem(path)
 
 
@@ -146,11 +163,11 @@ def input_files(volume: Volume) -> list[Path]:
     return [Path(path) for path in volume.metadata.get("source_files", ())]
 
 
-def check_outputs(outputs: VolumeOutputs, volume: Volume, outputs_set: OutputSet) -> dict[str, Path]:
-    """Claim every output path (refusing existing ones unless overwriting) before any work starts."""
-    if outputs.dicom_seg is not None and "source_files" not in volume.metadata:
-        raise ImageReadError(volume.source or "input",
-                             "--dicom-seg needs a DICOM series as input (this input is not DICOM)")
+def check_outputs(outputs: VolumeOutputs, dicom_input: bool, source: Path, outputs_set: OutputSet) -> dict[str, Path]:
+    """Claim every output path (refusing existing ones unless overwriting) before any work starts; a DICOM SEG
+    needs a DICOM ``source``."""
+    if outputs.dicom_seg is not None and not dicom_input:
+        raise ImageReadError(source, "--dicom-seg needs a DICOM series as input (this input is not DICOM)")
     claimed = {"labels": outputs_set.claim(outputs.labels)}
     for key in ("seg_nrrd", "dicom_seg", "overlay", "summary"):
         path = getattr(outputs, key)
@@ -219,7 +236,7 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
             raise ImageReadError(labels_path, str(error)) from error
     intensity_mapping(volume, preset)  # a bad preset fails before the model loads
     with output_set(force, inputs=[volume_path, labels_path, *input_files(volume)]) as outputs_set:
-        claimed = check_outputs(outputs, volume, outputs_set)
+        claimed = check_outputs(outputs, "source_files" in volume.metadata, volume_path, outputs_set)
         segmenter = model.build(chained=mode == "volume")
         loaded = time.perf_counter()
         result = propagate_through_slices(segmenter, volume, labels, axis=array_axis, slice_range=slice_range,
@@ -240,10 +257,15 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
                    model: ModelOptions, *, axis: int | str = AUTO_AXIS, preset: str | None = None, force: bool = False,
                    seg_nrrd: bool = False, dicom_seg: bool = False, overlay: bool = False, summary: bool = False,
                    mode: str = "volume", params: PropagationParams | None = None,
-                   progress: ProgressCallback | None = None, warn: Warn | None = None) -> list[dict[str, Any]]:
+                   progress: ProgressCallback | None = None, warn: Warn | None = None,
+                   done: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """``insid3-med transfer``: one output set per target in ``output_dir`` (``<stem>_seg.nii.gz`` and friends).
 
-    Every target is read and every output path claimed before any work; outputs are committed together at the end.
+    Before any work, the reference is read and every target path and output path is checked (missing targets, 2D
+    images, outputs that exist without ``force`` or collide). Targets are then read and segmented one at a time, so
+    one is in memory at once, and each target's outputs are renamed into place together as soon as they are
+    written (``done`` receives its summary). A target that cannot be read is skipped with a warning and the others
+    go on; the run then ends with an :class:`ImageReadError` naming the skipped ones.
     axis, mode, params, warn: as in :func:`propagate_file` ("auto": each target sliced in the plane the reference
     was labelled in).
     """
@@ -253,26 +275,37 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
     _, warnings = resolved_axis(reference, reference_labels, reference_labels_path, axis, warn)
     if not output_dir.is_dir():
         raise ImageReadError(output_dir, "output folder does not exist")
-    studies = [(path, read_study(path)) for path in targets]
-    stems = [study_stem(path, study) for path, study in studies]
+    for path in targets:
+        check_study_path(path)
+    stems = [study_stem(path) for path in targets]
     if len(set(stems)) != len(stems):
         raise ImageReadError(output_dir, f"targets share a name, so their outputs would collide: {stems}")
     names = read_label_names(reference_labels_path) or None
-    summaries = []
     inputs = [reference_path, reference_labels_path, *targets, *input_files(reference)]
-    with output_set(force, inputs=inputs + [f for _, study in studies for f in input_files(study)]) as outputs_set:
-        plans = []
-        for (path, study), stem in zip(studies, stems, strict=True):
-            outputs = VolumeOutputs(
-                labels=output_dir / f"{stem}_seg.nii.gz",
-                seg_nrrd=output_dir / f"{stem}_seg.seg.nrrd" if seg_nrrd else None,
-                dicom_seg=output_dir / f"{stem}_seg.dcm" if dicom_seg else None,
-                overlay=output_dir / f"{stem}_overlay.png" if overlay else None,
-                summary=output_dir / f"{stem}_summary.json" if summary else None,
-            )
-            plans.append((path, study, check_outputs(outputs, study, outputs_set)))
-        segmenter = model.build(chained=mode == "volume")
-        for path, study, claimed in plans:
+    plans = []
+    for path, stem in zip(targets, stems, strict=True):
+        outputs_set = OutputSet(force, inputs)
+        outputs = VolumeOutputs(
+            labels=output_dir / f"{stem}_seg.nii.gz",
+            seg_nrrd=output_dir / f"{stem}_seg.seg.nrrd" if seg_nrrd else None,
+            dicom_seg=output_dir / f"{stem}_seg.dcm" if dicom_seg else None,
+            overlay=output_dir / f"{stem}_overlay.png" if overlay else None,
+            summary=output_dir / f"{stem}_summary.json" if summary else None,
+        )
+        plans.append((path, outputs_set, check_outputs(outputs, is_dicom_study(path), path, outputs_set)))
+    segmenter = model.build(chained=mode == "volume")
+    summaries: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for path, outputs_set, claimed in plans:
+        try:
+            study = read_study(path)
+            outputs_set.protect(input_files(study))
+        except (ImageReadError, OutputExistsError) as error:
+            skipped.append(str(error))
+            if warn is not None:
+                warn(f"{error}; this target is skipped, the others go on")
+            continue
+        with outputs_set:
             started = time.perf_counter()
             result = transfer_to_study(segmenter, reference, reference_labels, study, axis=axis, preset=preset,
                                        progress=progress, mode=mode, params=params)
@@ -285,7 +318,13 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
                 "timings_s": {"transfer": round(time.perf_counter() - started, 3)},
             }
             write_volume_outputs(result, study, claimed, [], target_axis, record, names=names)
-            summaries.append(record)
+        del study, result
+        summaries.append(record)
+        if done is not None:
+            done(record)
+    if skipped:
+        raise ImageReadError(output_dir, f"{len(skipped)} of {len(targets)} targets could not be read and have no "
+                             f"outputs ({len(summaries)} done):\n  " + "\n  ".join(skipped))
     return summaries
 
 

@@ -45,6 +45,15 @@ class OutputSet:
         self._pending[final] = temporary
         return temporary
 
+    def protect(self, inputs: Iterable[str | Path]) -> None:
+        """Add inputs known only once read (a DICOM series' files); refuses a path already claimed among them."""
+        for source in (Path(path).expanduser().absolute() for path in inputs):
+            for final in self._pending:
+                if same_file(final, source):
+                    raise OutputExistsError(final, "this output path is an input of the run; write the result "
+                                                   "elsewhere")
+            self._inputs.append(source)
+
     def commit(self) -> list[Path]:
         """Rename every written temporary file into place; returns the final paths."""
         for final, temporary in self._pending.items():
@@ -61,6 +70,16 @@ class OutputSet:
         for temporary in self._pending.values():
             temporary.unlink(missing_ok=True)
         self._pending.clear()
+
+    def __enter__(self) -> OutputSet:
+        return self
+
+    def __exit__(self, error_type: type[BaseException] | None, *_: object) -> None:
+        """Commit when the block succeeded; abort (delete the temporaries) when it raised."""
+        if error_type is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 def partial_path(final: Path) -> Path:
@@ -80,13 +99,8 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 def output_set(overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[OutputSet]:
     """``with output_set(force, inputs) as outputs:`` claim paths, write to the returned temporaries; commit on
     success. ``inputs``: the run's input files, which no output may replace."""
-    outputs = OutputSet(overwrite, inputs)
-    try:
+    with OutputSet(overwrite, inputs) as outputs:
         yield outputs
-    except BaseException:
-        outputs.abort()
-        raise
-    outputs.commit()
 
 
 def label_statistics(labels: np.ndarray, volume: Volume, axis: int,

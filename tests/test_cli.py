@@ -246,6 +246,39 @@ def test_transfer_writes_one_output_per_target(hippocampus: dict[str, Path], tmp
         assert json.loads((tmp_path / f"{stem}_summary.json").read_text())["command"] == "transfer"
 
 
+def test_transfer_goes_target_by_target_and_skips_an_unreadable_one(
+        hippocampus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each target is read when its turn comes (one in memory) and its outputs are in place before the next is
+    read; a corrupt target in the middle is skipped with a warning, the others are written, and the run ends with
+    exit 2 naming it."""
+    import insid3_med.jobs as jobs
+
+    corrupt = tmp_path / "broken.nii.gz"
+    corrupt.write_bytes(hippocampus["other"].read_bytes()[:300])
+    out = tmp_path / "out"
+    out.mkdir()
+    seen: list[tuple[str, list[str]]] = []
+    read_study = jobs.read_study
+
+    def recorded(path: Path, series: str | None = None):  # noqa: ANN202
+        seen.append((path.name, sorted(p.name for p in out.iterdir())))
+        return read_study(path, series)
+
+    monkeypatch.setattr(jobs, "read_study", recorded)
+    targets = [hippocampus["other"], corrupt, hippocampus["third"]]
+    code, stdout, stderr = run_cli(["transfer", str(hippocampus["image"]), str(hippocampus["one"]),
+                                    *map(str, targets), "-o", str(out), *FAST, "--mode", "published"], capsys)
+    assert code == 2, stderr
+    assert "broken.nii.gz" in stderr and "skipped" in stderr and "1 of 3 targets" in stderr, stderr
+    assert sorted(p.name for p in out.iterdir()) == ["hippocampus_017_seg.nii.gz", "hippocampus_019_seg.nii.gz"]
+    assert f"{hippocampus['other']}: done" in stdout and f"{hippocampus['third']}: done" in stdout
+    # the reference first, then each target in turn, the earlier ones' outputs already in place
+    assert seen == [(hippocampus["image"].name, []), (hippocampus["other"].name, []),
+                    ("broken.nii.gz", ["hippocampus_017_seg.nii.gz"]),
+                    (hippocampus["third"].name, ["hippocampus_017_seg.nii.gz"])]
+
+
 def permuted_axes(path: Path, out: Path) -> Path:
     """The same image stored with its voxel axes in another order (nibabel's (x, y, z) -> (z, x, y)), the affine
     permuted with them: the same anatomy in space, another array order (as another scanner might store it)."""
