@@ -253,6 +253,19 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
     return summary
 
 
+def overall_progress(progress: ProgressCallback | None, index: int, count: int) -> ProgressCallback | None:
+    """Target ``index`` of ``count``'s (done, total) reported as progress over all targets: the fraction
+    (index + done / total) / count, so a progress bar fills once over the run instead of once per target."""
+    if progress is None or count == 1:
+        return progress
+    report = progress
+
+    def overall(done: int, total: int) -> None:
+        report(index * total + done, count * total)
+
+    return overall
+
+
 def transfer_files(reference_path: Path, reference_labels_path: Path, targets: Sequence[Path], output_dir: Path,
                    model: ModelOptions, *, axis: int | str = AUTO_AXIS, preset: str | None = None, force: bool = False,
                    seg_nrrd: bool = False, dicom_seg: bool = False, overlay: bool = False, summary: bool = False,
@@ -296,7 +309,7 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
     segmenter = model.build(chained=mode == "volume")
     summaries: list[dict[str, Any]] = []
     skipped: list[str] = []
-    for path, outputs_set, claimed in plans:
+    for index, (path, outputs_set, claimed) in enumerate(plans):
         try:
             study = read_study(path)
             outputs_set.protect(input_files(study))
@@ -308,7 +321,8 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
         with outputs_set:
             started = time.perf_counter()
             result = transfer_to_study(segmenter, reference, reference_labels, study, axis=axis, preset=preset,
-                                       progress=progress, mode=mode, params=params)
+                                       progress=overall_progress(progress, index, len(plans)), mode=mode,
+                                       params=params)
             target_axis = study_axes(reference, reference_labels, study, axis)[1]
             record = {
                 "command": "transfer", "reference": str(reference_path), "reference_labels": str(reference_labels_path),

@@ -268,8 +268,13 @@ def test_transfer_goes_target_by_target_and_skips_an_unreadable_one(
     monkeypatch.setattr(jobs, "read_study", recorded)
     targets = [hippocampus["other"], corrupt, hippocampus["third"]]
     code, stdout, stderr = run_cli(["transfer", str(hippocampus["image"]), str(hippocampus["one"]),
-                                    *map(str, targets), "-o", str(out), *FAST, "--mode", "published"], capsys)
+                                    *map(str, targets), "-o", str(out), *FAST, "--mode", "published",
+                                    "--progress", "lines"], capsys)
     assert code == 2, stderr
+    # progress over the whole run: one fraction that only grows, up to 1 at the end of the last target
+    fractions = [int(done) / int(total) for _, done, total in
+                 (line.split() for line in stdout.splitlines() if line.startswith("PROGRESS"))]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and fractions[0] < 1 / 3, fractions
     assert "broken.nii.gz" in stderr and "skipped" in stderr and "1 of 3 targets" in stderr, stderr
     assert sorted(p.name for p in out.iterdir()) == ["hippocampus_017_seg.nii.gz", "hippocampus_019_seg.nii.gz"]
     assert f"{hippocampus['other']}: done" in stdout and f"{hippocampus['third']}: done" in stdout
