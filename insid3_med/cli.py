@@ -123,10 +123,9 @@ def progress_reporter(mode: str, description: str) -> Callable[[int, int], None]
 def command_segment(args: argparse.Namespace) -> int:
     from insid3_med.jobs import segment_images
 
-    written = segment_images(args.reference_image, args.reference_mask, args.targets, args.output, model_options(args),
-                             force=args.force, progress=progress_reporter(args.progress, "segment"))
-    for path in written:
-        print(path)
+    segment_images(args.reference_image, args.reference_mask, args.targets, args.output, model_options(args),
+                   force=args.force, progress=progress_reporter(args.progress, "segment"), warn=print_warning,
+                   done=lambda path: print(path, flush=True))
     return 0
 
 

@@ -384,28 +384,56 @@ def read_mask_2d(path: Path, like: Volume) -> np.ndarray:
 
 
 def segment_images(reference_image: Path, reference_mask: Path, targets: Sequence[Path], output_dir: Path,
-                   model: ModelOptions, *, force: bool = False,
-                   progress: ProgressCallback | None = None) -> list[Path]:
+                   model: ModelOptions, *, force: bool = False, progress: ProgressCallback | None = None,
+                   warn: Warn | None = None, done: Callable[[Path], None] | None = None) -> list[Path]:
     """``insid3-med segment``: one mask PNG per target (``<stem>_mask.png``, the target's size; 0/255 for one
-    structure, the label values for several)."""
+    structure, the label values for several); returns the masks written.
+
+    Every target path and mask path is checked before any work (missing targets, folders, masks that exist
+    without ``force`` or collide); each target is then read when its turn comes and its mask put in place as soon
+    as it is written (``done`` receives its path). A target that cannot be read is skipped with a warning and the
+    others go on; the run then ends with an :class:`ImageReadError` naming the skipped ones.
+    """
     reference = read_image_2d(reference_image)
     mask = read_mask_2d(reference_mask, reference)
     if not output_dir.is_dir():
         raise ImageReadError(output_dir, "output folder does not exist")
-    images = [read_image_2d(path) for path in targets]
+    for path in targets:
+        if not path.is_file():
+            raise ImageNotFoundError(path, "no such file" if not path.exists() else "a folder, not a 2D image file")
+    outputs = [output_dir / f"{Path(p).stem}_mask.png" for p in targets]
+    if len(set(outputs)) != len(outputs):
+        raise ImageReadError(output_dir, "targets share a name, so their masks would collide: "
+                             f"{[Path(p).stem for p in targets]}")
+    plans = []
+    for path, output in zip(targets, outputs, strict=True):
+        outputs_set = OutputSet(force, inputs=[reference_image, reference_mask, *targets])
+        plans.append((path, output, outputs_set, outputs_set.claim(output)))
+    segmenter = model.build()
+    segmenter.set_reference(intensity_mapping(reference)(reference.array[0]), mask)
+    binary = segmenter.label_values == [1]
     written: list[Path] = []
-    with output_set(force, inputs=[reference_image, reference_mask, *targets]) as outputs_set:
-        claimed = [outputs_set.claim(output_dir / f"{Path(p).stem}_mask.png") for p in targets]
-        segmenter = model.build()
-        segmenter.set_reference(intensity_mapping(reference)(reference.array[0]), mask)
-        binary = segmenter.label_values == [1]
-        for done, (image, temporary) in enumerate(zip(images, claimed, strict=True), start=1):
+    skipped: list[str] = []
+    for index, (path, output, outputs_set, temporary) in enumerate(plans, start=1):
+        try:
+            image = read_image_2d(path)
+        except ImageReadError as error:
+            skipped.append(str(error))
+            if warn is not None:
+                warn(f"{error}; this target is skipped, the others go on")
+            continue
+        with outputs_set:
             prediction = segmenter.segment(intensity_mapping(image)(image.array[0]))
             out = (prediction > 0).astype(np.uint8) * 255 if binary else prediction
             mode = "L" if out.max() < 256 else "I;16"
             Image.fromarray(out.astype(np.uint8 if mode == "L" else np.uint16), mode=mode).save(temporary,
                                                                                               format="PNG")
-            written.append(temporary)
-            if progress is not None:
-                progress(done, len(images))
-    return [output_dir / f"{Path(p).stem}_mask.png" for p in targets]
+        written.append(output)
+        if done is not None:
+            done(output)
+        if progress is not None:
+            progress(index, len(plans))
+    if skipped:
+        raise ImageReadError(output_dir, f"{len(skipped)} of {len(targets)} targets could not be read and have no "
+                             f"mask ({len(written)} done):\n  " + "\n  ".join(skipped))
+    return written

@@ -449,6 +449,12 @@ def test_2d_bad_inputs(data_file: Callable[[str], Path], tmp_path: Path, capsys:
                                "-o", str(outdir), *FAST], capsys)
     assert code == 2 and "broken.png" in stderr
     assert list(outdir.iterdir()) == []
+    # beside a readable target, an unreadable one is skipped with a warning; the other's mask is written
+    other = data_file("ph2/images/IMD003.jpg")
+    code, stdout, stderr = run_cli(["segment", str(image), str(data_file("ph2/masks/IMD002_lesion.png")), str(broken),
+                                    str(other), "-o", str(outdir), *FAST], capsys)
+    assert code == 2 and "broken.png" in stderr and "skipped" in stderr and "1 of 2 targets" in stderr, stderr
+    assert [p.name for p in outdir.iterdir()] == ["IMD003_mask.png"] and "IMD003_mask.png" in stdout
 
 
 def test_2d_masks_saved_as_jpeg_or_in_colour_read_as_one_structure(data_file: Callable[[str], Path],
