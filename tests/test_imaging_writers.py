@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -298,3 +300,41 @@ def test_dicom_seg_on_an_enhanced_multiframe_ct(ct_series, ct_with_labels, tmp_p
     for s, r, c in inside[:: max(1, len(inside) // 20)]:
         i, j, k, _ = np.rint(to_ijk @ (seg_volume.affine @ [s, r, c, 1])).astype(int)
         assert seg_volume.array[s, r, c] == labels[k, j, i]
+
+
+def dciodvfy_errors(path) -> list[str]:
+    """The Error and Warning lines of dicom3tools' IOD validator on one file."""
+    import subprocess
+
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120, check=False)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith(("Error", "Warning"))]
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None,
+                    reason="dciodvfy (Debian package dicom3tools, installed by .ci/run) is not on PATH")
+def test_dicom_seg_passes_the_dicom3tools_validator(data_file, tmp_path):
+    """What a PACS or OHIF checks a DICOM SEG against: dciodvfy finds no error and no warning in the SEG of a
+    classic MR series, nor in that of an enhanced multi-frame CT, each with two named segments."""
+    import highdicom as hd
+    from conftest import write_dicom_series
+
+    image = np.asarray(nib.load(data_file(HIPPOCAMPUS_IMAGE)).dataobj, dtype=np.float64).transpose(2, 1, 0)
+    # A grid stored in another orientation than the patient's axes (rows along A-P, columns along S-I).
+    geometry = Geometry(spacing=(0.75, 0.75, 2.5), origin=(-12.5, 20.0, 5.0),
+                        direction=((0.0, 1.0, 0.0), (0.0, 0.0, -1.0), (-1.0, 0.0, 0.0)))
+    classic = write_dicom_series(tmp_path / "mr", np.round(image), geometry, modality="MR", series_number=4)
+    labels = np.zeros(classic.expected.shape, np.uint8)
+    labels[15:25, 10:30, 10:25] = 1
+    labels[18:22, 30:40, 5:15] = 2
+    names = {1: "anterior hippocampus", 2: "posterior hippocampus"}
+    seg = write_dicom_seg(labels, read_volume(classic.folder), tmp_path / "mr_seg.dcm", segment_names=names)
+    assert dciodvfy_errors(seg) == []
+
+    ct = write_dicom_series(tmp_path / "ct", np.round(image) - 1024.0, geometry, series_number=5,
+                            rescale_intercept=-1024.0)
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(f) for f in ct.files], series_instance_uid=hd.UID(), series_number=30,
+        sop_instance_uid=hd.UID(), instance_number=1)
+    enhanced.save_as(tmp_path / "enhanced.dcm")
+    seg = write_dicom_seg(labels, read_volume(tmp_path / "enhanced.dcm"), tmp_path / "ct_seg.dcm", segment_names=names)
+    assert dciodvfy_errors(seg) == []
