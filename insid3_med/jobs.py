@@ -54,7 +54,7 @@ from insid3_med.volume import (
 Warn = Callable[[str], None]
 """Receives a sentence for the user (the CLI prints it on stderr); the same sentences go into the summaries."""
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd", *DICOM_SUFFIXES)
 
 
 @dataclass
@@ -150,11 +150,14 @@ def is_dicom_study(path: Path) -> bool:
 
 def study_stem(path: Path) -> str:
     """The name a study's outputs start with: the file's stem or the DICOM folder's name; a DICOM series given by
-    one of its files is named by its folder and series number (``<folder>_series<N>``)."""
+    one of its single-frame files is named by its folder and series number (``<folder>_series<N>``)."""
     if path.is_file() and is_dicom_study(path):
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesNumber"], force=True)
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesNumber", "NumberOfFrames"],
+                                 force=True)
         number = header.get("SeriesNumber")
-        return f"{path.parent.name}_series{number}" if number not in (None, "") else f"{path.parent.name}_{path.stem}"
+        if int(header.get("NumberOfFrames", 1) or 1) == 1:  # a multi-frame file is its own series: its stem
+            series = f"series{number}" if number not in (None, "") else path.stem
+            return f"{path.parent.name}_{series}"
     return volume_stem(path)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
@@ -182,6 +183,27 @@ def test_a_series_of_a_folder_of_several_is_picked_by_number_or_by_one_of_its_fi
                                *FAST, "--mode", "published"], capsys)
     assert code == 0, stderr
     assert sorted(p.name for p in out_dir.iterdir()) == [f"{folder.name}_series3_seg.nii.gz"]
+
+
+def test_study_stems_name_outputs_after_the_study(two_series_folder, tmp_path: Path) -> None:
+    """A series given by one of its files is named by folder and series number; a multi-frame file, a volume file
+    and a series folder by their own names."""
+    from pydicom.dataset import FileMetaDataset
+
+    from insid3_med.jobs import study_stem
+
+    folder, series = two_series_folder
+    assert study_stem(series[7].files[2]) == f"{folder.name}_series7"
+    assert study_stem(folder) == folder.name
+    assert study_stem(tmp_path / "case_01.nii.gz") == "case_01"
+    multiframe = pydicom.Dataset()
+    multiframe.file_meta = FileMetaDataset()
+    multiframe.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    multiframe.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
+    multiframe.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    multiframe.SeriesNumber, multiframe.NumberOfFrames = 30, 40
+    multiframe.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    assert study_stem(tmp_path / "enhanced.dcm") == "enhanced"
 
 
 def test_propagate_reads_a_dicom_seg_as_the_labelled_slice(ct_series, data_file: Callable[[str], Path],
