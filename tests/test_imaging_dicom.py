@@ -123,10 +123,13 @@ def test_a_file_of_a_series_stands_for_the_whole_series(two_series_folder):
 
 
 def test_describe_dicom_folders(two_series_folder, ct_series):
-    folder, _ = two_series_folder
+    folder, series = two_series_folder
     info = describe(folder)
     assert info["kind"] == "dicom_folder" and len(info["series"]) == 2
     assert {s["series_number"] for s in info["series"]} == {3, 7}
+    one_file = describe(series[7].files[4])  # the series it stands for, as propagate reads it
+    assert one_file["kind"] == "dicom_series_file" and one_file["series_files"] == len(series[7].files)
+    assert one_file["shape"] == list(series[7].expected.shape) and one_file["modality"] == "MR"
     single = describe(ct_series.folder)
     assert single["shape"] == list(ct_series.expected.shape)
     assert single["modality"] == "CT" and single["preset"] == "dicom"

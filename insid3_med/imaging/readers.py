@@ -484,7 +484,8 @@ def describe(path: str | Path) -> dict[str, Any]:
 
     For a DICOM folder: ``series`` (one entry per series); when it holds exactly one series, also that
     volume's description. For a file: format, shape, dtype, modality, geometry (spacing, origin, direction in
-    LPS), intensity range and the intensity preset :func:`choose_preset` would pick. For a DICOM SEG: its segments
+    LPS), intensity range and the intensity preset :func:`choose_preset` would pick; for one file of a DICOM
+    series, those of the whole series, as ``propagate`` and ``transfer`` read it. For a DICOM SEG: its segments
     (number and label), frames and the series it references.
     """
     path = Path(path)
@@ -505,7 +506,11 @@ def describe(path: str | Path) -> dict[str, Any]:
         info.update(_describe_dicom_seg(path))
         return info
     info["kind"] = "file"
-    info.update(_describe_volume(read_volume(path)))
+    volume = read_volume(path, whole_series=True)
+    if len(volume.metadata.get("source_files", ())) > 1:  # a DICOM file: the series it stands for
+        info["kind"] = "dicom_series_file"
+        info["series_files"] = len(volume.metadata["source_files"])
+    info.update(_describe_volume(volume))
     return info
 
 
