@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_model_options(sub, precision="auto")
 
     propagate = commands.add_parser("propagate", help="propagate labelled slices through a volume")
-    propagate.add_argument("volume", type=Path, help="NIfTI, NRRD, MHA file or DICOM series folder")
+    propagate.add_argument("volume", type=Path, help="NIfTI, NRRD, MHA file, DICOM series folder or one file of a "
+                           "DICOM series (the whole series is read)")
     propagate.add_argument("labels", type=Path, help="label volume on the same grid with one or more labelled slices")
     propagate.add_argument("-o", "--output", type=Path, required=True, help="output label map (.nii.gz)")
     propagate.add_argument("--slices", type=parse_slices, help="only slices A:B (half-open)")
@@ -246,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     transfer = commands.add_parser("transfer", help="segment other studies from a labelled reference study")
     transfer.add_argument("reference_volume", type=Path)
     transfer.add_argument("reference_labels", type=Path)
-    transfer.add_argument("targets", type=Path, nargs="+")
+    transfer.add_argument("targets", type=Path, nargs="+", help="studies to segment: volume files, DICOM series "
+                          "folders or one file of each DICOM series")
     transfer.add_argument("-o", "--output", type=Path, required=True, help="output folder (must exist)")
     add_volume_options(transfer, flags_only=True)
     transfer.set_defaults(handler=command_transfer)
