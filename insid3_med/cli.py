@@ -14,9 +14,10 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 EXIT_BAD_INPUT = 2
 EXIT_WEIGHTS = 3
@@ -139,6 +140,24 @@ def volume_outputs(args: argparse.Namespace):  # noqa: ANN201
 def print_warning(message: str) -> None:
     """A warning for the user on stderr, in the form of argparse's errors."""
     print(f"insid3-med: warning: {message}", file=sys.stderr)
+
+
+def show_package_warnings_plainly() -> None:
+    """The package's own warnings (``warnings.warn`` in insid3_med, e.g. an irregular DICOM slice spacing) as
+    ``insid3-med: warning: ...`` lines; other libraries' warnings keep Python's form. Installed once."""
+    shown = warnings.showwarning
+    if getattr(shown, "insid3_med", False):
+        return
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        if issubclass(category, UserWarning) and f"{os.sep}insid3_med{os.sep}" in filename:
+            print_warning(str(message))
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.insid3_med = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
 
 
 def command_propagate(args: argparse.Namespace) -> int:
@@ -294,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "torch" not in sys.modules:  # read once, when torch's OpenMP runtime loads
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
+    show_package_warnings_plainly()
     from insid3_med.backbones import WeightsFormatError, WeightsNotFoundError
 
     try:

@@ -361,6 +361,22 @@ def test_segment_multi_label_reference_keeps_label_values(data_file: Callable[[s
     assert set(np.unique(mask)) <= {0, 1, 2, 3} and len(np.unique(mask)) >= 3
 
 
+def test_the_package_warnings_read_as_the_tool_s_own_lines(ct_series, tmp_path: Path) -> None:
+    """A warning of the library (here a series with a file missing) reaches the user as one ``insid3-med:
+    warning:`` line, not as Python's ``file:line: UserWarning`` with a line of source under it."""
+    import shutil
+
+    folder = tmp_path / "gap"
+    folder.mkdir()
+    for f in ct_series.files[:12] + ct_series.files[13:]:
+        shutil.copy(f, folder / f.name)
+    run = subprocess.run([sys.executable, "-m", "insid3_med", "info", str(folder)], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    assert "insid3-med: warning: " in run.stderr and "a missing file?" in run.stderr, run.stderr
+    assert "UserWarning" not in run.stderr and "warnings.warn" not in run.stderr, run.stderr
+
+
 def test_info_lists_the_series_of_a_folder(two_series_folder, capsys: pytest.CaptureFixture[str]) -> None:
     folder, series = two_series_folder
     code, stdout, _ = run_cli(["info", str(folder)], capsys)

@@ -198,6 +198,26 @@ def test_modality_values_of_an_unreadable_file_names_it(ct_series, tmp_path):
         modality_values(bad)
 
 
+def test_a_missing_slice_is_named_with_the_error_it_causes(ct_series, tmp_path):
+    """A series with one file missing is read with an even spacing; the warning says where the gap is, that a
+    file may be missing and how far slices then lie from their true positions."""
+    folder = tmp_path / "gap"
+    folder.mkdir()
+    kept = [f for n, f in enumerate(ct_series.files) if n != 12]  # files in slice order: slice 12 missing
+    for f in kept:
+        shutil.copy(f, folder / f.name)
+    spacing = ct_series.expected.geometry.spacing[2]
+    with pytest.warns(UserWarning, match=r"5 mm between slices 11 and 12 \(a missing file\?\)") as caught:
+        volume = read_volume(folder)
+    assert volume.shape[0] == len(kept)
+    message = str(caught[0].message)
+    assert f"slices are {spacing:.3g} mm apart" in message and "DICOM SEG keeps each slice's own position" in message
+    # the worst displacement of an even spacing over 39 slices with one double step
+    mean = spacing * len(ct_series.files[:-1]) / (len(kept) - 1)
+    worst = max(abs(spacing * (k + (k >= 12)) - mean * k) for k in range(len(kept)))
+    assert f"up to {worst:.3g} mm" in message
+
+
 def test_two_slices_at_one_position_are_refused_as_4d(ct_series, tmp_path):
     folder = tmp_path / "echoes"
     shutil.copytree(ct_series.folder, folder)

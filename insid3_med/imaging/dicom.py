@@ -411,6 +411,23 @@ def _read_multiframe(path: Path, ds: Dataset) -> Volume:
     )
 
 
+def irregular_spacing_message(source: Path, steps: np.ndarray) -> str:
+    """Say where a series' slice spacing (``steps``, mm between neighbouring slices) departs from its usual value,
+    and how far the even spacing the volume is read with puts slices from their true positions."""
+    usual = float(np.median(steps))
+    odd = np.flatnonzero(np.abs(steps - usual) > _SPACING_RTOL * usual + 1e-3)
+    places = ", ".join(f"{steps[n]:.3g} mm between slices {n} and {n + 1}" for n in odd[:3])
+    more = f" and {len(odd) - 3} more" if len(odd) > 3 else ""
+    missing = np.all(np.abs(steps[odd] / usual - np.round(steps[odd] / usual)) < 0.05) and np.all(steps[odd] > usual)
+    mean = float(np.mean(steps))
+    positions = np.concatenate([[0.0], np.cumsum(steps)])
+    off = float(np.max(np.abs(positions - mean * np.arange(len(positions)))))
+    return (f"{source}: slices are {usual:.3g} mm apart, but {places}{more}"
+            f"{' (a missing file?)' if missing else ''}; the volume is read with an even {mean:.4g} mm spacing, "
+            f"which puts slices up to {off:.3g} mm from their true positions (so do NIfTI and .seg.nrrd outputs; "
+            "a DICOM SEG keeps each slice's own position)")
+
+
 def _image_header(path: Path) -> Dataset:
     """The header of a DICOM image file; raises naming the file when it is missing or not a DICOM image."""
     if not path.exists():
@@ -466,11 +483,7 @@ def read_dicom_files(files: Sequence[Path], source: Path) -> Volume:
         if len(steps):
             spacing_k = float(np.mean(steps))
             if np.max(np.abs(steps - spacing_k)) > _SPACING_RTOL * spacing_k + 1e-3:
-                warnings.warn(
-                    f"{source}: irregular slice spacing ({steps.min():.3f} to {steps.max():.3f} mm); "
-                    f"using the mean {spacing_k:.3f} mm",
-                    stacklevel=3,
-                )
+                warnings.warn(irregular_spacing_message(source, steps), stacklevel=3)
                 metadata["irregular_slice_spacing"] = [float(s) for s in steps]
         else:
             given_k = _first_float(first.get("SpacingBetweenSlices")) or _first_float(
