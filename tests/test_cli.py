@@ -180,9 +180,13 @@ def test_a_series_of_a_folder_of_several_is_picked_by_number_or_by_one_of_its_fi
     out_dir = tmp_path / "transfer"
     out_dir.mkdir()
     code, _, stderr = run_cli(["transfer", str(ct.files[0]), str(labels), str(ct.files[3]), "-o", str(out_dir),
-                               *FAST, "--mode", "published"], capsys)
+                               "--dicom-seg", *FAST, "--mode", "published"], capsys)
     assert code == 0, stderr
-    assert sorted(p.name for p in out_dir.iterdir()) == [f"{folder.name}_series3_seg.nii.gz"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [f"{folder.name}_series3_seg.dcm",
+                                                         f"{folder.name}_series3_seg.nii.gz"]
+    seg = pydicom.dcmread(out_dir / f"{folder.name}_series3_seg.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct.series_uid
+    assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == len(ct.files)
 
 
 def test_study_stems_name_outputs_after_the_study(two_series_folder, tmp_path: Path) -> None:
