@@ -19,7 +19,7 @@ from PIL import Image
 
 from insid3_med.backbones import Backbone, load_backbone, resolve_precision
 from insid3_med.engine import EngineParams
-from insid3_med.imaging.dicom import has_dicom_preamble
+from insid3_med.imaging.dicom import has_dicom_preamble, list_dicom_series, select_series
 from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError, OutputExistsError, SeveralSeriesError
 from insid3_med.imaging.geometry import Volume
 from insid3_med.imaging.intensity import intensity_mapping
@@ -139,8 +139,21 @@ def read_study(path: Path, series: str | None = None) -> Volume:
     try:
         return read_volume(path, series_uid=uid, series_number=number, whole_series=True)
     except SeveralSeriesError as error:
-        raise ImageReadError(path, f"{error.problem}\ngive one of its files in place of the folder (any file of a "
-                             "series stands for the whole series), or, with propagate, --series NUMBER") from error
+        raise how_to_choose_a_series(path, error) from error
+
+
+def how_to_choose_a_series(path: Path, error: SeveralSeriesError) -> ImageReadError:
+    """The several-series error of a study folder, with the command line's ways to choose one."""
+    return ImageReadError(path, f"{error.problem}\ngive one of its files in place of the folder (any file of a "
+                          "series stands for the whole series), or, with propagate, --series NUMBER")
+
+
+def check_one_series(folder: Path) -> None:
+    """Refuse a DICOM study folder that holds no image series or several (headers only), saying how to choose."""
+    try:
+        select_series(folder, list_dicom_series(folder))
+    except SeveralSeriesError as error:
+        raise how_to_choose_a_series(folder, error) from error
 
 
 def is_dicom_study(path: Path) -> bool:
@@ -293,6 +306,8 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
         raise ImageReadError(output_dir, "output folder does not exist")
     for path in targets:
         check_study_path(path)
+        if path.is_dir():
+            check_one_series(path)
     stems = [study_stem(path) for path in targets]
     if len(set(stems)) != len(stems):
         raise ImageReadError(output_dir, f"targets share a name, so their outputs would collide: {stems}")

@@ -179,6 +179,11 @@ def test_a_series_of_a_folder_of_several_is_picked_by_number_or_by_one_of_its_fi
     assert result[17:23].any(axis=(1, 2)).all() and not result[:17].any() and not result[23:].any()
     out_dir = tmp_path / "transfer"
     out_dir.mkdir()
+    # the folder of two series as a transfer target: refused before any work, with the ways to choose
+    code, _, stderr = run_cli(["transfer", str(ct.files[0]), str(labels), str(ct.files[3]), str(folder), "-o",
+                               str(out_dir), *FAST, "--weights", str(tmp_path / "no_weights_needed_yet")], capsys)
+    assert code == 2 and "2 DICOM series" in stderr and "give one of its files" in stderr, stderr
+    assert list(out_dir.iterdir()) == []
     code, _, stderr = run_cli(["transfer", str(ct.files[0]), str(labels), str(ct.files[3]), "-o", str(out_dir),
                                "--dicom-seg", *FAST, "--mode", "published"], capsys)
     assert code == 0, stderr
