@@ -162,12 +162,15 @@ def show_package_warnings_plainly() -> None:
 
 def command_propagate(args: argparse.Namespace) -> int:
     from insid3_med.jobs import propagate_file
+    from insid3_med.volume import ARRAY_AXIS_LETTERS
 
     summary = propagate_file(args.volume, args.labels, volume_outputs(args), model_options(args), axis=args.axis,
                              slice_range=args.slices, preset=args.preset, force=args.force,
                              series=args.series, mode=args.mode, params=propagation_params(args),
                              progress=progress_reporter(args.progress, "propagate"), warn=print_warning)
-    print(f"wrote {args.output} ({summary['timings_s']['propagate']:.1f} s)")
+    slices = ", ".join(str(k) for k in summary["labelled_slices"])
+    print(f"propagated from {summary['slice_plane']} slice(s) {slices} (array axis "
+          f"{ARRAY_AXIS_LETTERS[summary['axis']]}); wrote {args.output} ({summary['timings_s']['propagate']:.1f} s)")
     return 0
 
 

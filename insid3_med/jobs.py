@@ -260,7 +260,8 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
         finished = time.perf_counter()
         summary = {
             "command": "propagate", "volume": str(volume_path), "labels_input": str(labels_path),
-            "axis": array_axis, "labelled_slices": references, "slice_range": slice_range, "warnings": warnings,
+            "axis": array_axis, "slice_plane": volume.geometry.slice_plane(array_axis),
+            "labelled_slices": references, "slice_range": slice_range, "warnings": warnings,
             "model": model_description(segmenter), "propagation": propagation,
             "timings_s": {"read_and_load": round(loaded - started, 3), "propagate": round(finished - loaded, 3)},
         }

@@ -83,6 +83,8 @@ def test_propagate_writes_every_format_on_the_input_grid(hippocampus: dict[str, 
     assert Image.open(tmp_path / "out.png").size[0] > 100
     summary = json.loads((tmp_path / "out.json").read_text())
     assert summary["labelled_slices"] == [best] and summary["model"]["backbone"] == "dinov2_vits14_standin"
+    # what was propagated from, said on stdout too: the labelled slice, its plane and the array axis
+    assert f"from {summary['slice_plane']} slice(s) {best} (array axis k); wrote {out}" in stdout, stdout
     assert summary["model"]["weights_sha256"].startswith("8b38fc0f")
     assert summary["labels"]["1"]["volume_ml"] > 0 and "propagate" in summary["timings_s"]
     assert summary["propagation"]["mode"] == "volume"
