@@ -19,7 +19,7 @@ from PIL import Image
 
 from insid3_med.backbones import Backbone, load_backbone, resolve_precision
 from insid3_med.engine import EngineParams
-from insid3_med.imaging.dicom import has_dicom_preamble, list_dicom_series, select_series
+from insid3_med.imaging.dicom import list_dicom_series, select_series
 from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError, OutputExistsError, SeveralSeriesError
 from insid3_med.imaging.geometry import Volume
 from insid3_med.imaging.intensity import intensity_mapping
@@ -27,6 +27,7 @@ from insid3_med.imaging.overlay import write_overlay_montage
 from insid3_med.imaging.readers import (
     DICOM_SUFFIXES,
     IMAGE_2D_SUFFIXES,
+    is_dicom_file,
     read_image_2d,
     read_label_names,
     read_label_volume,
@@ -158,7 +159,7 @@ def check_one_series(folder: Path) -> None:
 
 def is_dicom_study(path: Path) -> bool:
     """Whether a study path is DICOM (a series folder or a DICOM file), from the path and the file's marker."""
-    return path.is_dir() or path.suffix.lower() in DICOM_SUFFIXES or (path.is_file() and has_dicom_preamble(path))
+    return path.is_dir() or (path.is_file() and is_dicom_file(path))
 
 
 def study_stem(path: Path) -> str:

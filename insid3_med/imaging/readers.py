@@ -63,7 +63,8 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def _is_dicom_file(path: Path) -> bool:
+def is_dicom_file(path: Path) -> bool:
+    """Whether a file is DICOM, from its suffix or its ``DICM`` marker (nothing else is read)."""
     return _suffix(path) in DICOM_SUFFIXES or has_dicom_preamble(path)
 
 
@@ -230,7 +231,7 @@ def read_image_2d(path: str | Path) -> Volume:
             source=path,
             metadata=metadata,
         )
-    if _is_dicom_file(path):
+    if is_dicom_file(path):
         return read_dicom_image(path)
     volume = read_volume(path)
     if volume.shape[0] != 1:
@@ -264,7 +265,7 @@ def read_volume(
         return _read_simpleitk(path)
     if suffix in IMAGE_2D_SUFFIXES:
         return read_image_2d(path)
-    if _is_dicom_file(path):
+    if is_dicom_file(path):
         return read_series_of_file(path) if whole_series else read_dicom_files([path], source=path)
     try:
         return _read_simpleitk(path)
@@ -305,7 +306,7 @@ def read_label_names(path: str | Path) -> dict[int, str]:
 
             segments = slicerio.read_segmentation(str(path), skip_voxels=True)["segments"]
             return {int(s["labelValue"]): str(s["name"]) for s in segments if "labelValue" in s and s.get("name")}
-        if _is_dicom_file(path) and _dicom_modality(path) == "SEG":
+        if is_dicom_file(path) and _dicom_modality(path) == "SEG":
             import highdicom as hd
 
             segmentation = hd.seg.segread(path)
@@ -388,7 +389,7 @@ def read_label_volume(path: str | Path, like: Volume, atol: float = 1e-3) -> np.
     placed_by_positions = False
     if suffix == ".seg.nrrd":
         array, geometry = _read_seg_nrrd(path)
-    elif path.is_file() and _is_dicom_file(path) and _dicom_modality(path) == "SEG":
+    elif path.is_file() and is_dicom_file(path) and _dicom_modality(path) == "SEG":
         array, geometry = _read_dicom_seg(path, like)
         placed_by_positions = True  # a DICOM SEG's frames carry their true positions
     elif suffix in IMAGE_2D_SUFFIXES:
@@ -501,7 +502,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         elif not series:
             raise ImageReadError(path, "no DICOM image series found in this folder")
         return info
-    if _is_dicom_file(path) and _dicom_modality(path) == "SEG":
+    if is_dicom_file(path) and _dicom_modality(path) == "SEG":
         info["kind"] = "dicom_seg"
         info.update(_describe_dicom_seg(path))
         return info
