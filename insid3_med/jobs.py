@@ -271,6 +271,26 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
     return summary
 
 
+class SkippedTargets:
+    """The targets of a batch that could not be read: each is warned about when met, and :meth:`raise_if_any` ends
+    the run naming them all once the others are done."""
+
+    def __init__(self, warn: Warn | None) -> None:
+        self.warn = warn
+        self.errors: list[str] = []
+
+    def add(self, error: Exception) -> None:
+        self.errors.append(str(error))
+        if self.warn is not None:
+            self.warn(f"{error}; this target is skipped, the others go on")
+
+    def raise_if_any(self, output_dir: Path, targets: int, done: int, outputs: str) -> None:
+        """An ImageReadError naming every skipped target; ``outputs`` says what they lack ("outputs", "mask")."""
+        if self.errors:
+            raise ImageReadError(output_dir, f"{len(self.errors)} of {targets} targets could not be read and have no "
+                                 f"{outputs} ({done} done):\n  " + "\n  ".join(self.errors))
+
+
 def overall_progress(progress: ProgressCallback | None, index: int, count: int) -> ProgressCallback | None:
     """Target ``index`` of ``count``'s (done, total) reported as progress over all targets: the fraction
     (index + done / total) / count, so a progress bar fills once over the run instead of once per target."""
@@ -328,15 +348,13 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
         plans.append((path, outputs_set, check_outputs(outputs, is_dicom_study(path), path, outputs_set)))
     segmenter = model.build(chained=mode == "volume")
     summaries: list[dict[str, Any]] = []
-    skipped: list[str] = []
+    skipped = SkippedTargets(warn)
     for index, (path, outputs_set, claimed) in enumerate(plans):
         try:
             study = read_study(path)
             outputs_set.protect(input_files(study))
         except (ImageReadError, OutputExistsError) as error:
-            skipped.append(str(error))
-            if warn is not None:
-                warn(f"{error}; this target is skipped, the others go on")
+            skipped.add(error)
             continue
         with outputs_set:
             started = time.perf_counter()
@@ -356,9 +374,7 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
         summaries.append(record)
         if done is not None:
             done(record)
-    if skipped:
-        raise ImageReadError(output_dir, f"{len(skipped)} of {len(targets)} targets could not be read and have no "
-                             f"outputs ({len(summaries)} done):\n  " + "\n  ".join(skipped))
+    skipped.raise_if_any(output_dir, len(targets), len(summaries), "outputs")
     return summaries
 
 
@@ -433,14 +449,12 @@ def segment_images(reference_image: Path, reference_mask: Path, targets: Sequenc
     segmenter.set_reference(intensity_mapping(reference)(reference.array[0]), mask)
     binary = segmenter.label_values == [1]
     written: list[Path] = []
-    skipped: list[str] = []
+    skipped = SkippedTargets(warn)
     for index, (path, output, outputs_set, temporary) in enumerate(plans, start=1):
         try:
             image = read_image_2d(path)
         except ImageReadError as error:
-            skipped.append(str(error))
-            if warn is not None:
-                warn(f"{error}; this target is skipped, the others go on")
+            skipped.add(error)
             continue
         with outputs_set:
             prediction = segmenter.segment(intensity_mapping(image)(image.array[0]))
@@ -453,7 +467,5 @@ def segment_images(reference_image: Path, reference_mask: Path, targets: Sequenc
             done(output)
         if progress is not None:
             progress(index, len(plans))
-    if skipped:
-        raise ImageReadError(output_dir, f"{len(skipped)} of {len(targets)} targets could not be read and have no "
-                             f"mask ({len(written)} done):\n  " + "\n  ".join(skipped))
+    skipped.raise_if_any(output_dir, len(targets), len(written), "mask")
     return written
