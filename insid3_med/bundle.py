@@ -40,7 +40,7 @@ from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError, Output
 from insid3_med.imaging.geometry import Geometry, Volume
 from insid3_med.imaging.intensity import intensity_mapping
 from insid3_med.imaging.readers import read_label_volume
-from insid3_med.outputs import partial_path, same_file
+from insid3_med.outputs import RunInputs, partial_path, same_file
 from insid3_med.predictor import OneShotSegmenter
 from insid3_med.propagation import params_from_settings
 from insid3_med.volume import (
@@ -514,9 +514,9 @@ def check_outputs_absent(studies: Sequence[str | Path], output_dir: str | Path, 
     """
     planned = [Path(create_file_basename(output_postfix, str(study), str(output_dir), separate_folder=separate_folder,
                                          makedirs=False) + output_ext) for study in studies]
-    sources = [Path(path) for path in [*studies, *inputs] if path is not None]
+    sources = RunInputs(path for path in [*studies, *inputs] if path is not None)
     for path in planned:
-        if any(same_file(path, source) for source in sources):
+        if path in sources:
             raise OutputExistsError(path, "this output would replace an input of the run (a study or the reference); "
                                           "choose another --output_dir or --output_postfix")
     existing = [path for path in planned if path.exists()]

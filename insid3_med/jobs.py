@@ -34,7 +34,7 @@ from insid3_med.imaging.readers import (
     read_volume,
 )
 from insid3_med.imaging.writers import write_dicom_seg, write_nifti_labels, write_seg_nrrd
-from insid3_med.outputs import OutputSet, label_statistics, output_set, write_json
+from insid3_med.outputs import OutputSet, RunInputs, label_statistics, output_set, write_json
 from insid3_med.predictor import OneShotSegmenter
 from insid3_med.propagation import PropagationParams
 from insid3_med.volume import (
@@ -334,7 +334,7 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
     if len(set(stems)) != len(stems):
         raise ImageReadError(output_dir, f"targets share a name, so their outputs would collide: {stems}")
     names = read_label_names(reference_labels_path) or None
-    inputs = [reference_path, reference_labels_path, *targets, *input_files(reference)]
+    inputs = RunInputs([reference_path, reference_labels_path, *targets, *input_files(reference)])
     plans = []
     for path, stem in zip(targets, stems, strict=True):
         outputs_set = OutputSet(force, inputs)
@@ -441,9 +441,10 @@ def segment_images(reference_image: Path, reference_mask: Path, targets: Sequenc
     if len(set(outputs)) != len(outputs):
         raise ImageReadError(output_dir, "targets share a name, so their masks would collide: "
                              f"{[Path(p).stem for p in targets]}")
+    inputs = RunInputs([reference_image, reference_mask, *targets])
     plans = []
     for path, output in zip(targets, outputs, strict=True):
-        outputs_set = OutputSet(force, inputs=[reference_image, reference_mask, *targets])
+        outputs_set = OutputSet(force, inputs)
         plans.append((path, output, outputs_set, outputs_set.claim(output)))
     segmenter = model.build()
     segmenter.set_reference(intensity_mapping(reference)(reference.array[0]), mask)

@@ -22,18 +22,52 @@ from insid3_med.imaging.errors import OutputExistsError
 from insid3_med.imaging.geometry import Volume
 
 
-class OutputSet:
-    """Final paths -> temporary paths; :meth:`commit` renames them all, :meth:`abort` deletes them."""
+class RunInputs:
+    """The files of a run that no output may replace, identified once (by device and inode where they exist, by
+    resolved path always), so that testing a path is one lookup whatever their number; the same answers as
+    :func:`same_file` against each of them."""
 
-    def __init__(self, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> None:
+    def __init__(self, paths: Iterable[str | Path] = ()) -> None:
+        self._resolved: set[Path] = set()
+        self._file_ids: set[tuple[int, int]] = set()
+        self.add(paths)
+
+    def add(self, paths: Iterable[str | Path]) -> None:
+        for path in paths:
+            self._resolved.add(Path(path).expanduser().resolve())
+            identity = _file_id(Path(path).expanduser())
+            if identity is not None:
+                self._file_ids.add(identity)
+
+    def __contains__(self, path: str | Path) -> bool:
+        path = Path(path).expanduser()
+        return _file_id(path) in self._file_ids or path.resolve() in self._resolved
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+class OutputSet:
+    """Final paths -> temporary paths; :meth:`commit` renames them all, :meth:`abort` deletes them.
+
+    ``inputs``: the run's input files, which no output may replace (a :class:`RunInputs` may be shared by the
+    output sets of one run, so that they are identified once).
+    """
+
+    def __init__(self, overwrite: bool = False, inputs: RunInputs | Iterable[str | Path] = ()) -> None:
         self.overwrite = overwrite
         self._pending: dict[Path, Path] = {}
-        self._inputs = [Path(path).expanduser().absolute() for path in inputs]
+        self._inputs = inputs if isinstance(inputs, RunInputs) else RunInputs(inputs)
 
     def claim(self, path: str | Path) -> Path:
         """Reserve ``path``; returns the temporary path to write instead (same folder, same suffixes)."""
         final = Path(path).expanduser().absolute()
-        if any(same_file(final, source) for source in self._inputs):
+        if final in self._inputs:
             raise OutputExistsError(final, "this output path is an input of the run; write the result elsewhere")
         if final.exists() and not self.overwrite:
             raise OutputExistsError(final, "output exists; use --force to overwrite it")
@@ -47,12 +81,12 @@ class OutputSet:
 
     def protect(self, inputs: Iterable[str | Path]) -> None:
         """Add inputs known only once read (a DICOM series' files); refuses a path already claimed among them."""
-        for source in (Path(path).expanduser().absolute() for path in inputs):
-            for final in self._pending:
-                if same_file(final, source):
-                    raise OutputExistsError(final, "this output path is an input of the run; write the result "
-                                                   "elsewhere")
-            self._inputs.append(source)
+        inputs = list(inputs)
+        added = RunInputs(inputs)
+        for final in self._pending:
+            if final in added:
+                raise OutputExistsError(final, "this output path is an input of the run; write the result elsewhere")
+        self._inputs.add(inputs)
 
     def commit(self) -> list[Path]:
         """Rename every written temporary file into place; returns the final paths."""
@@ -96,7 +130,7 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 
 
 @contextmanager
-def output_set(overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[OutputSet]:
+def output_set(overwrite: bool = False, inputs: RunInputs | Iterable[str | Path] = ()) -> Iterator[OutputSet]:
     """``with output_set(force, inputs) as outputs:`` claim paths, write to the returned temporaries; commit on
     success. ``inputs``: the run's input files, which no output may replace."""
     with OutputSet(overwrite, inputs) as outputs:
