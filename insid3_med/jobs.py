@@ -304,6 +304,19 @@ def overall_progress(progress: ProgressCallback | None, index: int, count: int) 
     return overall
 
 
+def check_distinct_names(output_dir: Path, targets: Sequence[Path], output_names: Sequence[str]) -> None:
+    """Refuse targets whose outputs would have the same name (``a/ct.nii.gz`` and ``b/ct.nii.gz``, ``img.bmp`` and
+    ``img.tif``), naming each group of them and the output they would share."""
+    by_name: dict[str, list[Path]] = {}
+    for path, name in zip(targets, output_names, strict=True):
+        by_name.setdefault(name, []).append(path)
+    clashes = [f"{', '.join(str(path) for path in paths)} would {'both' if len(paths) == 2 else 'all'} write {name}"
+               for name, paths in by_name.items() if len(paths) > 1]
+    if clashes:
+        raise ImageReadError(output_dir, "targets share a name, so their outputs would collide: "
+                             + "; ".join(clashes) + " (give them separate runs or output folders, or rename them)")
+
+
 def transfer_files(reference_path: Path, reference_labels_path: Path, targets: Sequence[Path], output_dir: Path,
                    model: ModelOptions, *, axis: int | str = AUTO_AXIS, preset: str | None = None, force: bool = False,
                    seg_nrrd: bool = False, dicom_seg: bool = False, overlay: bool = False, summary: bool = False,
@@ -331,8 +344,7 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
         if path.is_dir():
             check_one_series(path)
     stems = [study_stem(path) for path in targets]
-    if len(set(stems)) != len(stems):
-        raise ImageReadError(output_dir, f"targets share a name, so their outputs would collide: {stems}")
+    check_distinct_names(output_dir, targets, [f"{stem}_seg.nii.gz" for stem in stems])
     names = read_label_names(reference_labels_path) or None
     inputs = RunInputs([reference_path, reference_labels_path, *targets, *input_files(reference)])
     plans = []
@@ -438,9 +450,7 @@ def segment_images(reference_image: Path, reference_mask: Path, targets: Sequenc
         if not path.is_file():
             raise ImageNotFoundError(path, "no such file" if not path.exists() else "a folder, not a 2D image file")
     outputs = [output_dir / f"{Path(p).stem}_mask.png" for p in targets]
-    if len(set(outputs)) != len(outputs):
-        raise ImageReadError(output_dir, "targets share a name, so their masks would collide: "
-                             f"{[Path(p).stem for p in targets]}")
+    check_distinct_names(output_dir, targets, [output.name for output in outputs])
     inputs = RunInputs([reference_image, reference_mask, *targets])
     plans = []
     for path, output in zip(targets, outputs, strict=True):

@@ -506,6 +506,32 @@ def test_2d_bad_inputs(data_file: Callable[[str], Path], tmp_path: Path, capsys:
     assert [p.name for p in outdir.iterdir()] == ["IMD003_mask.png"] and "IMD003_mask.png" in stdout
 
 
+def test_targets_whose_outputs_share_a_name_are_named_and_refused_before_the_model_loads(
+        hippocampus: dict[str, Path], data_file: Callable[[str], Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    photo = data_file("ph2/images/IMD004.jpg")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    same_stem = [tmp_path / "a" / "IMD003.png", tmp_path / "b" / "IMD003.bmp"]
+    for path in same_stem:
+        Image.open(photo).save(path)
+    out = tmp_path / "out"
+    out.mkdir()
+    absent = ["--weights", str(tmp_path / "absent"), "--progress", "none"]
+    code, _, stderr = run_cli(["segment", str(data_file("ph2/images/IMD002.jpg")),
+                               str(data_file("ph2/masks/IMD002_lesion.png")), str(photo), *map(str, same_stem),
+                               "-o", str(out), *absent], capsys)
+    assert code == 2 and f"{same_stem[0]}, {same_stem[1]} would both write IMD003_mask.png" in stderr, stderr
+    assert str(photo) not in stderr.split("collide:")[1].split(" would")[0]  # only the clashing targets are named
+    twins = [tmp_path / "a" / "ct.nii.gz", tmp_path / "b" / "ct.nii.gz"]
+    for path in twins:
+        path.write_bytes(hippocampus["other"].read_bytes())
+    code, _, stderr = run_cli(["transfer", str(hippocampus["image"]), str(hippocampus["one"]), *map(str, twins),
+                               "-o", str(out), *absent], capsys)
+    assert code == 2 and f"{twins[0]}, {twins[1]} would both write ct_seg.nii.gz" in stderr, stderr
+    assert list(out.iterdir()) == []
+
+
 def test_2d_masks_saved_as_jpeg_or_in_colour_read_as_one_structure(data_file: Callable[[str], Path],
                                                                     tmp_path: Path) -> None:
     from insid3_med.imaging.readers import read_image_2d
