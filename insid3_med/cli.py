@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from insid3_med import __version__
+
 EXIT_BAD_INPUT = 2
 EXIT_WEIGHTS = 3
 
@@ -226,6 +228,7 @@ def command_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="insid3-med", description="One-shot segmentation of medical images and "
                                      "volumes with frozen DINOv3 features (INSID3).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     segment = commands.add_parser("segment", help="2D: segment targets from one labelled reference image")

@@ -34,7 +34,7 @@ from insid3_med.imaging.readers import (
     read_volume,
 )
 from insid3_med.imaging.writers import write_dicom_seg, write_nifti_labels, write_seg_nrrd
-from insid3_med.outputs import OutputSet, RunInputs, label_statistics, output_set, write_json
+from insid3_med.outputs import OutputSet, RunInputs, label_statistics, output_set, software_versions, write_json
 from insid3_med.predictor import OneShotSegmenter
 from insid3_med.propagation import PropagationParams
 from insid3_med.volume import (
@@ -208,6 +208,7 @@ def write_volume_outputs(labels: np.ndarray, volume: Volume, claimed: dict[str, 
         write_overlay_montage(shown, shown_labels, claimed["overlay"], highlight=set(highlight), overwrite=True)
     if "summary" in claimed:
         summary["labels"] = label_statistics(labels, volume, axis, names)
+        summary["software"] = software_versions()
         write_json(summary, claimed["summary"])
 
 

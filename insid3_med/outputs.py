@@ -157,6 +157,16 @@ def label_statistics(labels: np.ndarray, volume: Volume, axis: int,
     return stats
 
 
+def software_versions() -> dict[str, str]:
+    """The versions that made an output: insid3-med, torch, MONAI (for a run's summary)."""
+    import monai
+    import torch
+
+    from insid3_med import __version__
+
+    return {"insid3_med": __version__, "torch": torch.__version__, "monai": monai.__version__}
+
+
 def machine_description() -> dict[str, str]:
     """Platform, processor, Python and torch versions, for reports."""
     import torch

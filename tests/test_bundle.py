@@ -316,6 +316,9 @@ def test_metadata_is_valid_against_the_bundle_schema(tmp_path: Path) -> None:
                 "channel_def"} <= set(fields)
     assert metadata["network_data_format"]["outputs"]["pred"]["dtype"] == "uint8"
     assert metadata["version"] in metadata["changelog"]
+    import insid3_med
+
+    assert metadata["required_packages_version"]["insid3-med"] == insid3_med.__version__  # the package it runs
     broken = {k: v for k, v in metadata.items() if k != "numpy_version"}
     with pytest.raises(jsonschema.ValidationError, match="numpy_version"):
         jsonschema.validate(broken, schema)

@@ -88,7 +88,13 @@ def test_propagate_writes_every_format_on_the_input_grid(hippocampus: dict[str, 
     assert summary["model"]["weights_sha256"].startswith("8b38fc0f")
     assert summary["labels"]["1"]["volume_ml"] > 0 and "propagate" in summary["timings_s"]
     assert summary["propagation"]["mode"] == "volume"
+    import torch
+
+    import insid3_med
     from insid3_med.backbones import bf16_pays_on_cpu
+
+    assert summary["software"] == {**summary["software"], "insid3_med": insid3_med.__version__,
+                                   "torch": torch.__version__}
 
     assert summary["model"]["precision"] == ("bf16" if bf16_pays_on_cpu() else "fp32")  # --precision auto
 
@@ -571,6 +577,14 @@ def test_missing_weights_exit_3_with_instructions(hippocampus: dict[str, Path], 
     assert result.returncode == 3, result.stderr
     assert "DINOv3" in result.stderr and "INSID3_MED_WEIGHTS" in result.stderr and "--weights" in result.stderr
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_version_is_the_installed_package_s(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"insid3-med {version('insid3-med')}"
 
 
 def test_progress_lines_are_machine_readable(hippocampus: dict[str, Path], tmp_path: Path,
