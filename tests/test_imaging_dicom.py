@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -231,8 +232,26 @@ def test_two_slices_at_one_position_are_refused_as_4d(ct_series, tmp_path):
 
 def test_empty_folder_and_missing_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ImageReadError, match="no DICOM image series"):
+    with pytest.raises(ImageReadError, match="no DICOM image series found: the folder holds no files"):
         read_volume(tmp_path / "empty")
+    # a folder of NIfTI studies: what it holds, and that a NIfTI study is given as its file
+    (tmp_path / "nifti" / "images").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "nifti" / "images" / "case.nii.gz")
+    for call in (read_volume, describe):
+        with pytest.raises(ImageReadError, match=r"holds 1 other file\(s\) \(images/case.nii.gz\): give a NIfTI"):
+            call(tmp_path / "nifti")
+    # DICOM files that hold no image (here a structured report)
+    report = pydicom.Dataset()
+    report.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    report.SOPInstanceUID = report.SeriesInstanceUID = pydicom.uid.generate_uid()
+    report.file_meta = pydicom.dataset.FileMetaDataset()
+    report.file_meta.MediaStorageSOPClassUID = report.SOPClassUID
+    report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
+    report.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    (tmp_path / "reports").mkdir()
+    report.save_as(tmp_path / "reports" / "sr.dcm", enforce_file_format=True)
+    with pytest.raises(ImageReadError, match=r"its 1 DICOM file\(s\) \(sr.dcm\) hold no images"):
+        read_volume(tmp_path / "reports")
     with pytest.raises(FileNotFoundError):
         read_volume(tmp_path / "nowhere")
 

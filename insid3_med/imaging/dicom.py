@@ -181,6 +181,21 @@ def list_dicom_series(folder: str | Path, recursive: bool = True) -> list[Series
     return series
 
 
+def no_series_message(folder: Path) -> str:
+    """Why a folder gave no series, with what it holds instead (a folder of NIfTI files is given file by file)."""
+    files = [path for path in _iter_files(folder, recursive=True)]
+    if not files:
+        return "no DICOM image series found: the folder holds no files"
+    dicom = [path for path in files if has_dicom_preamble(path) or path.name.upper() == "DICOMDIR"]
+    if dicom:
+        shown = ", ".join(str(path.relative_to(folder)) for path in dicom[:3]) + (", ..." if len(dicom) > 3 else "")
+        return (f"no DICOM image series found in this folder or its sub-folders: its {len(dicom)} DICOM file(s) "
+                f"({shown}) hold no images (a segmentation, a report, a DICOMDIR index...)")
+    shown = ", ".join(str(path.relative_to(folder)) for path in files[:3]) + (", ..." if len(files) > 3 else "")
+    return (f"no DICOM image series found in this folder or its sub-folders; it holds {len(files)} other file(s) "
+            f"({shown}): give a NIfTI, NRRD or MetaImage study as its file, not its folder")
+
+
 def select_series(
     folder: str | Path,
     series: Sequence[SeriesInfo],
@@ -191,7 +206,7 @@ def select_series(
     wrong."""
     listing = "\n  ".join(s.summary() for s in series)
     if not series:
-        raise ImageReadError(folder, "no DICOM image series found in this folder")
+        raise ImageReadError(folder, no_series_message(Path(folder)))
     if series_uid is not None:
         chosen = [s for s in series if s.series_instance_uid == series_uid]
         if not chosen:

@@ -18,6 +18,7 @@ from insid3_med.imaging.dicom import (
     SeriesInfo,
     has_dicom_preamble,
     list_dicom_series,
+    no_series_message,
     read_dicom_files,
     read_dicom_image,
     read_dicom_series,
@@ -500,7 +501,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         if len(series) == 1:
             info.update(_describe_volume(read_dicom_files(series[0].files, source=path)))
         elif not series:
-            raise ImageReadError(path, "no DICOM image series found in this folder")
+            raise ImageReadError(path, no_series_message(path))
         return info
     if is_dicom_file(path) and _dicom_modality(path) == "SEG":
         info["kind"] = "dicom_seg"
