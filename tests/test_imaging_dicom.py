@@ -32,6 +32,44 @@ def test_list_dicom_series_finds_one_series_and_skips_other_files(ct_series, tmp
     assert (info.rows, info.columns) == ct_series.expected.shape[1:]
 
 
+def compressed_copy(files, folder, compressor: str):
+    """The series with its pixel data compressed as a PACS may store it: ``RLE`` encoded by pydicom, ``JPEG``
+    (lossless, process 14) or ``JPEG2000`` (lossless) encoded by GDCM through SimpleITK; every other element kept."""
+    folder.mkdir()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        if compressor == "RLE":
+            ds.compress(pydicom.uid.RLELossless)
+        else:
+            encoded_path = folder / "encoded.tmp"
+            writer = sitk.ImageFileWriter()
+            writer.SetImageIO("GDCMImageIO")
+            writer.SetFileName(str(encoded_path))
+            writer.SetUseCompression(True)
+            writer.SetCompressor(compressor)
+            writer.Execute(sitk.GetImageFromArray(ds.pixel_array[np.newaxis]))
+            encoded = pydicom.dcmread(encoded_path)
+            encoded_path.unlink()
+            ds.PixelData = encoded.PixelData
+            ds["PixelData"].VR = "OB"
+            ds["PixelData"].is_undefined_length = True
+            ds.file_meta.TransferSyntaxUID = encoded.file_meta.TransferSyntaxUID
+        ds.save_as(folder / path.name, enforce_file_format=True)
+    return sorted(folder.iterdir())
+
+
+@pytest.mark.parametrize(("compressor", "syntax"), [("RLE", "1.2.840.10008.1.2.5"), ("JPEG", "1.2.840.10008.1.2.4.70"),
+                                                    ("JPEG2000", "1.2.840.10008.1.2.4.90")])
+def test_a_compressed_series_reads_as_the_uncompressed_one(ct_series, tmp_path, compressor, syntax):
+    """RLE is decoded by pydicom; JPEG lossless and JPEG 2000, which pydicom cannot decode without optional
+    plugins, by SimpleITK's GDCM."""
+    files = compressed_copy(ct_series.files, tmp_path / compressor, compressor)
+    assert str(pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID) == syntax
+    volume = read_volume(tmp_path / compressor)
+    np.testing.assert_array_equal(volume.array, ct_series.expected.array)
+    assert volume.geometry.allclose(ct_series.expected.geometry, atol=1e-4)
+
+
 def test_ct_series_reads_back_in_hu_on_its_oblique_grid(ct_series):
     volume = read_volume(ct_series.folder)
     assert volume.shape == ct_series.expected.shape
