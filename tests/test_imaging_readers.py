@@ -455,9 +455,20 @@ def test_fractional_or_overlapping_dicom_seg_is_refused_naming_the_file(ct_serie
     nifti = tmp_path / "ct.nii.gz"  # by SOPInstanceUID on its series, by positions on a NIfTI copy
     nib.save(nib.Nifti1Image(volume.array.transpose(2, 1, 0), volume.geometry.ijk_to_ras()), nifti)
     for like in (volume, read_volume(nifti)):
-        with pytest.raises(ImageReadError, match="cannot be turned into a label map") as caught:
+        with pytest.raises(ImageReadError, match="segments overlap; a label map holds one structure per voxel: "
+                           "propagate overlapping segments in separate runs") as caught:
             read_label_volume(overlapping, like)
         assert "overlapping_seg.dcm" in str(caught.value)
+    # a Slicer segmentation stores overlapping segments in layers: the message names the segments of each layer
+    import slicerio
+
+    segmentation = slicerio.create_segmentation(volume.shape[::-1], volume.geometry.ijk_to_lps())
+    for n, name in enumerate(("whole tumour", "core")):
+        slicerio.add_segment(segmentation, both[..., n].transpose(2, 1, 0) > 0, {"id": name, "name": name})
+    slicerio.write_segmentation(str(tmp_path / "layers.seg.nrrd"), segmentation)
+    with pytest.raises(ImageReadError, match=r"layers.seg.nrrd: segments overlap \(2 layers: layer 1: whole tumour; "
+                       r"layer 2: core\); a label map holds one structure per voxel"):
+        read_label_volume(tmp_path / "layers.seg.nrrd", volume)
     apart = both.copy()
     apart[10, 10:15, 10:15, 1] = 0  # without the overlap the same file reads: segment n -> label n
     expected = np.zeros(volume.shape, dtype=np.uint8)

@@ -278,6 +278,11 @@ def read_volume(
         ) from error
 
 
+OVERLAP_ADVICE = ("a label map holds one structure per voxel: propagate overlapping segments in separate runs, or "
+                  "draw nested structures as their parts (a tumour's core and its oedema, not the core and the whole "
+                  "tumour)")
+
+
 def _read_seg_nrrd(path: Path) -> tuple[np.ndarray, Geometry]:
     import slicerio
 
@@ -287,7 +292,11 @@ def _read_seg_nrrd(path: Path) -> tuple[np.ndarray, Geometry]:
         raise ImageReadError(path, f"cannot be read as a Slicer segmentation ({error})") from error
     voxels = np.asarray(segmentation["voxels"])
     if voxels.ndim != 3:
-        raise ImageReadError(path, "segments overlap (several layers); a label map needs one layer")
+        layers: dict[int, list[str]] = {}
+        for segment in segmentation.get("segments", []):
+            layers.setdefault(int(segment.get("layer", 0)), []).append(str(segment.get("name", segment.get("id"))))
+        listing = "; ".join(f"layer {n + 1}: {', '.join(names)}" for n, names in sorted(layers.items()))
+        raise ImageReadError(path, f"segments overlap ({voxels.shape[0]} layers: {listing}); {OVERLAP_ADVICE}")
     return voxels.transpose(2, 1, 0), Geometry.from_ijk_to_lps(np.asarray(segmentation["ijkToLPS"]))
 
 
@@ -359,6 +368,8 @@ def _read_dicom_seg(path: Path, like: Volume) -> tuple[np.ndarray, Geometry]:
                 return np.asarray(pixels), like.geometry
         volume = segmentation.get_volume(combine_segments=True, relabel=False)
     except Exception as error:  # noqa: BLE001 - highdicom reports overlap, missing positions etc. as assorted types
+        if "overlap" in str(error):
+            raise ImageReadError(path, f"segments overlap; {OVERLAP_ADVICE}") from error
         raise ImageReadError(path, f"DICOM SEG cannot be turned into a label map ({error})") from error
     # highdicom's affine maps (frame, row, column) indices to LPS; ours maps (i, j, k) = (column, row, frame).
     affine = np.asarray(volume.affine, dtype=np.float64)[:, [2, 1, 0, 3]]
