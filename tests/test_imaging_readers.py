@@ -176,9 +176,27 @@ def test_label_grid_mismatch_is_refused(data_file, tmp_path):
     shifted_affine[:3, 3] += [0.5, 0.0, 0.0]  # half a voxel: off the image's voxel lattice
     shifted = tmp_path / "shifted.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(labels.dataobj), shifted_affine), shifted)
-    with pytest.raises(ImageReadError, match="geometry") as caught:
+    with pytest.raises(ImageReadError, match=r"lies on another grid: voxels up to 0.5 mm \(0.5 voxel\) from the "
+                       r"image's, where up to 0.01 mm is the same grid \(origin ") as caught:
         read_label_volume(shifted, like)
     assert "shifted.nii.gz" in str(caught.value)
+    # a header that differs by a fraction of a percent of a voxel (written in float32, or rounded) is the same grid
+    for offset, same in ((0.004, True), (0.03, False)):
+        nudged_affine = labels.affine.copy()
+        nudged_affine[:3, 3] += [offset, -offset, 0.0]
+        nib.save(nib.Nifti1Image(np.asarray(labels.dataobj), nudged_affine), tmp_path / "nudged.nii.gz")
+        if same:
+            np.testing.assert_array_equal(read_label_volume(tmp_path / "nudged.nii.gz", like),
+                                          read_label_volume(data_file(HIPPOCAMPUS_LABELS), like))
+        else:
+            with pytest.raises(ImageReadError, match="0.0424 mm"):
+                read_label_volume(tmp_path / "nudged.nii.gz", like)
+    # a spacing 0.1% off is 0.07 mm at the far corner of this 35 x 50 x 35 grid: another grid, and the message says
+    scaled_affine = labels.affine.copy()
+    scaled_affine[:3, :3] *= 1.001
+    nib.save(nib.Nifti1Image(np.asarray(labels.dataobj), scaled_affine), tmp_path / "scaled.nii.gz")
+    with pytest.raises(ImageReadError, match=r"\(spacing \[1.001, 1.001, 1.001\] mm against \[1.0, 1.0, 1.0\]\)"):
+        read_label_volume(tmp_path / "scaled.nii.gz", like)
 
 
 def test_non_integer_label_map_is_refused(data_file):

@@ -90,8 +90,15 @@ class Geometry:
         return cls.from_ijk_to_lps(LPS_TO_RAS @ np.asarray(affine, dtype=np.float64))
 
     def allclose(self, other: Geometry, atol: float = 1e-4) -> bool:
-        """True when both grids place every voxel at the same point (to ``atol`` mm / cosine units)."""
+        """True when both affines agree entry by entry (to ``atol`` mm / cosine units)."""
         return bool(np.allclose(self.ijk_to_lps(), other.ijk_to_lps(), atol=atol))
+
+    def max_distance(self, other: Geometry, shape: tuple[int, ...]) -> float:
+        """The largest distance (mm) between the points where the two grids place one voxel of a (K, J, I) array of
+        ``shape`` (reached at a corner of the array: both maps are affine)."""
+        k, j, i = (max(int(n) - 1, 0) for n in shape[:3])
+        corners = np.array([[a, b, c, 1.0] for a in (0, i) for b in (0, j) for c in (0, k)]).T  # (4, 8) i, j, k
+        return float(np.linalg.norm((self.ijk_to_lps() - other.ijk_to_lps()) @ corners, axis=0).max())
 
 
 

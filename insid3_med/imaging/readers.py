@@ -376,6 +376,23 @@ def _read_dicom_seg(path: Path, like: Volume) -> tuple[np.ndarray, Geometry]:
     return np.asarray(volume.array), Geometry.from_ijk_to_lps(affine)
 
 
+SAME_GRID_FRACTION = 0.01
+"""A label map whose voxels all lie within this fraction of the smallest voxel spacing of the image's is on its grid."""
+
+
+def _geometry_differences(geometry: Geometry, image: Geometry) -> str:
+    """What differs between a label map's grid and the image's, in words (spacing, origin, direction)."""
+    parts = []
+    for name, mine, theirs in (("spacing", geometry.spacing, image.spacing), ("origin", geometry.origin, image.origin)):
+        if not np.allclose(mine, theirs, atol=1e-6):
+            parts.append(f"{name} {[round(v, 4) for v in mine]} mm against {[round(v, 4) for v in theirs]}")
+    if not np.allclose(geometry.direction_matrix(), image.direction_matrix(), atol=1e-6):
+        angle = np.degrees(np.arccos(np.clip((np.trace(geometry.direction_matrix().T @ image.direction_matrix()) - 1)
+                                             / 2, -1.0, 1.0)))
+        parts.append(f"direction turned by {angle:.2g} degrees")
+    return "; ".join(parts) or "no difference above 1e-6"
+
+
 def _describe_geometry(geometry: Geometry) -> dict[str, Any]:
     return {
         "spacing": [float(v) for v in geometry.spacing],
@@ -392,7 +409,8 @@ def read_label_volume(path: str | Path, like: Volume, atol: float = 1e-3) -> np.
     axis order (a segmentation saved cropped, a DICOM SEG holding only its labelled frames) is placed onto
     ``like``'s grid voxel for voxel (:func:`~insid3_med.imaging.geometry.place_on_grid`). Raises
     :class:`ImageReadError` when the map is RGB, holds non-integer or negative values, has labels outside the
-    image, or lies on another lattice (spacing, origin, direction to ``atol`` mm).
+    image, or lies on another lattice. Same shape and every voxel within 1% of the smallest voxel spacing (at
+    least ``atol`` mm) of the image's is the same grid; a lattice placement (:func:`place_on_grid`) is to ``atol``.
     """
     path = Path(path)
     if not path.exists():
@@ -415,7 +433,11 @@ def read_label_volume(path: str | Path, like: Volume, atol: float = 1e-3) -> np.
         if volume.is_rgb:
             raise ImageReadError(path, "colour (RGB) volume; a label map needs one integer channel")
         array, geometry = volume.array, volume.geometry
-    same_grid = array.shape[:3] == like.shape and like.geometry.allclose(geometry, atol=atol)
+    # Same grid: every voxel within 1% of a voxel of the image's (headers written in float32, or rounded, differ
+    # by that much; the labels then lie on the same voxels).
+    tolerance = max(atol, SAME_GRID_FRACTION * min(like.geometry.spacing))
+    offset = like.geometry.max_distance(geometry, like.shape) if array.shape[:3] == like.shape else np.inf
+    same_grid = offset <= tolerance
     if not same_grid and array.ndim == 3 and (
         placed_by_positions or _declares_other_placement(geometry, like.geometry, atol)
     ):
@@ -437,8 +459,9 @@ def read_label_volume(path: str | Path, like: Volume, atol: float = 1e-3) -> np.
     if not same_grid:
         raise ImageReadError(
             path,
-            f"label map geometry {_describe_geometry(geometry)} differs from the image's "
-            f"{_describe_geometry(like.geometry)} (to {atol} mm); resample it onto the image grid first",
+            f"label map has the image's shape but lies on another grid: voxels up to {offset:.3g} mm "
+            f"({offset / min(like.geometry.spacing):.2g} voxel) from the image's, where up to {tolerance:.3g} mm is "
+            f"the same grid ({_geometry_differences(geometry, like.geometry)}); resample it onto the image grid first",
         )
     if array.dtype.kind == "f":
         if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
