@@ -183,7 +183,7 @@ def list_dicom_series(folder: str | Path, recursive: bool = True) -> list[Series
 
 def no_series_message(folder: Path) -> str:
     """Why a folder gave no series, with what it holds instead (a folder of NIfTI files is given file by file)."""
-    files = [path for path in _iter_files(folder, recursive=True)]
+    files = list(_iter_files(folder, recursive=True))
     if not files:
         return "no DICOM image series found: the folder holds no files"
     dicom = [path for path in files if has_dicom_preamble(path) or path.name.upper() == "DICOMDIR"]
