@@ -199,6 +199,27 @@ def test_label_grid_mismatch_is_refused(data_file, tmp_path):
         read_label_volume(tmp_path / "scaled.nii.gz", like)
 
 
+def test_an_image_given_as_its_labels_is_refused(data_file, tmp_path):
+    """The arguments swapped (the image where its label map goes) would propagate hundreds of "structures" for
+    hours: an MR volume as 16 or 8 bits is refused; a map of 100 structures over 60% of the voxels (an atlas, a
+    whole-body segmentation) is not."""
+    like = read_volume(data_file(HIPPOCAMPUS_IMAGE))
+    source = nib.load(data_file(HIPPOCAMPUS_IMAGE))
+    values = np.asarray(source.dataobj)
+    for name, image in (("u16.nii.gz", values.round().astype(np.uint16)),
+                        ("u8.nii.gz", (values / values.max() * 255).round().astype(np.uint8))):
+        nib.save(nib.Nifti1Image(image, source.affine), tmp_path / name)
+        with pytest.raises(ImageReadError, match=rf"{name}: \d+ distinct values over 100% of the voxels: an image "
+                           "rather than a label map"):
+            read_label_volume(tmp_path / name, like)
+    atlas = np.zeros(values.shape, np.uint8)
+    flat = atlas.reshape(-1)
+    covered = int(0.6 * flat.size)
+    flat[:covered] = np.arange(covered) * 100 // covered + 1  # 100 structures in runs over 60% of the voxels
+    nib.save(nib.Nifti1Image(atlas, source.affine), tmp_path / "atlas.nii.gz")
+    assert len(np.unique(read_label_volume(tmp_path / "atlas.nii.gz", like))) == 101
+
+
 def test_non_integer_label_map_is_refused(data_file):
     like = read_volume(data_file(HIPPOCAMPUS_IMAGE))
     with pytest.raises(ImageReadError, match="non-integer"):

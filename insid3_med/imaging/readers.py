@@ -474,7 +474,34 @@ def read_label_volume(path: str | Path, like: Volume, atol: float = 1e-3) -> np.
     if low < 0:
         raise ImageReadError(path, f"negative label {low}")
     dtype = np.uint8 if high <= 255 else np.uint16 if high <= 65535 else np.int32
-    return np.ascontiguousarray(array.astype(dtype))
+    labels = np.ascontiguousarray(array.astype(dtype))
+    _refuse_an_image_given_as_labels(path, labels)
+    return labels
+
+
+MAX_LABEL_VALUES = 255
+"""More distinct structure values than this in a label map: an image given as the labels, refused."""
+MAX_LABEL_VALUES_COVERING_ALL = 64
+"""More distinct structure values than this over more than 90% of the voxels: an image too (an 8-bit one; a
+whole-body label map of a hundred structures leaves the air outside the body)."""
+
+
+def _refuse_an_image_given_as_labels(path: Path, labels: np.ndarray) -> None:
+    """An image given where its label map was expected (the arguments swapped) would be propagated as thousands of
+    structures for hours: refuse a map with more than 255 distinct values, or more than 64 over 90% of the voxels."""
+    if not labels.size or not labels.any():
+        return
+    if labels.dtype.itemsize <= 2:
+        counts = np.bincount(labels.ravel())
+        distinct, background = int(np.count_nonzero(counts[1:])), int(counts[0])
+    else:
+        values, counts = np.unique(labels, return_counts=True)
+        distinct, background = int(np.count_nonzero(values)), int(counts[0]) if values[0] == 0 else 0
+    covered = 1.0 - background / labels.size
+    if distinct > MAX_LABEL_VALUES or (distinct > MAX_LABEL_VALUES_COVERING_ALL and covered > 0.9):
+        raise ImageReadError(path, f"{distinct} distinct values over {covered:.0%} of the voxels: an image rather than "
+                             "a label map (0 = background, one value per structure)? Check the order of the image "
+                             "and the label map")
 
 
 def _describe_volume(volume: Volume) -> dict[str, Any]:
