@@ -1,7 +1,9 @@
 """The ``insid3-med`` command line: a thin face over :mod:`insid3_med.jobs` and the evaluation harness.
 
 Exit codes: 0 success; 2 bad input (the message names the file and the problem); 3 backbone weights missing or
-unreadable (the message says how to get DINOv3 weights); 130 interrupted.
+unreadable (the message says how to get DINOv3 weights); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM, as a
+batch scheduler or the Slicer extension's Cancel sends it). Interrupted or terminated, a run deletes the temporary
+files of its unfinished outputs; the outputs it had completed stay.
 
 The command sets ``OMP_WAIT_POLICY=PASSIVE`` (unless the environment sets it) before torch loads: with OpenMP's
 spinning default, the many small parallel regions of an episode ran 30 to 50 times slower whenever the CPU was
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -314,12 +317,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: raised in the main thread so that every ``with`` block unwinds (temporaries deleted)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``insid3-med``; returns the exit code."""
     if "torch" not in sys.modules:  # read once, when torch's OpenMP runtime loads
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     show_package_warnings_plainly()
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: no handler can be set there
+        previous = None
+    try:
+        return run_command(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; errors become a message on stderr and the exit code."""
     from insid3_med.backbones import WeightsFormatError, WeightsNotFoundError
 
     try:
@@ -336,6 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("insid3-med: interrupted; nothing partial was kept", file=sys.stderr)
         return 130
+    except Terminated:
+        print("insid3-med: terminated; nothing partial was kept", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -597,6 +597,58 @@ def test_progress_lines_are_machine_readable(hippocampus: dict[str, Path], tmp_p
     assert lines[-1] == f"PROGRESS {len(lines)} {len(lines)}" and len(lines) >= 3
 
 
+def test_sigterm_mid_write_exits_143_and_leaves_no_partial_file(hippocampus: dict[str, Path], tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch scheduler's or the Slicer extension's SIGTERM arriving while the outputs are written: the run stops
+    with exit code 143 and a message, and deletes its temporaries (before, the process died and left them)."""
+    import signal
+
+    import insid3_med.jobs as jobs
+
+    write_seg_nrrd = jobs.write_seg_nrrd
+
+    def terminated_while_writing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        write_seg_nrrd(*args, **kwargs)  # the label map and this file are written to their temporaries
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(jobs, "write_seg_nrrd", terminated_while_writing)
+
+    def not_handled_by_the_command(*_: object) -> None:  # without the command's handler the signal lands here
+        raise AssertionError("SIGTERM reached the caller's handler")
+
+    before = signal.signal(signal.SIGTERM, not_handled_by_the_command)
+    try:
+        code, _, stderr = run_cli(["propagate", str(hippocampus["image"]), str(hippocampus["one"]), "-o",
+                                   str(tmp_path / "o.nii.gz"), "--seg-nrrd", str(tmp_path / "o.seg.nrrd"),
+                                   "--slices", "14:18", *FAST], capsys)
+        assert signal.getsignal(signal.SIGTERM) is not_handled_by_the_command  # the command's only while it runs
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 143 and "insid3-med: terminated; nothing partial was kept" in stderr, stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_terminated_transfer_keeps_the_targets_it_had_finished(hippocampus: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """A real process sent SIGTERM by another (as a scheduler does) once its first target is done."""
+    import signal
+
+    command = [sys.executable, "-m", "insid3_med", "transfer", str(hippocampus["image"]), str(hippocampus["one"]),
+               str(hippocampus["other"]), str(hippocampus["third"]), "-o", str(tmp_path), "--mode", "published",
+               *FAST]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if ": done in " in line:  # the first target's outputs are in place
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "terminated; nothing partial was kept" in stderr, stderr
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hippocampus_017_seg.nii.gz"]
+
+
 def test_command_sets_a_passive_openmp_wait_policy_before_torch_loads() -> None:
     environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     code = ("import os, sys\nfrom insid3_med.cli import main\ntry:\n    main(['info', sys.argv[1]])\n"
