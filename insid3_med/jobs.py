@@ -20,7 +20,13 @@ from PIL import Image
 from insid3_med.backbones import Backbone, load_backbone, resolve_precision
 from insid3_med.engine import EngineParams
 from insid3_med.imaging.dicom import list_dicom_series, select_series
-from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError, OutputExistsError, SeveralSeriesError
+from insid3_med.imaging.errors import (
+    ImageNotFoundError,
+    ImageReadError,
+    ImageWriteError,
+    OutputExistsError,
+    SeveralSeriesError,
+)
 from insid3_med.imaging.geometry import Volume
 from insid3_med.imaging.intensity import intensity_mapping
 from insid3_med.imaging.overlay import write_overlay_montage
@@ -190,6 +196,11 @@ def check_outputs(outputs: VolumeOutputs, dicom_input: bool, source: Path, outpu
         path = getattr(outputs, key)
         if path is not None:
             claimed[key] = outputs_set.claim(path)
+    if not outputs.labels.name.lower().endswith((".nii", ".nii.gz")):
+        raise ImageWriteError(outputs.labels, "the label map is written as NIfTI: its name ends with .nii.gz or .nii "
+                              "(--seg-nrrd writes a Slicer .seg.nrrd, --dicom-seg a DICOM SEG, beside it)")
+    if outputs.seg_nrrd is not None and not outputs.seg_nrrd.name.lower().endswith(".seg.nrrd"):
+        raise ImageWriteError(outputs.seg_nrrd, "a Slicer segmentation file name ends with .seg.nrrd")
     return claimed
 
 

@@ -69,6 +69,8 @@ class OutputSet:
         final = Path(path).expanduser().absolute()
         if final in self._inputs:
             raise OutputExistsError(final, "this output path is an input of the run; write the result elsewhere")
+        if final.is_dir():
+            raise OutputExistsError(final, "is a folder; give the output's file name (a file inside it)")
         if final.exists() and not self.overwrite:
             raise OutputExistsError(final, "output exists; use --force to overwrite it")
         if final in self._pending:

@@ -454,6 +454,25 @@ def test_a_slice_range_without_a_labelled_slice_is_refused_before_the_model_load
     assert not out.exists()
 
 
+def test_output_names_are_checked_before_the_model_loads(hippocampus: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A label map named .png, a .seg.nrrd named .nrrd, or a folder as the output: refused at once, naming the path
+    given (the wrong names were found only when written, after the whole run, naming a temporary file; a folder
+    was "an output that exists", to be replaced with --force)."""
+    folder = tmp_path / "existing_folder"
+    folder.mkdir()
+    absent = ["--weights", str(tmp_path / "absent"), "--progress", "none"]
+    cases = [(["-o", str(tmp_path / "x.png")], f"{tmp_path / 'x.png'}: the label map is written as NIfTI"),
+             (["-o", str(tmp_path / "y.nii.gz"), "--seg-nrrd", str(tmp_path / "y.nrrd")],
+              f"{tmp_path / 'y.nrrd'}: a Slicer segmentation file name ends with .seg.nrrd"),
+             (["-o", str(folder), "--force"], f"{folder}: is a folder; give the output's file name")]
+    for output, expected in cases:
+        code, _, stderr = run_cli(["propagate", str(hippocampus["image"]), str(hippocampus["one"]), *output, *absent],
+                                  capsys)
+        assert code == 2 and f"insid3-med: error: {expected}" in stderr, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing_folder"] and not any(folder.iterdir())
+
+
 def test_existing_output_is_kept_without_force(hippocampus: dict[str, Path], tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out.nii.gz"
