@@ -45,6 +45,23 @@ def parse_slices(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--slices expects A:B (for example 10:40), not {text!r}") from error
 
 
+IMAGE_SIZE_LIMITS = (64, 4096)
+"""The model input side the command accepts, in pixels: at least 4 patches across, at most what fits in memory."""
+
+
+def image_side(text: str) -> int:
+    """``--image-size``: a whole number of pixels within :data:`IMAGE_SIZE_LIMITS`."""
+    low, high = IMAGE_SIZE_LIMITS
+    try:
+        side = int(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expects a whole number of pixels, not {text!r}") from error
+    if not low <= side <= high:
+        raise argparse.ArgumentTypeError(f"expects {low} to {high} pixels (the backbone's patches are 14 or 16 px), "
+                                         f"not {side}")
+    return side
+
+
 def add_model_options(parser: argparse.ArgumentParser, image_size: int = 448, precision: str = "fp32") -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--weights", help="DINOv3 .pth file, Hugging Face model folder or hub id "
@@ -53,7 +70,9 @@ def add_model_options(parser: argparse.ArgumentParser, image_size: int = 448, pr
     group.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=precision,
                        help=f"backbone precision (default {precision}; auto: bf16 for the volume mode on a CPU with "
                        "native bf16 that measures at least 1.2x faster than fp32 at start-up; fp32 otherwise)")
-    group.add_argument("--image-size", type=int, default=image_size, help=f"model input side (default {image_size})")
+    group.add_argument("--image-size", type=image_side, default=image_size,
+                       help=f"model input side in pixels, {IMAGE_SIZE_LIMITS[0]} to {IMAGE_SIZE_LIMITS[1]}, rounded to "
+                       f"whole patches (default {image_size})")
     group.add_argument("--feature-block", type=int, help="backbone block whose features are used (default: per "
                        "backbone)")
     group.add_argument("--fit", choices=("stretch", "letterbox"), default="stretch",

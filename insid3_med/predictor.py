@@ -123,6 +123,8 @@ class OneShotSegmenter:
                  fit: str = "stretch") -> None:
         if fit not in ("stretch", "letterbox"):
             raise ValueError(f"fit must be 'stretch' or 'letterbox', not {fit!r}")
+        if image_size <= 0:
+            raise ValueError(f"image_size must be a positive number of pixels, not {image_size}")
         self.fit = fit
         patch = backbone.patch_size
         side = max(patch, int(round(image_size / patch)) * patch)

@@ -473,6 +473,14 @@ def test_output_names_are_checked_before_the_model_loads(hippocampus: dict[str, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing_folder"] and not any(folder.iterdir())
 
 
+@pytest.mark.parametrize("side", ["0", "-5", "63", "5000", "big"])
+def test_an_image_size_out_of_range_is_refused(side: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # 0 and -5 ran before: rounded up to one patch, they gave a one-patch "segmentation" with exit code 0
+    with pytest.raises(SystemExit) as exit_:
+        main(["segment", "a.png", "b.png", "c.png", "-o", ".", "--image-size", side])
+    assert exit_.value.code == 2 and "argument --image-size: expects" in capsys.readouterr().err
+
+
 def test_existing_output_is_kept_without_force(hippocampus: dict[str, Path], tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out.nii.gz"

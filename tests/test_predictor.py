@@ -76,3 +76,6 @@ def test_bad_references_are_refused(segmenter: OneShotSegmenter) -> None:
     fresh = OneShotSegmenter(segmenter.backbone, image_size=224)
     with pytest.raises(RuntimeError, match="set_reference"):
         fresh.segment(image)
+    for side in (0, -14):
+        with pytest.raises(ValueError, match="image_size must be a positive number of pixels"):
+            OneShotSegmenter(segmenter.backbone, image_size=side)
