@@ -45,6 +45,17 @@ def parse_slices(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--slices expects A:B (for example 10:40), not {text!r}") from error
 
 
+def positive_int(text: str) -> int:
+    """A count that must be at least 1 (episodes, shots, threads)."""
+    try:
+        value = int(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expects a whole number, not {text!r}") from error
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects 1 or more, not {value}")
+    return value
+
+
 IMAGE_SIZE_LIMITS = (64, 4096)
 """The model input side the command accepts, in pixels: at least 4 patches across, at most what fits in memory."""
 
@@ -310,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("-o", "--output", type=Path, required=True, help="report folder")
     evaluate.add_argument("--method", default="ours",
                           help="ours, copy, registration or interpolation (between labelled slices)")
-    evaluate.add_argument("--episodes", type=int, help="images: episodes (default 600); slices: volumes, a seeded "
-                          "subset (default all); transfer: seeded pairs (default 50)")
+    evaluate.add_argument("--episodes", type=positive_int, help="images: episodes (default 600); slices: volumes, a "
+                          "seeded subset (default all); transfer: seeded pairs (default 50)")
     evaluate.add_argument("--kinds", default="largest,random", help="slices task: which slice is labelled "
                           "(largest, random: one structure per episode; each_largest: every structure at once, "
                           "each on its own largest slice; union_largest: every structure on the one slice of "
@@ -320,10 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reference-mode", choices=("volume", "slice", "each_largest"), default="volume",
                           help="transfer task: the whole labelled volume, its one slice of largest labelled area, "
                           "or each structure on its own slice of largest area (each_largest) as reference")
-    evaluate.add_argument("--shots", type=int, default=1, help="labelled slices per episode (default 1)")
-    evaluate.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    evaluate.add_argument("--shots", type=positive_int, default=1, help="labelled slices per episode (default 1)")
+    evaluate.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--limit-cases", type=int, help="only the first N volumes (slices task)")
+    evaluate.add_argument("--limit-cases", type=positive_int, help="only the first N volumes (slices task)")
     evaluate.add_argument("--restart", action="store_true", help="ignore finished episodes of an earlier run")
     add_mode_option(evaluate)
     add_model_options(evaluate)

@@ -481,6 +481,14 @@ def test_an_image_size_out_of_range_is_refused(side: str, capsys: pytest.Capture
     assert exit_.value.code == 2 and "argument --image-size: expects" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--episodes", "--shots", "--threads", "--limit-cases"])
+def test_evaluate_counts_below_one_are_refused(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # --episodes 0, --shots 0 and --threads 0 ran before and wrote a report of nothing
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "slices", "data", "-o", "report", option, "0"])
+    assert exit_.value.code == 2 and f"argument {option}: expects 1 or more, not 0" in capsys.readouterr().err
+
+
 def test_existing_output_is_kept_without_force(hippocampus: dict[str, Path], tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out.nii.gz"
