@@ -258,6 +258,18 @@ class PropagationParams:
             raise ValueError(f"handoff_margin must be in (0, 0.5), not {self.handoff_margin}")
         if self.random_walk_band < 1:
             raise ValueError(f"random_walk_band must be at least 1 pixel, not {self.random_walk_band}")
+        for name in ("gate_sigma", "transfer_gate_sigma", "transfer_reference_gate_sigma", "refine_band"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None, not {value}")
+        if self.max_image_size < self.image_size:
+            raise ValueError(f"max_image_size must be >= image_size ({self.image_size}), not {self.max_image_size}")
+        if not self.patches_across > 0 or not self.refine_strength >= 0:
+            raise ValueError("patches_across must be > 0 and refine_strength >= 0")
+        if not 0.0 <= self.min_crop_fraction <= 1.0:
+            raise ValueError(f"min_crop_fraction must be in [0, 1], not {self.min_crop_fraction}")
+        if self.transfer_neighbourhood < 0 or self.transfer_search < 0:
+            raise ValueError("transfer_neighbourhood and transfer_search must be >= 0")
 
 
 def with_overrides(params: PropagationParams, overrides: Iterable[str]) -> PropagationParams:

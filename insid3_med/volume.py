@@ -267,7 +267,9 @@ def resolve_slice_range(length: int, slice_range: tuple[int, int] | None) -> tup
     start = max(0, start if start >= 0 else length + start)
     stop = min(length, stop if stop >= 0 else length + stop)
     if start >= stop:
-        raise ValueError(f"empty slice range {slice_range} for {length} slices")
+        given = f"{slice_range[0]}:{slice_range[1]}"
+        resolved = f" (that is {start}:{stop}: a negative end counts from the end)" if min(slice_range) < 0 else ""
+        raise ValueError(f"empty slice range {given}{resolved} for {length} slices (0:{length})")
     return start, stop
 
 

@@ -161,6 +161,27 @@ def test_params_reject_bad_values() -> None:
         PropagationParams(crop_handoffs=-1)
     with pytest.raises(ValueError, match="handoff_margin"):
         PropagationParams(handoff_margin=0.5)
+    # a negative sigma was taken as its absolute value, a zero band divided by zero
+    for name in ("gate_sigma", "transfer_gate_sigma", "transfer_reference_gate_sigma", "refine_band"):
+        with pytest.raises(ValueError, match=f"{name} must be > 0 or None"):
+            PropagationParams(**{name: -0.02})
+    with pytest.raises(ValueError, match="max_image_size must be >= image_size"):
+        PropagationParams(max_image_size=100)
+    with pytest.raises(ValueError, match="min_crop_fraction"):
+        PropagationParams(min_crop_fraction=1.5)
+    with pytest.raises(ValueError, match="transfer_neighbourhood and transfer_search"):
+        PropagationParams(transfer_search=-1)
+
+
+def test_an_empty_slice_range_says_how_negative_ends_were_read() -> None:
+    from insid3_med.volume import resolve_slice_range
+
+    assert resolve_slice_range(40, (-5, 40)) == (35, 40)
+    with pytest.raises(ValueError, match=r"empty slice range -5:30 \(that is 35:30: a negative end counts from the "
+                       r"end\) for 40 slices \(0:40\)"):
+        resolve_slice_range(40, (-5, 30))
+    with pytest.raises(ValueError, match=r"empty slice range 50:60 for 40 slices \(0:40\)$"):
+        resolve_slice_range(40, (50, 60))
 
 
 def test_with_overrides_reads_each_value_as_its_field_type() -> None:
