@@ -429,7 +429,10 @@ def test_shipped_requirements_pin_insid3_med_and_every_dependency_it_declares():
         dependencies.normalize_name(r.name): r.version
         for r in dependencies.read_requirements(MODULE_DIR / "Resources" / "requirements.txt")
     }
-    assert pinned["insid3-med"] == project["version"]
+    import insid3_med
+
+    assert project["dynamic"] == ["version"]  # pyproject reads it from insid3_med.__version__
+    assert pinned["insid3-med"] == insid3_med.__version__
     provided = {dependencies.normalize_name(n) for n in dependencies.PROVIDED_BY_SLICER}
     for line in project["dependencies"]:
         requirement = Requirement(line)
