@@ -237,6 +237,25 @@ def test_modality_values_of_an_unreadable_file_names_it(ct_series, tmp_path):
         modality_values(bad)
 
 
+def test_a_localizer_kept_in_the_series_is_named(ct_series, tmp_path):
+    """Files of one series with another orientation or size (a localizer, a reformat) are named, with what differs."""
+    for case in ("orientation", "size"):
+        folder = tmp_path / case
+        shutil.copytree(ct_series.folder, folder)
+        odd = sorted(folder.iterdir())[3]
+        ds = pydicom.dcmread(odd)
+        if case == "orientation":
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # a coronal image among oblique axial ones
+            expected = rf"ImageOrientationPatient: 1 of {len(ct_series.files)} files \({odd.name}\) have orientation"
+        else:
+            ds.Rows = ds.Rows // 2
+            ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+            expected = rf"differ in size: 1 of {len(ct_series.files)} files \({odd.name}\) have rows, columns"
+        ds.save_as(odd)
+        with pytest.raises(ImageReadError, match=expected + r".*a localizer or a reformat kept in the series"):
+            read_volume(folder)
+
+
 def test_a_missing_slice_is_named_with_the_error_it_causes(ct_series, tmp_path):
     """A series with one file missing is read with an even spacing; the warning says where the gap is, that a
     file may be missing and how far slices then lie from their true positions."""

@@ -453,6 +453,20 @@ def _image_header(path: Path) -> Dataset:
     return ds
 
 
+def _odd_files(paths: Sequence[Path], keys: Sequence[Any], what: str) -> str:
+    """Which files differ from the most common ``what`` among a series' files, named (a localizer, a scout or a
+    reformat stored in the series), and what to do."""
+    counts: dict[Any, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    common = max(counts, key=lambda key: counts[key])
+    odd = [path.name for path, key in zip(paths, keys, strict=True) if key != common]
+    shown = ", ".join(odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+    others = sorted({str(key) for key in keys if key != common})
+    return (f"{len(odd)} of {len(paths)} files ({shown}) have {what} {', '.join(others)} against {common} for the "
+            "rest (a localizer or a reformat kept in the series?); move them to another folder")
+
+
 def read_dicom_files(files: Sequence[Path], source: Path) -> Volume:
     """The volume made of the given files of ONE series, ordered along the slice normal.
 
@@ -469,9 +483,10 @@ def read_dicom_files(files: Sequence[Path], source: Path) -> Volume:
             source, "series mixes multi-frame files with other files; read one file at a time"
         )
 
-    sizes = {(int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1))) for _, ds in headers}
-    if len(sizes) > 1:
-        raise ImageReadError(source, f"slices of one series differ in size: {sorted(sizes)}")
+    sizes = [(int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1))) for _, ds in headers]
+    if len(set(sizes)) > 1:
+        raise ImageReadError(source, "slices of one series differ in size: "
+                             + _odd_files([path for path, _ in headers], sizes, "rows, columns, samples"))
     orientations = [_orientation(ds) for _, ds in headers]
     positions = [_position(ds) for _, ds in headers]
     first = headers[0][1]
@@ -481,7 +496,9 @@ def read_dicom_files(files: Sequence[Path], source: Path) -> Volume:
     if _all_known(orientations) and _all_known(positions):
         reference = orientations[0]
         if any(not np.allclose(o, reference, atol=_ORIENTATION_ATOL) for o in orientations):
-            raise ImageReadError(source, "slices of one series have different ImageOrientationPatient")
+            rounded = [tuple(round(float(v), 3) + 0.0 for v in o) for o in orientations]
+            raise ImageReadError(source, "slices of one series have different ImageOrientationPatient: "
+                                 + _odd_files([path for path, _ in headers], rounded, "orientation"))
         row_cosine, column_cosine = reference[:3], reference[3:]
         normal = np.cross(row_cosine, column_cosine)
         distances = np.array([float(np.dot(p, normal)) for p in positions])
