@@ -56,6 +56,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def frame_index(text: str) -> int:
+    """``--frame``: a 0-based index."""
+    try:
+        value = int(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expects a frame number (0, 1, ...), not {text!r}") from error
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expects a frame number (0, 1, ...), not {value}")
+    return value
+
+
 IMAGE_SIZE_LIMITS = (64, 4096)
 """The model input side the command accepts, in pixels: at least 4 patches across, at most what fits in memory."""
 
@@ -201,7 +212,7 @@ def command_propagate(args: argparse.Namespace) -> int:
 
     summary = propagate_file(args.volume, args.labels, volume_outputs(args), model_options(args), axis=args.axis,
                              slice_range=args.slices, preset=args.preset, force=args.force,
-                             series=args.series, mode=args.mode, params=propagation_params(args),
+                             series=args.series, frame=args.frame, mode=args.mode, params=propagation_params(args),
                              progress=progress_reporter(args.progress, "propagate"), warn=print_warning)
     slices = ", ".join(str(k) for k in summary["labelled_slices"])
     print(f"propagated from {summary['slice_plane']} slice(s) {slices} (array axis "
@@ -216,7 +227,8 @@ def command_transfer(args: argparse.Namespace) -> int:
                                model_options(args), axis=args.axis, preset=args.preset, force=args.force,
                                seg_nrrd=args.seg_nrrd, dicom_seg=args.dicom_seg, overlay=args.overlay,
                                summary=args.summary, mode=args.mode, params=propagation_params(args),
-                               progress=progress_reporter(args.progress, "transfer"), warn=print_warning,
+                               frame=args.frame, progress=progress_reporter(args.progress, "transfer"),
+                               warn=print_warning,
                                done=print_transfer_done)
     print(f"{len(summaries)} target(s) done")
     return 0
@@ -289,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "axial/coronal/sagittal")
         sub.add_argument("--preset", help="intensity preset (default: from the modality): soft_tissue, abdomen, "
                          "lung, bone, brain, dicom, mr, radiograph, rgb")
+        sub.add_argument("--frame", type=frame_index, help="the frame of a 4D NIfTI, NRRD or MetaImage file to read "
+                         "(0-based: a phase of a cine, a contrast of a multi-modal study)" +
+                         ("; the same frame of every study" if flags_only else ""))
         add_model_options(sub, precision="auto")
 
     propagate = commands.add_parser("propagate", help="propagate labelled slices through a volume")

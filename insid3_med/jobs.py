@@ -25,6 +25,7 @@ from insid3_med.imaging.errors import (
     ImageReadError,
     ImageWriteError,
     OutputExistsError,
+    SeveralFramesError,
     SeveralSeriesError,
 )
 from insid3_med.imaging.geometry import Volume
@@ -33,6 +34,7 @@ from insid3_med.imaging.overlay import write_overlay_montage
 from insid3_med.imaging.readers import (
     DICOM_SUFFIXES,
     IMAGE_2D_SUFFIXES,
+    check_frame,
     is_dicom_file,
     read_image_2d,
     read_label_names,
@@ -134,19 +136,34 @@ def check_study_path(path: Path) -> None:
                              "series folder); segment 2D images with `insid3-med segment`")
 
 
-def read_study(path: Path, series: str | None = None) -> Volume:
+def read_study(path: Path, series: str | None = None, frame: int | None = None) -> Volume:
     """A volume for ``propagate`` or ``transfer``.
 
     A DICOM image file stands for its whole series; ``series`` (a series number or a SeriesInstanceUID) picks one
-    series of a DICOM folder. A 2D image file (PNG, JPEG ...) is refused, naming ``segment``; a folder of several
-    series without a choice is refused, listing them and saying how to choose.
+    series of a DICOM folder; ``frame`` one frame of a 4D file. A 2D image file (PNG, JPEG ...) is refused, naming
+    ``segment``; a folder of several series or a 4D file without a choice is refused, saying how to choose.
     """
     check_study_path(path)
     number, uid = (int(series), None) if series is not None and series.isdigit() else (None, series)
     try:
-        return read_volume(path, series_uid=uid, series_number=number, whole_series=True)
+        return read_volume(path, series_uid=uid, series_number=number, whole_series=True, frame=frame)
     except SeveralSeriesError as error:
         raise how_to_choose_a_series(path, error) from error
+    except SeveralFramesError as error:
+        raise how_to_choose_a_frame(path, error) from error
+
+
+def how_to_choose_a_frame(path: Path, error: SeveralFramesError) -> ImageReadError:
+    """The 4D error of a study file, with the command line's way to choose a frame."""
+    return ImageReadError(path, f"{error.problem} with --frame N (0 to {error.frames - 1})")
+
+
+def check_study_frame(path: Path, frame: int | None) -> None:
+    """:func:`~insid3_med.imaging.readers.check_frame` with the command line's way to choose (headers only)."""
+    try:
+        check_frame(path, frame)
+    except SeveralFramesError as error:
+        raise how_to_choose_a_frame(path, error) from error
 
 
 def how_to_choose_a_series(path: Path, error: SeveralSeriesError) -> ImageReadError:
@@ -242,18 +259,19 @@ def resolved_axis(volume: Volume, labels: np.ndarray, labels_path: Path, axis: i
 
 def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs, model: ModelOptions, *,
                    axis: int | str = AUTO_AXIS, slice_range: tuple[int, int] | None = None, preset: str | None = None,
-                   force: bool = False, series: str | None = None, mode: str = "volume",
+                   force: bool = False, series: str | None = None, frame: int | None = None, mode: str = "volume",
                    params: PropagationParams | None = None,
                    progress: ProgressCallback | None = None, warn: Warn | None = None) -> dict[str, Any]:
     """``insid3-med propagate``: labelled slices of ``labels_path`` through ``volume_path``; returns the summary.
 
     axis: "auto" (default: the axis the labels were drawn across), an array axis or an anatomical plane;
     mode: ``volume`` (chained, the default) or ``published`` (each slice on its own), see :mod:`insid3_med.volume`;
-    params: the volume mode's settings (default: the measured defaults); warn: receives warnings before the work.
+    params: the volume mode's settings (default: the measured defaults); warn: receives warnings before the work;
+    series, frame: which series of a DICOM folder, which frame of a 4D file.
     """
     propagation = propagation_description(mode, params)  # a bad mode fails before anything is read
     started = time.perf_counter()
-    volume = read_study(volume_path, series=series)
+    volume = read_study(volume_path, series=series, frame=frame)
     labels = read_label_volume(labels_path, volume)
     array_axis, warnings = resolved_axis(volume, labels, labels_path, axis, warn)
     references = labelled_slices(labels, array_axis)
@@ -272,7 +290,8 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
                                           preset=preset, progress=progress, mode=mode, params=params)
         finished = time.perf_counter()
         summary = {
-            "command": "propagate", "volume": str(volume_path), "labels_input": str(labels_path),
+            "command": "propagate", "volume": str(volume_path), **({"frame": frame} if frame is not None else {}),
+            "labels_input": str(labels_path),
             "axis": array_axis, "slice_plane": volume.geometry.slice_plane(array_axis),
             "labelled_slices": references, "slice_range": slice_range, "warnings": warnings,
             "model": model_description(segmenter), "propagation": propagation,
@@ -332,7 +351,7 @@ def check_distinct_names(output_dir: Path, targets: Sequence[Path], output_names
 def transfer_files(reference_path: Path, reference_labels_path: Path, targets: Sequence[Path], output_dir: Path,
                    model: ModelOptions, *, axis: int | str = AUTO_AXIS, preset: str | None = None, force: bool = False,
                    seg_nrrd: bool = False, dicom_seg: bool = False, overlay: bool = False, summary: bool = False,
-                   mode: str = "volume", params: PropagationParams | None = None,
+                   mode: str = "volume", params: PropagationParams | None = None, frame: int | None = None,
                    progress: ProgressCallback | None = None, warn: Warn | None = None,
                    done: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """``insid3-med transfer``: one output set per target in ``output_dir`` (``<stem>_seg.nii.gz`` and friends).
@@ -343,10 +362,11 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
     written (``done`` receives its summary). A target that cannot be read is skipped with a warning and the others
     go on; the run then ends with an :class:`ImageReadError` naming the skipped ones.
     axis, mode, params, warn: as in :func:`propagate_file` ("auto": each target sliced in the plane the reference
-    was labelled in).
+    was labelled in). frame: the frame read of every study, reference and targets, each a 4D file (the same
+    contrast of multi-modal studies, the same phase of cines).
     """
     propagation = propagation_description(mode, params)
-    reference = read_study(reference_path)
+    reference = read_study(reference_path, frame=frame)
     reference_labels = read_label_volume(reference_labels_path, reference)
     _, warnings = resolved_axis(reference, reference_labels, reference_labels_path, axis, warn)
     if not output_dir.is_dir():
@@ -355,6 +375,7 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
         check_study_path(path)
         if path.is_dir():
             check_one_series(path)
+        check_study_frame(path, frame)
     stems = [study_stem(path) for path in targets]
     check_distinct_names(output_dir, targets, [f"{stem}_seg.nii.gz" for stem in stems])
     names = read_label_names(reference_labels_path) or None
@@ -375,7 +396,7 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
     skipped = SkippedTargets(warn)
     for index, (path, outputs_set, claimed) in enumerate(plans):
         try:
-            study = read_study(path)
+            study = read_study(path, frame=frame)
             outputs_set.protect(input_files(study))
         except (ImageReadError, OutputExistsError) as error:
             skipped.add(error)
@@ -388,7 +409,8 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
             target_axis = study_axes(reference, reference_labels, study, axis)[1]
             record = {
                 "command": "transfer", "reference": str(reference_path), "reference_labels": str(reference_labels_path),
-                "target": str(path), "axis": target_axis, "warnings": warnings,
+                "target": str(path), **({"frame": frame} if frame is not None else {}), "axis": target_axis,
+                "warnings": warnings,
                 "model": model_description(segmenter),
                 "propagation": propagation,
                 "timings_s": {"transfer": round(time.perf_counter() - started, 3)},

@@ -440,8 +440,48 @@ def test_empty_label_volume_and_4d_input_are_refused(hippocampus: dict[str, Path
                                *FAST], capsys)
     assert code == 2 and "labelled slice" in stderr and "empty.nii.gz" in stderr  # the file is named
     code, _, stderr = run_cli(["propagate", str(four_d), str(empty), "-o", str(tmp_path / "o.nii.gz"), *FAST], capsys)
-    assert code == 2 and "4d.nii.gz" in stderr
+    assert code == 2 and "4d.nii.gz" in stderr and "choose one with --frame N (0 to 1)" in stderr, stderr
     assert set(tmp_path.iterdir()) == before
+
+
+def test_a_frame_of_4d_studies_propagates_and_transfers_as_the_3d_volume(
+        hippocampus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--frame N reads frame N of a 4D study (a cine's phase, a multi-modal study's contrast): the same label maps as
+    the 3D volume stored alone, and the summary records the frame."""
+    def four_d(path: Path, out: Path) -> Path:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj)
+        nib.save(nib.Nifti1Image(np.stack([np.flip(data, 0), data], axis=-1), image.affine), out)  # frame 1: the 3D
+        return out
+
+    reference, target = four_d(hippocampus["image"], tmp_path / "ref4d.nii.gz"), four_d(hippocampus["other"],
+                                                                                       tmp_path / "other4d.nii.gz")
+    for name, study in (("3d", hippocampus["image"]), ("4d", reference)):
+        code, _, stderr = run_cli(["propagate", str(study), str(hippocampus["one"]), "-o",
+                                   str(tmp_path / f"{name}.nii.gz"), "--summary", str(tmp_path / f"{name}.json"),
+                                   *(["--frame", "1"] if name == "4d" else []), *FAST], capsys)
+        assert code == 0, stderr
+    assert np.array_equal(nib.load(tmp_path / "3d.nii.gz").get_fdata(), nib.load(tmp_path / "4d.nii.gz").get_fdata())
+    assert nib.load(tmp_path / "4d.nii.gz").shape == nib.load(hippocampus["image"]).shape
+    assert json.loads((tmp_path / "4d.json").read_text())["frame"] == 1
+    # transfer: every study, reference and targets, read at that frame; a 4D target without --frame or a 3D one
+    # with it is refused before the model loads
+    out = tmp_path / "transfer"
+    out.mkdir()
+    absent = ["--weights", str(tmp_path / "absent"), "--progress", "none"]
+    for args, expected in (([str(target)], "choose one with --frame N (0 to 1)"),
+                           ([str(target), str(hippocampus["third"]), "--frame", "1"], "a frame is chosen in a 4D")):
+        code, _, stderr = run_cli(["transfer", str(hippocampus["image"] if "--frame" not in args else reference),
+                                   str(hippocampus["one"]), *args, "-o", str(out), *absent], capsys)
+        assert code == 2 and expected in stderr, stderr
+    code, _, stderr = run_cli(["transfer", str(reference), str(hippocampus["one"]), str(target), "-o", str(out),
+                               "--frame", "1", "--mode", "published", *FAST], capsys)
+    assert code == 0, stderr
+    code, _, stderr = run_cli(["transfer", str(hippocampus["image"]), str(hippocampus["one"]),
+                               str(hippocampus["other"]), "-o", str(out), "--mode", "published", *FAST], capsys)
+    assert code == 0, stderr
+    assert np.array_equal(nib.load(out / "other4d_seg.nii.gz").get_fdata(),
+                          nib.load(out / "hippocampus_017_seg.nii.gz").get_fdata())
 
 
 def test_a_slice_range_without_a_labelled_slice_is_refused_before_the_model_loads(

@@ -24,9 +24,10 @@ from conftest import (
 )
 from PIL import Image
 
-from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError
+from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError, SeveralFramesError
 from insid3_med.imaging.geometry import Geometry, OutsideGridError, Volume, place_on_grid
 from insid3_med.imaging.readers import (
+    check_frame,
     describe,
     read_image_2d,
     read_label_names,
@@ -241,24 +242,46 @@ def test_missing_file_is_an_image_read_error_and_file_not_found(tmp_path):
         assert str(missing) in str(caught.value)
 
 
-def test_4d_nifti_is_refused(data_file, tmp_path):
+def test_a_frame_of_a_4d_nifti_is_read_and_4d_without_a_frame_is_refused(data_file, tmp_path):
     image = nib.load(data_file(HIPPOCAMPUS_IMAGE))
     data = np.asarray(image.dataobj)
     path = tmp_path / "dynamic.nii.gz"
-    nib.save(nib.Nifti1Image(np.stack([data, data], axis=-1), image.affine), path)
-    with pytest.raises(ImageReadError, match="4D") as caught:
+    nib.save(nib.Nifti1Image(np.stack([data, 2 * data, 3 * data], axis=-1), image.affine), path)
+    shape = r"\(34, 47, 40, 3\)"
+    with pytest.raises(SeveralFramesError, match=rf"dynamic.nii.gz: 4D image of shape {shape}: 3 frames") as caught:
         read_volume(path)
-    assert "dynamic.nii.gz" in str(caught.value)
+    assert caught.value.frames == 3
+    whole = read_volume(data_file(HIPPOCAMPUS_IMAGE))
+    for frame in range(3):
+        volume = read_volume(path, frame=frame)
+        np.testing.assert_array_equal(volume.array, (frame + 1) * whole.array)
+        assert volume.geometry.allclose(whole.geometry) and volume.metadata["frame"] == frame
+    for call in (read_volume, check_frame):
+        with pytest.raises(ImageReadError, match=r"frame 3 asked of a 4D image with 3 frames \(0 to 2\)"):
+            call(path, frame=3)
+        with pytest.raises(ImageReadError, match="a 3D image of shape .*: a frame is chosen in a 4D image only"):
+            call(data_file(HIPPOCAMPUS_IMAGE), frame=0)
+    check_frame(path, 2)  # headers only: nothing to say
+    info = describe(path)
+    assert (info["kind"], info["frames"], info["described_frame"], info["shape"]) == ("4d_file", 3, 0, [40, 47, 34])
     single = tmp_path / "single_frame.nii.gz"
     nib.save(nib.Nifti1Image(data[..., np.newaxis], image.affine), single)
     assert read_volume(single).shape == tuple(reversed(data.shape))  # a trailing 1 is still 3D
 
 
-def test_4d_nrrd_is_refused(tmp_path):
-    path = tmp_path / "dynamic.nrrd"
-    sitk.WriteImage(sitk.Image([4, 5, 6, 2], sitk.sitkUInt8), str(path))
-    with pytest.raises(ImageReadError, match="4D"):
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_a_frame_of_a_4d_nrrd_or_metaimage_is_read(tmp_path, suffix):
+    frames = np.arange(2 * 6 * 5 * 4, dtype=np.int16).reshape(2, 6, 5, 4)  # (t, z, y, x)
+    image = sitk.JoinSeries([sitk.GetImageFromArray(frame) for frame in frames])
+    path = tmp_path / f"dynamic{suffix}"
+    sitk.WriteImage(image, str(path))
+    with pytest.raises(SeveralFramesError, match="2 frames"):
         read_volume(path)
+    np.testing.assert_array_equal(read_volume(path, frame=1).array, frames[1])
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "photo.png")
+    for other in (tmp_path / "photo.png", tmp_path):  # a 2D image, a folder (DICOM)
+        with pytest.raises(ImageReadError, match="a frame is chosen in a 4D NIfTI, NRRD or MetaImage file only"):
+            read_volume(other, frame=0)
 
 
 def test_corrupt_files_are_image_read_errors(data_file, tmp_path):

@@ -19,6 +19,14 @@ class SeveralSeriesError(ImageReadError):
     """A DICOM folder holding several image series where none was chosen (the message lists them)."""
 
 
+class SeveralFramesError(ImageReadError):
+    """A 4D image (frames of a cine, contrasts of a multi-modal study) where no frame was chosen."""
+
+    def __init__(self, path: str | Path, problem: str, frames: int) -> None:
+        super().__init__(path, problem)
+        self.frames = frames
+
+
 class ImageNotFoundError(ImageReadError, FileNotFoundError):
     """The input path does not exist (both a ``ValueError`` and a ``FileNotFoundError``)."""
 

@@ -24,7 +24,7 @@ from insid3_med.imaging.dicom import (
     read_dicom_series,
     read_series_of_file,
 )
-from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError
+from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError, SeveralFramesError
 from insid3_med.imaging.geometry import (
     Geometry,
     OutsideGridError,
@@ -73,7 +73,53 @@ def _as_float32(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32) if array.dtype == np.float64 else array
 
 
-def _read_nibabel(path: Path) -> Volume:
+def _frame_of(path: Path, shape: tuple[int, ...], frame: int | None) -> int | None:
+    """Which frame of a 4D image of ``shape`` (x, y, z, t...) to read: ``frame`` checked against t, or None for a 3D
+    image; a 4D image without a frame, another number of dimensions, or a frame given for a 3D image are errors."""
+    extra = [s for s in shape[3:] if s != 1]
+    if not extra:
+        if frame is not None:
+            raise ImageReadError(path, f"a 3D image of shape {shape[:3]}: a frame is chosen in a 4D image only")
+        return None
+    if len(shape) != 4:
+        raise ImageReadError(path, f"{len(shape)}D image of shape {shape}; only 3D volumes and 4D frames can be read")
+    frames = shape[3]
+    if frame is None:
+        raise SeveralFramesError(path, f"4D image of shape {shape}: {frames} frames (the phases of a cine, the "
+                                 "contrasts of a multi-modal study...); choose one", frames)
+    if not 0 <= frame < frames:
+        raise ImageReadError(path, f"frame {frame} asked of a 4D image with {frames} frames (0 to {frames - 1})")
+    return frame
+
+
+def check_frame(path: str | Path, frame: int | None) -> None:
+    """Raise as :func:`read_volume` would for ``frame`` of ``path`` (a 4D file without one, a frame out of range or
+    of a 3D file), reading the header only; files that cannot be read are left to :func:`read_volume`."""
+    path = Path(path)
+    suffix = _suffix(path)
+    shape: tuple[int, ...] | None = None
+    try:
+        if suffix in NIBABEL_SUFFIXES:
+            import nibabel as nib
+
+            shape = tuple(int(n) for n in cast("SpatialImage", nib.load(path)).shape)
+        elif suffix in SIMPLEITK_SUFFIXES:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            shape = tuple(int(n) for n in reader.GetSize())
+    except Exception:  # noqa: BLE001 - unreadable headers are reported when the file is read
+        return
+    if shape is None:
+        if frame is not None:
+            raise ImageReadError(path, "a frame is chosen in a 4D NIfTI, NRRD or MetaImage file only")
+        return
+    _frame_of(path, shape, frame)
+
+
+def _read_nibabel(path: Path, frame: int | None = None) -> Volume:
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
@@ -82,11 +128,8 @@ def _read_nibabel(path: Path) -> Volume:
         # FileBasedImage.
         image = cast("SpatialImage", nib.load(path))
         shape = tuple(int(s) for s in image.shape)
-        if len(shape) > 3 and any(s != 1 for s in shape[3:]):
-            raise ImageReadError(
-                path, f"{len(shape)}D image of shape {shape}; only 3D volumes can be read"
-            )
-        data = np.asanyarray(image.dataobj)
+        chosen = _frame_of(path, shape, frame)
+        data = np.asanyarray(image.dataobj if chosen is None else image.dataobj[:, :, :, chosen])
     except ImageReadError:
         raise
     except (ImageFileError, EOFError, zlib.error, OSError, ValueError, TypeError) as error:
@@ -97,6 +140,8 @@ def _read_nibabel(path: Path) -> Volume:
         raise ImageReadError(path, f"structured voxel type {data.dtype} (RGB NIfTI) is not supported")
     data = data.reshape(shape[:3] + (1,) * (3 - min(len(shape), 3)))
     metadata: dict[str, Any] = {"format": "mgh" if _suffix(path) in (".mgz", ".mgh") else "nifti"}
+    if chosen is not None:
+        metadata["frame"] = chosen
     if metadata["format"] == "nifti":
         header = cast("Nifti1Header", image.header)  # Nifti1Header or its subclass Nifti2Header
         metadata["nifti_qform_code"] = int(header["qform_code"])
@@ -113,7 +158,7 @@ def _read_nibabel(path: Path) -> Volume:
     )
 
 
-def _read_simpleitk(path: Path) -> Volume:
+def _read_simpleitk(path: Path, frame: int | None = None) -> Volume:
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -121,8 +166,10 @@ def _read_simpleitk(path: Path) -> Volume:
     try:
         reader.ReadImageInformation()
         size = tuple(int(s) for s in reader.GetSize())
-        if len(size) > 3 and any(s != 1 for s in size[3:]):
-            raise ImageReadError(path, f"{len(size)}D image of size {size}; only 3D volumes can be read")
+        chosen = _frame_of(path, size, frame)
+        if chosen is not None:  # only that frame is read: the 4th axis collapsed
+            reader.SetExtractIndex([0, 0, 0, chosen])
+            reader.SetExtractSize([*size[:3], 0])
         image = reader.Execute()
     except RuntimeError as error:
         message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
@@ -143,6 +190,8 @@ def _read_simpleitk(path: Path) -> Volume:
     metadata: dict[str, Any] = {
         "format": "nrrd" if _suffix(path) in (".nrrd", ".nhdr", ".seg.nrrd") else "metaimage"
     }
+    if chosen is not None:
+        metadata["frame"] = chosen
     header = {
         key: image.GetMetaData(key)
         for key in image.GetMetaDataKeys()
@@ -242,7 +291,7 @@ def read_image_2d(path: str | Path) -> Volume:
 
 def read_volume(
     path: str | Path, series_uid: str | None = None, series_number: int | None = None, *,
-    whole_series: bool = False,
+    whole_series: bool = False, frame: int | None = None,
 ) -> Volume:
     """A 3D volume (K, J, I) with its geometry, from a file or a DICOM series folder.
 
@@ -250,20 +299,24 @@ def read_volume(
     :class:`SeveralSeriesError` lists them). ``whole_series``: a single-frame DICOM image file stands for the
     series it belongs to (:func:`~insid3_med.imaging.dicom.read_series_of_file`), as viewers open a series from
     one of its files; otherwise it is read alone (K = 1). 2D image files come back with K = 1 (see
-    :func:`read_image_2d`). 4D inputs, missing, corrupt or unsupported files raise :class:`ImageReadError`.
+    :func:`read_image_2d`). ``frame``: the frame (4th axis index) of a 4D NIfTI, NRRD or MetaImage file (a phase
+    of a cine, a contrast of a multi-modal study); a 4D file without it raises :class:`SeveralFramesError`.
+    Missing, corrupt or unsupported files raise :class:`ImageReadError`.
     """
     path = Path(path)
     if not path.exists():
         raise ImageNotFoundError(path, "no such file or folder")
+    suffix = _suffix(path)
+    if frame is not None and (path.is_dir() or suffix not in (*NIBABEL_SUFFIXES, *SIMPLEITK_SUFFIXES)):
+        raise ImageReadError(path, "a frame is chosen in a 4D NIfTI, NRRD or MetaImage file only")
     if path.is_dir():
         return read_dicom_series(path, series_uid=series_uid, series_number=series_number)
     if series_uid is not None or series_number is not None:
         raise ImageReadError(path, "a series is chosen in a DICOM folder; a file is read as it is")
-    suffix = _suffix(path)
     if suffix in NIBABEL_SUFFIXES:
-        return _read_nibabel(path)
+        return _read_nibabel(path, frame)
     if suffix in SIMPLEITK_SUFFIXES or suffix == ".seg.nrrd":
-        return _read_simpleitk(path)
+        return _read_simpleitk(path, frame)
     if suffix in IMAGE_2D_SUFFIXES:
         return read_image_2d(path)
     if is_dicom_file(path):
@@ -548,8 +601,9 @@ def describe(path: str | Path) -> dict[str, Any]:
     For a DICOM folder: ``series`` (one entry per series); when it holds exactly one series, also that
     volume's description. For a file: format, shape, dtype, modality, geometry (spacing, origin, direction in
     LPS), intensity range and the intensity preset :func:`choose_preset` would pick; for one file of a DICOM
-    series, those of the whole series, as ``propagate`` and ``transfer`` read it. For a DICOM SEG: its segments
-    (number and label), frames and the series it references.
+    series, those of the whole series, as ``propagate`` and ``transfer`` read it; for a 4D file, its number of
+    frames and frame 0's description. For a DICOM SEG: its segments (number and label), frames and the series it
+    references.
     """
     path = Path(path)
     if not path.exists():
@@ -569,7 +623,11 @@ def describe(path: str | Path) -> dict[str, Any]:
         info.update(_describe_dicom_seg(path))
         return info
     info["kind"] = "file"
-    volume = read_volume(path, whole_series=True)
+    try:
+        volume = read_volume(path, whole_series=True)
+    except SeveralFramesError as error:  # a 4D file: its frame count, and frame 0 described
+        volume = read_volume(path, frame=0)
+        info.update({"kind": "4d_file", "frames": error.frames, "described_frame": 0})
     if len(volume.metadata.get("source_files", ())) > 1:  # a DICOM file: the series it stands for
         info["kind"] = "dicom_series_file"
         info["series_files"] = len(volume.metadata["source_files"])
