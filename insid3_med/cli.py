@@ -45,43 +45,28 @@ def parse_slices(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--slices expects A:B (for example 10:40), not {text!r}") from error
 
 
-def positive_int(text: str) -> int:
-    """A count that must be at least 1 (episodes, shots, threads)."""
-    try:
-        value = int(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expects a whole number, not {text!r}") from error
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expects 1 or more, not {value}")
-    return value
+def whole_number(low: int, high: int | None = None, unit: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` (to ``high``), ``unit`` named in the message."""
+    bounds = f"{low} or more" if high is None else f"{low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expects a whole number ({bounds}{unit}), not {text!r}") from error
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expects {bounds}{unit}, not {value}")
+        return value
+
+    return parse
 
 
-def frame_index(text: str) -> int:
-    """``--frame``: a 0-based index."""
-    try:
-        value = int(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expects a frame number (0, 1, ...), not {text!r}") from error
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expects a frame number (0, 1, ...), not {value}")
-    return value
-
-
+positive_int = whole_number(1)
+"""A count of at least 1 (episodes, shots, threads)."""
+frame_index = whole_number(0, unit=" (a 0-based frame number)")
 IMAGE_SIZE_LIMITS = (64, 4096)
 """The model input side the command accepts, in pixels: at least 4 patches across, at most what fits in memory."""
-
-
-def image_side(text: str) -> int:
-    """``--image-size``: a whole number of pixels within :data:`IMAGE_SIZE_LIMITS`."""
-    low, high = IMAGE_SIZE_LIMITS
-    try:
-        side = int(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expects a whole number of pixels, not {text!r}") from error
-    if not low <= side <= high:
-        raise argparse.ArgumentTypeError(f"expects {low} to {high} pixels (the backbone's patches are 14 or 16 px), "
-                                         f"not {side}")
-    return side
+image_side = whole_number(*IMAGE_SIZE_LIMITS, unit=" pixels")
 
 
 def add_model_options(parser: argparse.ArgumentParser, image_size: int = 448, precision: str = "fp32") -> None:
