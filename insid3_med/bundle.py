@@ -26,7 +26,7 @@ import numpy as np
 import pydicom
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import Dataset, MetaTensor, list_data_collate
 from monai.data.image_writer import NibabelWriter
 from monai.data.utils import create_file_basename
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform, Orientationd
@@ -75,7 +75,9 @@ def _spatial_array(image: torch.Tensor | np.ndarray) -> np.ndarray:
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if array.ndim == 4:
         if array.shape[0] != 1:
-            raise ValueError(f"expected one channel, got an array of shape {array.shape} (channel first)")
+            raise ValueError(f"expected one channel, got an array of shape {array.shape} (channel first): a 4D "
+                             f"study ({array.shape[0]} frames or contrasts)? The bundle segments 3D studies; store "
+                             "the frame to segment as a file of its own")
         array = array[0]
     if array.ndim != 3:
         raise ValueError(f"expected a (1, X, Y, Z) or (X, Y, Z) volume, got shape {array.shape}")
@@ -545,6 +547,92 @@ class AtomicNibabelWriter(NibabelWriter):
             temporary.unlink(missing_ok=True)
 
 
+# -- a batch goes on past an unreadable study -------------------------------------------------------------------
+
+UNREADABLE = "unreadable"
+"""The key of the item that stands for a study that could not be read (its path) in :class:`ReadableStudies`."""
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost cause of an error MONAI wrapped (``applying transform ...``), as ``Type: message``."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}" if not isinstance(error, ImageReadError) else error.problem
+
+
+class ReadableStudies(Dataset):
+    """MONAI's ``Dataset`` whose item for a study that cannot be read (a truncated file, an unsupported one) is
+    ``{"unreadable": path, "reason": why}`` instead of an error that would end the whole run: the study is
+    logged as skipped, the batch goes on (:func:`collate_readable`, :func:`skip_unreadable`), and
+    :func:`report_skipped` ends the run with exit code 2 naming it."""
+
+    def _transform(self, index: int) -> Any:
+        item = self.data[index]
+        try:
+            return super()._transform(index)
+        except Exception as error:  # noqa: BLE001 - any reader or transform failure: skip this study, not the run
+            path = str(item.get("image", item)) if isinstance(item, Mapping) else str(item)
+            reason = _root_cause(error)
+            logger.warning("skipped %s: %s%s", path, reason, _rank())
+            return {UNREADABLE: path, "reason": reason}
+
+
+def collate_readable(batch: Sequence[Any]) -> Any:
+    """The DataLoader's collate: MONAI's ``list_data_collate``, except that a batch of unreadable studies passes
+    as ``{"unreadable": [paths], "reason": [why]}``. Studies differ in shape, so the bundle batches one study at a
+    time; an unreadable study among others in one batch is an error."""
+    skipped = [item for item in batch if isinstance(item, Mapping) and UNREADABLE in item]
+    if not skipped:
+        return list_data_collate(batch)
+    if len(skipped) != len(batch):
+        raise ValueError(f"an unreadable study ({skipped[0][UNREADABLE]}) in a batch of {len(batch)}: give the "
+                         "DataLoader batch_size 1")
+    return {UNREADABLE: [item[UNREADABLE] for item in skipped], "reason": [item["reason"] for item in skipped]}
+
+
+def skip_unreadable(engine: Any, batch: Any) -> Any:
+    """The evaluator's ``iteration_update``: a batch of unreadable studies, or a study the network refuses (an
+    :class:`ImageReadError` or ``ValueError``, e.g. a 4D study), is recorded in ``engine.skipped_studies`` and
+    skipped (no prediction, nothing written); any other batch runs as ``SupervisedEvaluator`` runs it."""
+    skipped: list[tuple[str, str]] = engine.__dict__.setdefault("skipped_studies", [])
+    if isinstance(batch, Mapping) and UNREADABLE in batch:
+        skipped.extend(zip(batch[UNREADABLE], batch["reason"], strict=True))
+        return {}
+    try:
+        return engine._iteration(engine, batch)
+    except ValueError as error:  # ImageReadError is one
+        paths = [str(meta.get("filename_or_obj")) for meta in _batch_meta(batch)] or ["a study"]
+        reason = _root_cause(error)
+        for path in paths:
+            logger.warning("skipped %s: %s%s", path, reason, _rank())
+            skipped.append((path, reason))
+        return {}
+
+
+def _batch_meta(batch: Any) -> list[Mapping[str, Any]]:
+    """The per-study metadata of a collated batch (one dict per study), or none."""
+    image = batch.get("image") if isinstance(batch, Mapping) else None
+    if not isinstance(image, MetaTensor):
+        return []
+    names = image.meta.get("filename_or_obj")
+    names = names if isinstance(names, (list, tuple)) else [names]
+    return [{"filename_or_obj": name} for name in names]
+
+
+def report_skipped(evaluator: Any) -> None:
+    """After the run: log the studies skipped (this process's, in a distributed run once every process is done)
+    and end the run with exit code 2 when there were any; studies read and written are kept."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # a process that exits early would have the launcher stop the others
+    skipped = getattr(evaluator, "skipped_studies", [])
+    if not skipped:
+        return
+    listing = "\n  ".join(f"{path}: {reason}" for path, reason in skipped)
+    logger.error("%d stud%s skipped, not segmented%s:\n  %s", len(skipped), "y" if len(skipped) == 1 else "ies",
+                 _rank(), listing)
+    raise SystemExit(2)
+
+
 def locate_bundle_root(start: str | Path | None = None) -> str:
     """The bundle folder: ``start`` (default the working folder) if it is one, else its ``monai_bundle`` folder.
 
@@ -562,6 +650,10 @@ __all__: Sequence[str] = [
     "AtomicNibabelWriter",
     "BundleReference",
     "check_outputs_absent",
+    "collate_readable",
+    "ReadableStudies",
+    "report_skipped",
+    "skip_unreadable",
     "OneShotNetwork",
     "ScaleIntensityPresetd",
     "dicom_header_metadata",

@@ -515,6 +515,48 @@ def test_bundle_run_command(tmp_path: Path, nifti_dataset: Path, hippocampus: Pa
     check_outputs(output_dir, nifti_dataset, expected_labels)
 
 
+def test_a_bundle_run_goes_on_past_unreadable_studies_and_ends_with_exit_2(tmp_path: Path, hippocampus: Path,
+                                                                          standin: Path) -> None:
+    """A truncated study and a 4D one among a hospital folder's studies: each is logged as skipped with why, the
+    others are segmented and written, and the run ends with exit code 2 listing the skipped ones (before, the first
+    unreadable study ended the whole run with a MONAI traceback and the studies after it were never segmented)."""
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    reference = hippocampus / "images" / f"{REFERENCE}.nii.gz"
+    (dataset / "b_broken.nii.gz").write_bytes(reference.read_bytes()[:3000])
+    image = nib.load(reference)
+    nib.save(nib.Nifti1Image(np.stack([np.asarray(image.dataobj)] * 2, axis=-1), image.affine),
+             dataset / "c_4d.nii.gz")
+    (dataset / "d_reference.nii.gz").symlink_to(reference)  # the reference itself (its labels propagate): after them
+    output_dir = tmp_path / "out"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "monai_bundle/configs/inference.json",
+               "--dataset_dir", str(dataset), "--output_dir", str(output_dir),
+               *as_command_line(run_settings(hippocampus, standin))]
+    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = result.stdout + result.stderr
+    assert result.returncode == 2, log[-3000:]
+    assert f"skipped {dataset / 'b_broken.nii.gz'}: EOFError" in log
+    assert f"skipped {dataset / 'c_4d.nii.gz'}: ValueError: expected one channel" in log and "a 4D study" in log
+    assert "2 studies skipped, not segmented" in log and "Traceback" not in log
+    written = sorted(p.relative_to(output_dir) for p in output_dir.rglob("*") if p.is_file())
+    assert written == [Path("d_reference/d_reference_seg.nii.gz")]
+
+
+def test_the_batch_skipping_pieces_are_wired_into_the_config() -> None:
+    config = json.loads((BUNDLE / "configs" / "inference.json").read_text())
+    assert config["dataset"]["_target_"] == "insid3_med.bundle.ReadableStudies"
+    assert config["dataloader"]["collate_fn"] == "$insid3_bundle.collate_readable"
+    assert config["evaluator"]["iteration_update"] == "$insid3_bundle.skip_unreadable"
+    assert config["run"][-1] == "$insid3_bundle.report_skipped(@evaluator)"
+    from insid3_med.bundle import collate_readable
+
+    marker = {"unreadable": "x.nii.gz", "reason": "EOFError: truncated"}
+    assert collate_readable([marker]) == {"unreadable": ["x.nii.gz"], "reason": ["EOFError: truncated"]}
+    with pytest.raises(ValueError, match="batch_size 1"):
+        collate_readable([marker, {"image": torch.zeros(1, 2, 2, 2)}])
+
+
 @pytest.mark.slow
 def test_bundle_runs_distributed_on_two_cpu_processes(tmp_path: Path, nifti_dataset: Path, hippocampus: Path,
                                                       standin: Path, expected_labels: dict[str, np.ndarray]) -> None:
