@@ -127,6 +127,7 @@ def test_propagation_run_streams_progress_and_reads_the_result(tmp_path):
         ("fail", jobs.JobError, "exit code 1.*stand-in failure"),
         ("bad-input", jobs.BadInputError, "rejected.*labels.nii.gz: label map is empty"),
         ("no-weights", jobs.WeightsMissingError, "weights were not found.*dinov3"),
+        ("terminated", jobs.JobError, "stopped by another program \\(SIGTERM"),
     ],
 )
 def test_failures_are_reported_with_the_tools_stderr(tmp_path, mode, error_type, message):
@@ -136,7 +137,7 @@ def test_failures_are_reported_with_the_tools_stderr(tmp_path, mode, error_type,
         assert job.wait(timeout=60).state is jobs.JobState.FAILED
         error = job.error()
         assert type(error) is error_type
-        assert error.returncode == {"fail": 1, "bad-input": 2, "no-weights": 3}[mode]
+        assert error.returncode == {"fail": 1, "bad-input": 2, "no-weights": 3, "terminated": 143}[mode]
         assert re.search(message, str(error), re.DOTALL), str(error)
         with pytest.raises(error_type):
             job.raise_for_failure()

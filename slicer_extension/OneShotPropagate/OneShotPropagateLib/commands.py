@@ -18,6 +18,7 @@ from .validation import PropagationPlan
 CLI_MODULE = "insid3_med"
 EXIT_BAD_INPUT = 2
 EXIT_WEIGHTS_MISSING = 3
+EXIT_TERMINATED = 143  # insid3-med sent SIGTERM by another program (a shutdown, a job scheduler)
 
 CROP_ENSEMBLE = "crop_ensemble=1.25,1.5,1.75"  # the "three crop sizes" option: ``--set`` of insid3-med
 NO_RANDOM_WALK = "random_walk_beta=none"  # the "boundaries on image edges in 3D" option unticked (on by default)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .commands import EXIT_BAD_INPUT, EXIT_WEIGHTS_MISSING
+from .commands import EXIT_BAD_INPUT, EXIT_TERMINATED, EXIT_WEIGHTS_MISSING
 
 PROGRESS_LINE = re.compile(r"^\s*PROGRESS\s+(\d+)\s+(\d+)\s*$")
 _EOF = None
@@ -289,6 +289,9 @@ class CommandJob:
             return BadInputError(f"The input was rejected:{detail}", returncode=code, stderr=tail)
         if code == EXIT_WEIGHTS_MISSING:
             return WeightsMissingError(f"The backbone weights were not found:{detail}", returncode=code, stderr=tail)
+        if code == EXIT_TERMINATED:
+            return JobError(f"The process was stopped by another program (SIGTERM: a shutdown, a job scheduler?); "
+                            f"nothing partial was kept.{detail}", returncode=code, stderr=tail)
         if code is not None and code < 0:
             return JobError(
                 f"The process was stopped by signal {-code} (out of memory?).{detail}", returncode=code, stderr=tail

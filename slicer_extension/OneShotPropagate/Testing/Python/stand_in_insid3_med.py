@@ -7,7 +7,7 @@ to exercise everything around the model (export, subprocess, progress, cancel, e
 without the real tool. Needs only numpy and SimpleITK (both in Slicer).
 
 Environment knobs: ``STAND_IN_MODE`` = ``ok`` (default), ``fail`` (exit 1), ``bad-input`` (exit 2),
-``no-weights`` (exit 3), ``hang`` (sleeps forever after the first progress line; with ``STAND_IN_GRANDCHILD_PID``
+``no-weights`` (exit 3), ``terminated`` (exit 143), ``hang`` (sleeps forever after the first progress line; with ``STAND_IN_GRANDCHILD_PID``
 set to a file path it first starts a sleeping grandchild and writes its pid there; with
 ``STAND_IN_IGNORE_TERM=1`` it ignores SIGTERM); ``STAND_IN_DELAY`` = seconds per slice; ``STAND_IN_ARGS_FILE`` =
 a path where the received arguments are written as JSON.
@@ -106,6 +106,9 @@ def main(argv):
     if mode == "no-weights":
         print("error: no DINOv3 weights found; see https://github.com/facebookresearch/dinov3", file=sys.stderr)
         return 3
+    if mode == "terminated":  # as insid3-med ends when another program sends it SIGTERM
+        print("insid3-med: terminated; nothing partial was kept", file=sys.stderr, flush=True)
+        return 143
     if mode == "hang":
         hang()
     if args.axis == "auto":  # the reference's axis with the fewest labelled slices (the real tool's rule, simplified)
