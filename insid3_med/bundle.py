@@ -633,6 +633,23 @@ def report_skipped(evaluator: Any) -> None:
     raise SystemExit(2)
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (a scheduler's, or torchrun stopping the other workers after one failed) end the run as an
+    exception would, with exit code 143: ``finally`` blocks run, so a label map being written leaves no temporary
+    file behind. Called by the configs' ``initialize``; a no-op outside the main thread."""
+    import signal
+    import sys
+
+    def stop(signum: int, frame: object) -> None:
+        logger.error("terminated (SIGTERM)%s", _rank())
+        sys.exit(143)
+
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread
+        pass
+
+
 def locate_bundle_root(start: str | Path | None = None) -> str:
     """The bundle folder: ``start`` (default the working folder) if it is one, else its ``monai_bundle`` folder.
 
@@ -651,6 +668,7 @@ __all__: Sequence[str] = [
     "BundleReference",
     "check_outputs_absent",
     "collate_readable",
+    "exit_on_sigterm",
     "ReadableStudies",
     "report_skipped",
     "skip_unreadable",

@@ -619,6 +619,34 @@ def test_bundle_writes_each_label_map_whole_or_not_at_all(tmp_path: Path, monkey
     np.testing.assert_array_equal(np.asanyarray(nib.load(written).dataobj), np.full((6, 5, 4), 2))
 
 
+def test_sigterm_while_writing_ends_the_run_with_143_and_no_temporary(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The configs' initialize calls exit_on_sigterm: a SIGTERM (torchrun stopping the other workers after one
+    failed, a scheduler) arriving while a label map is written leaves no temporary file (it died there before)."""
+    import signal
+
+    from insid3_med.bundle import exit_on_sigterm
+
+    save = bundle_save_transform(tmp_path)
+    nifti_save = nib.save
+
+    def terminated_while_writing(image: nib.Nifti1Image, filename: str) -> None:
+        nifti_save(image, filename)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(nib, "save", terminated_while_writing)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        exit_on_sigterm()
+        with pytest.raises(SystemExit) as exit_:
+            save(label_prediction("/data/case_01.nii.gz", 2))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert exit_.value.code == 143 and list(tmp_path.iterdir()) == []
+    for name in ("inference.json", "multi_gpu_inference.json"):
+        assert "$insid3_bundle.exit_on_sigterm()" in json.loads((BUNDLE / "configs" / name).read_text())["initialize"]
+
+
 def test_no_output_replaces_an_input_even_with_overwrite(tmp_path: Path) -> None:
     studies = [tmp_path / "case_01.nii.gz", tmp_path / "case_02.nii.gz"]
     for study in studies:
