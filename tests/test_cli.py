@@ -300,9 +300,9 @@ def test_transfer_goes_target_by_target_and_skips_an_unreadable_one(
     seen: list[tuple[str, list[str]]] = []
     read_study = jobs.read_study
 
-    def recorded(path: Path, series: str | None = None):  # noqa: ANN202
+    def recorded(path: Path, series: str | None = None, frame: int | None = None):  # noqa: ANN202
         seen.append((path.name, sorted(p.name for p in out.iterdir())))
-        return read_study(path, series)
+        return read_study(path, series, frame)
 
     monkeypatch.setattr(jobs, "read_study", recorded)
     targets = [hippocampus["other"], corrupt, hippocampus["third"]]
