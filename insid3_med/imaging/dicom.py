@@ -20,6 +20,7 @@ enhanced multi-frame files go through highdicom.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +182,11 @@ def list_dicom_series(folder: str | Path, recursive: bool = True) -> list[Series
     return series
 
 
+def _listed(items: Sequence[str], most: int) -> str:
+    """The first ``most`` items, comma-separated, then how many more there are."""
+    return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
 def no_series_message(folder: Path) -> str:
     """Why a folder gave no series, with what it holds instead (a folder of NIfTI files is given file by file)."""
     files = list(_iter_files(folder, recursive=True))
@@ -188,10 +194,10 @@ def no_series_message(folder: Path) -> str:
         return "no DICOM image series found: the folder holds no files"
     dicom = [path for path in files if has_dicom_preamble(path) or path.name.upper() == "DICOMDIR"]
     if dicom:
-        shown = ", ".join(str(path.relative_to(folder)) for path in dicom[:3]) + (", ..." if len(dicom) > 3 else "")
+        shown = _listed([str(path.relative_to(folder)) for path in dicom], 3)
         return (f"no DICOM image series found in this folder or its sub-folders: its {len(dicom)} DICOM file(s) "
                 f"({shown}) hold no images (a segmentation, a report, a DICOMDIR index...)")
-    shown = ", ".join(str(path.relative_to(folder)) for path in files[:3]) + (", ..." if len(files) > 3 else "")
+    shown = _listed([str(path.relative_to(folder)) for path in files], 3)
     return (f"no DICOM image series found in this folder or its sub-folders; it holds {len(files)} other file(s) "
             f"({shown}): give a NIfTI, NRRD or MetaImage study as its file, not its folder")
 
@@ -431,13 +437,12 @@ def irregular_spacing_message(source: Path, steps: np.ndarray) -> str:
     and how far the even spacing the volume is read with puts slices from their true positions."""
     usual = float(np.median(steps))
     odd = np.flatnonzero(np.abs(steps - usual) > _SPACING_RTOL * usual + 1e-3)
-    places = ", ".join(f"{steps[n]:.3g} mm between slices {n} and {n + 1}" for n in odd[:3])
-    more = f" and {len(odd) - 3} more" if len(odd) > 3 else ""
+    places = _listed([f"{steps[n]:.3g} mm between slices {n} and {n + 1}" for n in odd], 3)
     missing = np.all(np.abs(steps[odd] / usual - np.round(steps[odd] / usual)) < 0.05) and np.all(steps[odd] > usual)
     mean = float(np.mean(steps))
     positions = np.concatenate([[0.0], np.cumsum(steps)])
     off = float(np.max(np.abs(positions - mean * np.arange(len(positions)))))
-    return (f"{source}: slices are {usual:.3g} mm apart, but {places}{more}"
+    return (f"{source}: slices are {usual:.3g} mm apart, but {places}"
             f"{' (a missing file?)' if missing else ''}; the volume is read with an even {mean:.4g} mm spacing, "
             f"which puts slices up to {off:.3g} mm from their true positions (so do NIfTI and .seg.nrrd outputs; "
             "a DICOM SEG keeps each slice's own position)")
@@ -456,12 +461,9 @@ def _image_header(path: Path) -> Dataset:
 def _odd_files(paths: Sequence[Path], keys: Sequence[Any], what: str) -> str:
     """Which files differ from the most common ``what`` among a series' files, named (a localizer, a scout or a
     reformat stored in the series), and what to do."""
-    counts: dict[Any, int] = {}
-    for key in keys:
-        counts[key] = counts.get(key, 0) + 1
-    common = max(counts, key=lambda key: counts[key])
+    common = Counter(keys).most_common(1)[0][0]
     odd = [path.name for path, key in zip(paths, keys, strict=True) if key != common]
-    shown = ", ".join(odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+    shown = _listed(odd, 5)
     others = sorted({str(key) for key in keys if key != common})
     return (f"{len(odd)} of {len(paths)} files ({shown}) have {what} {', '.join(others)} against {common} for the "
             "rest (a localizer or a reformat kept in the series?); move them to another folder")
