@@ -92,12 +92,18 @@ def _frame_of(path: Path, shape: tuple[int, ...], frame: int | None) -> int | No
     return frame
 
 
+def _refuse_a_frame_of_another_format(path: Path, frame: int | None) -> None:
+    """A frame is read from a 4D NIfTI, NRRD or MetaImage file only (not a folder, a DICOM or a 2D file)."""
+    if frame is not None and (path.is_dir() or _suffix(path) not in (*NIBABEL_SUFFIXES, *SIMPLEITK_SUFFIXES)):
+        raise ImageReadError(path, "a frame is chosen in a 4D NIfTI, NRRD or MetaImage file only")
+
+
 def check_frame(path: str | Path, frame: int | None) -> None:
     """Raise as :func:`read_volume` would for ``frame`` of ``path`` (a 4D file without one, a frame out of range or
     of a 3D file), reading the header only; files that cannot be read are left to :func:`read_volume`."""
     path = Path(path)
+    _refuse_a_frame_of_another_format(path, frame)
     suffix = _suffix(path)
-    shape: tuple[int, ...] | None = None
     try:
         if suffix in NIBABEL_SUFFIXES:
             import nibabel as nib
@@ -110,11 +116,9 @@ def check_frame(path: str | Path, frame: int | None) -> None:
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
             shape = tuple(int(n) for n in reader.GetSize())
+        else:
+            return
     except Exception:  # noqa: BLE001 - unreadable headers are reported when the file is read
-        return
-    if shape is None:
-        if frame is not None:
-            raise ImageReadError(path, "a frame is chosen in a 4D NIfTI, NRRD or MetaImage file only")
         return
     _frame_of(path, shape, frame)
 
@@ -306,9 +310,8 @@ def read_volume(
     path = Path(path)
     if not path.exists():
         raise ImageNotFoundError(path, "no such file or folder")
+    _refuse_a_frame_of_another_format(path, frame)
     suffix = _suffix(path)
-    if frame is not None and (path.is_dir() or suffix not in (*NIBABEL_SUFFIXES, *SIMPLEITK_SUFFIXES)):
-        raise ImageReadError(path, "a frame is chosen in a 4D NIfTI, NRRD or MetaImage file only")
     if path.is_dir():
         return read_dicom_series(path, series_uid=series_uid, series_number=series_number)
     if series_uid is not None or series_number is not None:
@@ -542,7 +545,7 @@ whole-body label map of a hundred structures leaves the air outside the body).""
 def _refuse_an_image_given_as_labels(path: Path, labels: np.ndarray) -> None:
     """An image given where its label map was expected (the arguments swapped) would be propagated as thousands of
     structures for hours: refuse a map with more than 255 distinct values, or more than 64 over 90% of the voxels."""
-    if not labels.size or not labels.any():
+    if not labels.size:
         return
     if labels.dtype.itemsize <= 2:
         counts = np.bincount(labels.ravel())
