@@ -557,7 +557,7 @@ def _root_cause(error: BaseException) -> str:
     """The innermost cause of an error MONAI wrapped (``applying transform ...``), as ``Type: message``."""
     while error.__cause__ is not None:
         error = error.__cause__
-    return f"{type(error).__name__}: {error}" if not isinstance(error, ImageReadError) else error.problem
+    return error.problem if isinstance(error, ImageReadError) else f"{type(error).__name__}: {error}"
 
 
 class ReadableStudies(Dataset):
@@ -601,7 +601,7 @@ def skip_unreadable(engine: Any, batch: Any) -> Any:
     try:
         return engine._iteration(engine, batch)
     except ValueError as error:  # ImageReadError is one
-        paths = [str(meta.get("filename_or_obj")) for meta in _batch_meta(batch)] or ["a study"]
+        paths = _batch_paths(batch) or ["a study"]
         reason = _root_cause(error)
         for path in paths:
             logger.warning("skipped %s: %s%s", path, reason, _rank())
@@ -609,14 +609,13 @@ def skip_unreadable(engine: Any, batch: Any) -> Any:
         return {}
 
 
-def _batch_meta(batch: Any) -> list[Mapping[str, Any]]:
-    """The per-study metadata of a collated batch (one dict per study), or none."""
+def _batch_paths(batch: Any) -> list[str]:
+    """The study paths of a collated batch (MONAI's ``filename_or_obj``), or none."""
     image = batch.get("image") if isinstance(batch, Mapping) else None
     if not isinstance(image, MetaTensor):
         return []
     names = image.meta.get("filename_or_obj")
-    names = names if isinstance(names, (list, tuple)) else [names]
-    return [{"filename_or_obj": name} for name in names]
+    return [str(name) for name in (names if isinstance(names, (list, tuple)) else [names])]
 
 
 def report_skipped(evaluator: Any) -> None:
