@@ -238,6 +238,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
                              seed=args.seed, model=model_options(args), limit_cases=args.limit_cases,
                              resume=not args.restart, overwrite=args.force, progress=args.progress != "none",
                              kinds=tuple(args.kinds.split(",")), reference_mode=args.reference_mode,
+                             pairing=args.pairing,
                              shots=args.shots, threads=args.threads, mode=args.mode,
                              propagation=propagation_params(args),
                              command=" ".join(["insid3-med", *sys.argv[1:]]))
@@ -331,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reference-mode", choices=("volume", "slice", "each_largest"), default="volume",
                           help="transfer task: the whole labelled volume, its one slice of largest labelled area, "
                           "or each structure on its own slice of largest area (each_largest) as reference")
+    evaluate.add_argument("--pairing", choices=("subjects", "frames"), default="subjects",
+                          help="transfer task: reference and target of different subjects (default), or two time "
+                          "frames of one subject (ACDC: end-diastole to end-systole and back)")
     evaluate.add_argument("--shots", type=positive_int, default=1, help="labelled slices per episode (default 1)")
     evaluate.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
     evaluate.add_argument("--seed", type=int, default=0)

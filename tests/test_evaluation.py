@@ -260,6 +260,12 @@ def test_case_subsets_pairs_and_labelled_slices_are_seeded() -> None:
     assert set(small) <= set(large) and small == select_cases(100, 5, seed=3)
     pairs = sample_pairs(6, 10, seed=0)
     assert pairs == sample_pairs(6, 10, seed=0) and len(set(pairs)) == 10 and all(a != b for a, b in pairs)
+    subjects = ["p1", "p1", "p2", "p2", "p3"]  # two time frames of p1 and p2, one of p3
+    assert len(sample_pairs(5, 50, seed=0, subjects=subjects)) == 16  # 20 ordered pairs less the 4 within p1, p2
+    assert sorted(sample_pairs(5, 50, seed=0, subjects=subjects, same_subject=True)) == [(0, 1), (1, 0), (2, 3),
+                                                                                           (3, 2)]
+    with pytest.raises(ValueError, match="2 cases of one subject"):
+        sample_pairs(3, 5, subjects=["a", "b", "c"], same_subject=True)
     mask = np.zeros((9, 4, 4), bool)
     mask[2:7, :2, :2] = True
     mask[4, :, :] = True
@@ -575,6 +581,30 @@ def test_transfer_each_largest_reference_draws_every_structure_on_its_own_larges
     with pytest.raises(ValueError, match="overlaps another"):  # the tumour core lies inside the whole tumour
         run_evaluation("transfer", shared("brats"), tmp_path / "brats", method="copy", episodes=1,
                        reference_mode="each_largest", progress=False)
+
+
+def test_transfer_between_the_time_frames_of_each_subject(tmp_path: Path) -> None:
+    """pairing="frames": every ordered pair of ACDC's end-diastole and end-systole of one patient (30 of 15
+    patients), recorded in the configuration; the copy baseline scores each as the two expert label maps' overlap."""
+    data = shared("acdc")
+    document = run_evaluation("transfer", data, tmp_path / "frames", method="copy", pairing="frames",
+                              progress=False)
+    assert document["config"]["task_options"]["pairing"] == "frames"
+    records = [json.loads(line)["result"] for line in (tmp_path / "frames" / "episodes.jsonl").read_text().splitlines()]
+    assert len(records) == 30
+    patients = {r["reference"][:10] for r in records}
+    assert len(patients) == 15 and {(r["reference"], r["target"]) for r in records} == {
+        (f"{p}_frame0{a}", f"{p}_frame0{b}") for p in patients for a, b in ((1, 2), (2, 1))}
+    first = records[0]
+    reference, target = (np.asarray(nib.load(data / "labels" / f"{first[key]}.nii.gz").dataobj)
+                         for key in ("reference", "target"))
+    left_ventricle = 2 * np.sum((reference == 3) & (target == 3)) / (np.sum(reference == 3) + np.sum(target == 3))
+    assert first["structures"]["left ventricle"]["dice"] == pytest.approx(left_ventricle)
+    assert "pairing" not in run_evaluation("transfer", data, tmp_path / "subjects", method="copy", episodes=1,
+                                           progress=False)["config"]["task_options"]  # the default: earlier key
+    with pytest.raises(ValueError, match="2 cases of one subject"):
+        run_evaluation("transfer", shared("hippocampus"), tmp_path / "hippocampus", method="copy", pairing="frames",
+                       progress=False)
 
 
 def test_baselines_take_each_structure_from_its_own_slice() -> None:

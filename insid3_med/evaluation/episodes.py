@@ -8,7 +8,8 @@
   ``spacedN`` N slices spread evenly over the structure's extent (:func:`spaced_slices`); kinds ``each_largest`` and
   ``union_largest`` draw every structure of the volume at once (one run per volume).
 - ``transfer``: ordered pairs (reference A, target B) of different subjects, the first ``count`` of a seeded
-  permutation of all such pairs.
+  permutation of all such pairs; with the ``frames`` pairing, pairs of two time frames of one subject instead
+  (ACDC's end-diastole and end-systole, both ways).
 
 A subset of ``count`` cases is the first ``count`` of a seeded permutation, so a larger count extends a smaller
 one and finished episodes stay valid when an evaluation is resumed with more.
@@ -129,12 +130,15 @@ def spaced_slices(mask: np.ndarray, axis: int, count: int) -> list[int]:
 
 
 def sample_pairs(total: int, count: int, seed: int = 0,
-                 subjects: Sequence[str] | None = None) -> list[tuple[int, int]]:
+                 subjects: Sequence[str] | None = None, same_subject: bool = False) -> list[tuple[int, int]]:
     """``count`` ordered (reference, target) index pairs from a seeded permutation of all pairs of distinct cases
-    (and of distinct ``subjects`` when given, e.g. two time frames of one patient never pair)."""
+    of distinct ``subjects`` when given (two time frames of one patient never pair), or of the same subject when
+    ``same_subject`` (only two time frames of one patient pair)."""
     subjects = list(subjects) if subjects is not None else [str(i) for i in range(total)]
-    pairs = [(a, b) for a in range(total) for b in range(total) if subjects[a] != subjects[b]]
+    pairs = [(a, b) for a in range(total) for b in range(total)
+             if a != b and (subjects[a] == subjects[b]) == same_subject]
     if not pairs:
-        raise ValueError("transfer needs at least 2 cases of different subjects")
+        raise ValueError("transfer needs at least 2 cases of one subject (time frames)" if same_subject
+                         else "transfer needs at least 2 cases of different subjects")
     order = np.random.default_rng(seed).permutation(len(pairs))
     return [pairs[int(i)] for i in order[: max(0, count)]]

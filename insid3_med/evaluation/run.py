@@ -51,6 +51,7 @@ def run_evaluation(
     slice_axis_rule: str | None = None,
     kinds: Sequence[str] = SLICE_KINDS,
     reference_mode: str = "volume",
+    pairing: str = "subjects",
     shots: int = 1,
     engine_params: dict[str, Any] | None = None,
     registration: RegistrationParams | None = None,
@@ -76,7 +77,9 @@ def run_evaluation(
     ``largest``, ``random`` (one structure per episode), ``each_largest`` (every structure drawn at once, each
     on its own slice of largest area, scored per structure), ``union_largest`` (every structure drawn on the one
     slice of largest union) and/or ``spacedN`` (one structure on N evenly spread slices). reference_mode
-    (transfer): ``volume``, ``slice`` or ``each_largest``. shots (images): references per episode. mode (ours,
+    (transfer): ``volume``, ``slice`` or ``each_largest``. pairing (transfer): ``subjects`` (reference and target
+    of different subjects) or ``frames`` (two time frames of one subject, e.g. ACDC's end-diastole and end-systole,
+    both ways). shots (images): references per episode. mode (ours,
     volumes): propagation mode, ``volume`` or
     ``published``; propagation (ours, volume mode): its :class:`~insid3_med.propagation.PropagationParams`
     (default: the defaults; recorded in the report's configuration, so a run with other settings is another
@@ -114,7 +117,7 @@ def run_evaluation(
         runner = SliceTask(dataset, kinds)
         planned = runner.plan(episodes, seed)
     else:
-        runner = TransferTask(dataset, reference_mode)
+        runner = TransferTask(dataset, reference_mode, pairing)
         planned = runner.plan(episodes, seed)
 
     description = dataset.describe()

@@ -57,6 +57,8 @@ from insid3_med.imaging.geometry import Volume, float_triple
 
 TASKS = ("images", "slices", "transfer")
 REFERENCE_MODES = ("volume", "slice", EACH_LARGEST)
+PAIRINGS = ("subjects", "frames")
+"""Transfer pairs: a reference and a target of different subjects, or two time frames of one subject."""
 
 
 @dataclass(frozen=True)
@@ -390,20 +392,28 @@ class TransferTask:
 
     name = "transfer"
 
-    def __init__(self, dataset: VolumeDataset, reference_mode: str = "volume") -> None:
+    def __init__(self, dataset: VolumeDataset, reference_mode: str = "volume", pairing: str = "subjects") -> None:
         if reference_mode not in REFERENCE_MODES:
             raise ValueError(f"reference_mode must be one of {REFERENCE_MODES}, not {reference_mode!r}")
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, not {pairing!r}")
         self.dataset = dataset
         self.reference_mode = reference_mode
+        self.pairing = pairing
         self._cases = _CaseCache(dataset)
 
     def options(self) -> dict[str, Any]:
-        return {"reference_mode": self.reference_mode, "slice_axis_rule": self.dataset.slice_axis_rule}
+        options = {"reference_mode": self.reference_mode, "slice_axis_rule": self.dataset.slice_axis_rule}
+        if self.pairing != "subjects":  # recorded only when not the default, so earlier reports keep their key
+            options["pairing"] = self.pairing
+        return options
 
     def plan(self, count: int | None, seed: int) -> list[Episode]:
-        """``count`` seeded (reference, target) pairs of different subjects (None: 50, or all of a smaller set)."""
+        """``count`` seeded (reference, target) pairs (None: 50, or all of a smaller set): of different subjects,
+        or of two time frames of one subject with the ``frames`` pairing."""
         cases = self.dataset.cases
-        pairs = sample_pairs(len(cases), 50 if count is None else count, seed, [c.subject for c in cases])
+        pairs = sample_pairs(len(cases), 50 if count is None else count, seed, [c.subject for c in cases],
+                             same_subject=self.pairing == "frames")
         return [Episode(f"{cases[a].name}->{cases[b].name}", (a, b)) for a, b in pairs]
 
     def run(self, episode: Episode, method: EvaluationMethod) -> dict[str, Any]:
