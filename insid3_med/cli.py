@@ -198,10 +198,15 @@ def command_propagate(args: argparse.Namespace) -> int:
     summary = propagate_file(args.volume, args.labels, volume_outputs(args), model_options(args), axis=args.axis,
                              slice_range=args.slices, preset=args.preset, force=args.force,
                              series=args.series, frame=args.frame, mode=args.mode, params=propagation_params(args),
-                             progress=progress_reporter(args.progress, "propagate"), warn=print_warning)
+                             all_frames=args.all_frames, progress=progress_reporter(args.progress, "propagate"),
+                             warn=print_warning)
     slices = ", ".join(str(k) for k in summary["labelled_slices"])
+    timings = summary["timings_s"]
+    frames = (f", then the other {summary['frames'] - 1} frame(s) from frame {summary['frame']}"
+              if "frames" in summary else "")
     print(f"propagated from {summary['slice_plane']} slice(s) {slices} (array axis "
-          f"{ARRAY_AXIS_LETTERS[summary['axis']]}); wrote {args.output} ({summary['timings_s']['propagate']:.1f} s)")
+          f"{ARRAY_AXIS_LETTERS[summary['axis']]}){frames}; wrote {args.output} "
+          f"({timings['propagate'] + timings.get('other_frames', 0.0):.1f} s)")
     return 0
 
 
@@ -298,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     propagate.add_argument("labels", type=Path, help="label volume on the same grid with one or more labelled slices")
     propagate.add_argument("-o", "--output", type=Path, required=True, help="output label map (.nii.gz)")
     propagate.add_argument("--slices", type=parse_slices, help="only slices A:B (half-open)")
+    propagate.add_argument("--all-frames", action="store_true", help="with --frame N (the frame the labels were "
+                           "drawn on): then segment every other frame of the 4D file from frame N's labels, as "
+                           "transfer segments another study; the output is a 4D label map")
     propagate.add_argument("--series", "--series-uid", dest="series", help="the series to read when the DICOM folder "
                            "holds several: its series number or SeriesInstanceUID")
     add_volume_options(propagate, flags_only=False)

@@ -35,13 +35,14 @@ from insid3_med.imaging.readers import (
     DICOM_SUFFIXES,
     IMAGE_2D_SUFFIXES,
     check_frame,
+    count_frames,
     is_dicom_file,
     read_image_2d,
     read_label_names,
     read_label_volume,
     read_volume,
 )
-from insid3_med.imaging.writers import write_dicom_seg, write_nifti_labels, write_seg_nrrd
+from insid3_med.imaging.writers import write_dicom_seg, write_nifti_label_frames, write_nifti_labels, write_seg_nrrd
 from insid3_med.outputs import OutputSet, RunInputs, label_statistics, output_set, software_versions, write_json
 from insid3_med.predictor import OneShotSegmenter
 from insid3_med.propagation import PropagationParams
@@ -224,8 +225,10 @@ def check_outputs(outputs: VolumeOutputs, dicom_input: bool, source: Path, outpu
 def write_volume_outputs(labels: np.ndarray, volume: Volume, claimed: dict[str, Path],
                          highlight: Sequence[int], axis: int, summary: dict[str, Any],
                          names: dict[int, str] | None = None) -> None:
-    """Write the label map and the optional outputs to their claimed temporary paths."""
-    write_nifti_labels(labels, volume, claimed["labels"], overwrite=True)
+    """Write the label map and the optional outputs to their claimed temporary paths (the label map only where
+    ``claimed`` names one)."""
+    if "labels" in claimed:
+        write_nifti_labels(labels, volume, claimed["labels"], overwrite=True)
     if "seg_nrrd" in claimed:
         write_seg_nrrd(labels, volume, claimed["seg_nrrd"], segment_names=names, overwrite=True)
     if "dicom_seg" in claimed:
@@ -260,17 +263,21 @@ def resolved_axis(volume: Volume, labels: np.ndarray, labels_path: Path, axis: i
 def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs, model: ModelOptions, *,
                    axis: int | str = AUTO_AXIS, slice_range: tuple[int, int] | None = None, preset: str | None = None,
                    force: bool = False, series: str | None = None, frame: int | None = None, mode: str = "volume",
-                   params: PropagationParams | None = None,
+                   params: PropagationParams | None = None, all_frames: bool = False,
                    progress: ProgressCallback | None = None, warn: Warn | None = None) -> dict[str, Any]:
     """``insid3-med propagate``: labelled slices of ``labels_path`` through ``volume_path``; returns the summary.
 
     axis: "auto" (default: the axis the labels were drawn across), an array axis or an anatomical plane;
     mode: ``volume`` (chained, the default) or ``published`` (each slice on its own), see :mod:`insid3_med.volume`;
     params: the volume mode's settings (default: the measured defaults); warn: receives warnings before the work;
-    series, frame: which series of a DICOM folder, which frame of a 4D file.
+    series, frame: which series of a DICOM folder, which frame of a 4D file. all_frames: with ``frame``, the
+    labels (drawn on that frame) are propagated through it, and every other frame of the 4D file is then segmented
+    from that frame's label map as ``transfer`` segments another study (:func:`~insid3_med.volume.transfer_to_study`);
+    the label map written is 4D, one frame per frame of the input.
     """
     propagation = propagation_description(mode, params)  # a bad mode fails before anything is read
     started = time.perf_counter()
+    frames = check_all_frames(volume_path, frame, slice_range, outputs) if all_frames else 1
     volume = read_study(volume_path, series=series, frame=frame)
     labels = read_label_volume(labels_path, volume)
     array_axis, warnings = resolved_axis(volume, labels, labels_path, axis, warn)
@@ -287,19 +294,68 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
         segmenter = model.build(chained=mode == "volume")
         loaded = time.perf_counter()
         result = propagate_through_slices(segmenter, volume, labels, axis=array_axis, slice_range=slice_range,
-                                          preset=preset, progress=progress, mode=mode, params=params)
+                                          preset=preset, progress=overall_progress(progress, 0, frames), mode=mode,
+                                          params=params)
         finished = time.perf_counter()
-        summary = {
+        timings = {"read_and_load": round(loaded - started, 3), "propagate": round(finished - loaded, 3)}
+        summary: dict[str, Any] = {
             "command": "propagate", "volume": str(volume_path), **({"frame": frame} if frame is not None else {}),
             "labels_input": str(labels_path),
             "axis": array_axis, "slice_plane": volume.geometry.slice_plane(array_axis),
             "labelled_slices": references, "slice_range": slice_range, "warnings": warnings,
             "model": model_description(segmenter), "propagation": propagation,
-            "timings_s": {"read_and_load": round(loaded - started, 3), "propagate": round(finished - loaded, 3)},
+            "timings_s": timings,
         }
-        write_volume_outputs(result, volume, claimed, references, array_axis, summary,
-                             names=read_label_names(labels_path) or None)
+        names = read_label_names(labels_path) or None
+        if all_frames:
+            assert frame is not None  # checked by check_all_frames
+            every = segment_other_frames(segmenter, volume_path, volume, result, frame, frames, array_axis,
+                                         preset=preset, mode=mode, params=params, progress=progress)
+            summary["frames"] = frames
+            summary["labels_by_frame"] = [label_statistics(labels_of_frame, volume, array_axis, names)
+                                          for labels_of_frame in every]
+            timings["other_frames"] = round(time.perf_counter() - finished, 3)
+            write_volume_outputs(result, volume, {k: v for k, v in claimed.items() if k != "labels"}, references,
+                                 array_axis, summary, names=names)
+            write_nifti_label_frames(every, volume, claimed["labels"], overwrite=True)
+        else:
+            write_volume_outputs(result, volume, claimed, references, array_axis, summary, names=names)
     return summary
+
+
+def check_all_frames(path: Path, frame: int | None, slice_range: tuple[int, int] | None,
+                     outputs: VolumeOutputs) -> int:
+    """Before any work, what ``propagate --all-frames`` needs: the labelled frame given, a 4D file, no slice range
+    and no output that holds one 3D segmentation only (a ``.seg.nrrd``, a DICOM SEG). Returns the frame count."""
+    if frame is None:
+        raise ImageReadError(path, "--all-frames needs --frame N: the frame the labels were drawn on")
+    if slice_range is not None:
+        raise ImageReadError(path, "--all-frames segments every slice of every frame: leave out --slices")
+    for option, given in (("--seg-nrrd", outputs.seg_nrrd), ("--dicom-seg", outputs.dicom_seg)):
+        if given is not None:
+            raise ImageWriteError(given, f"{option} holds one 3D segmentation; with --all-frames the label map is "
+                                  "a 4D NIfTI file (one frame per frame of the input)")
+    check_study_frame(path, frame)
+    return count_frames(path)
+
+
+def segment_other_frames(segmenter: OneShotSegmenter, path: Path, labelled: Volume, labels: np.ndarray,
+                         frame: int, frames: int, axis: int, *, preset: str | None, mode: str,
+                         params: PropagationParams | None, progress: ProgressCallback | None) -> list[np.ndarray]:
+    """Every frame's (K, J, I) label map, in frame order: ``labels`` for ``frame`` (the ``labelled`` volume), each
+    other frame of the 4D file ``path`` read in turn and segmented from it as another study of the same subject
+    (:func:`~insid3_med.volume.transfer_to_study`, sliced along the same array ``axis``)."""
+    every: list[np.ndarray] = []
+    for index in range(frames):
+        if index == frame:
+            every.append(labels)
+            continue
+        other = read_study(path, frame=index)
+        every.append(transfer_to_study(segmenter, labelled, labels, other, axis=axis, preset=preset,
+                                       progress=overall_progress(progress, index if index > frame else index + 1,
+                                                                 frames),
+                                       mode=mode, params=params).astype(np.uint16 if labels.max() > 255 else np.uint8))
+    return every
 
 
 class SkippedTargets:

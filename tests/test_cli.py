@@ -428,6 +428,88 @@ def test_bad_inputs_exit_2_and_write_nothing(hippocampus: dict[str, Path], data_
         assert list(tmp_path.iterdir()) == []
 
 
+def dice_of(predicted: np.ndarray, truth: np.ndarray, value: int) -> float:
+    return float(2 * np.sum((predicted == value) & (truth == value))
+                 / max(1, np.sum(predicted == value) + np.sum(truth == value)))
+
+
+@pytest.fixture(scope="module")
+def cine(data_file: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A real 4D cardiac cine of two phases: ACDC patient001's end-diastole (frame 0) and end-systole (frame 1),
+    cut to 96 x 96 pixels around the heart, 10 slices, 25 ms between frames; with the end-diastolic labels kept
+    on their slice of largest area only (drawn on frame 0) and both phases' expert labels."""
+    folder = tmp_path_factory.mktemp("cine")
+    phases = [nib.load(data_file(f"acdc/{kind}/patient001_frame0{n}.nii.gz")) for kind in ("images", "labels")
+              for n in (1, 2)]
+    ed_labels = np.asarray(phases[2].dataobj)
+    x, y = (int(np.mean(np.flatnonzero(ed_labels.any(axis=other)))) for other in ((1, 2), (0, 2)))
+    box = np.s_[x - 48:x + 48, y - 48:y + 48]
+    ed, es, ed_truth, es_truth = (np.asarray(image.dataobj)[box] for image in phases)
+    image = nib.Nifti1Image(np.stack([ed, es], axis=-1).astype(np.float32), phases[0].affine)
+    image.header.set_xyzt_units("mm", "msec")
+    image.header.set_zooms((*image.header.get_zooms()[:3], 25.0))
+    nib.save(image, folder / "cine.nii.gz")
+    best = int(np.argmax(np.count_nonzero(ed_truth, axis=(0, 1))))
+    drawn = np.zeros_like(ed_truth)
+    drawn[:, :, best] = ed_truth[:, :, best]
+    nib.save(nib.Nifti1Image(drawn.astype(np.uint8), phases[0].affine), folder / "drawn.nii.gz")
+    for name, truth in (("ed_truth", ed_truth), ("es_truth", es_truth)):
+        np.save(folder / f"{name}.npy", truth)
+    return {"cine": folder / "cine.nii.gz", "drawn": folder / "drawn.nii.gz", "ed": folder / "ed_truth.npy",
+            "es": folder / "es_truth.npy"}
+
+
+def test_all_frames_segments_every_phase_of_a_cine_from_one_labelled_slice(
+        cine: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """propagate --frame 0 --all-frames: frame 0 is exactly what propagate --frame 0 writes; end-systole, never
+    labelled, is segmented better than by carrying the end-diastolic result over unchanged (the ventricles
+    shrink), and the summary's volumes per frame show the left ventricle smaller at end-systole."""
+    out, summary = tmp_path / "cine_seg.nii.gz", tmp_path / "cine.json"
+    code, stdout, stderr = run_cli(["propagate", str(cine["cine"]), str(cine["drawn"]), "--frame", "0",
+                                    "--all-frames", "-o", str(out), "--summary", str(summary), *FAST], capsys)
+    assert code == 0, stderr
+    assert "then the other 1 frame(s) from frame 0" in stdout, stdout
+    code, _, stderr = run_cli(["propagate", str(cine["cine"]), str(cine["drawn"]), "--frame", "0",
+                               "-o", str(tmp_path / "ed.nii.gz"), *FAST], capsys)
+    assert code == 0, stderr
+    written, source = nib.load(out), nib.load(cine["cine"])
+    assert written.shape == source.shape and written.get_data_dtype() == np.uint8
+    assert np.allclose(written.affine, source.affine) and written.header.get_zooms()[3] == 25.0
+    assert written.header.get_xyzt_units() == ("mm", "msec")
+    frames = np.asarray(written.dataobj)
+    assert np.array_equal(frames[..., 0], np.asarray(nib.load(tmp_path / "ed.nii.gz").dataobj))
+    es_truth = np.load(cine["es"])
+    carried = [dice_of(frames[..., 0], es_truth, value) for value in (1, 2, 3)]
+    segmented = [dice_of(frames[..., 1], es_truth, value) for value in (1, 2, 3)]
+    assert np.mean(segmented) > np.mean(carried) + 0.05, (segmented, carried)
+    assert np.mean([dice_of(frames[..., 0], np.load(cine["ed"]), value) for value in (1, 2, 3)]) > 0.7
+    record = json.loads(summary.read_text())
+    assert record["frames"] == 2 and record["frame"] == 0 and len(record["labels_by_frame"]) == 2
+    left_ventricle = [frame["3"]["volume_ml"] for frame in record["labels_by_frame"]]
+    assert left_ventricle[1] < 0.9 * left_ventricle[0], left_ventricle
+    assert "other_frames" in record["timings_s"]
+
+
+def test_all_frames_is_refused_where_it_cannot_run_before_any_work(
+        cine: dict[str, Path], hippocampus: dict[str, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Without the labelled frame, on a 3D study, with a slice range or with outputs that hold one 3D segmentation:
+    refused naming the problem, before the model loads (absent weights), nothing written."""
+    out = str(tmp_path / "o.nii.gz")
+    absent = ["--weights", str(tmp_path / "absent"), "--progress", "none"]
+    for study, extra, expected in (
+            (cine["cine"], [], "--all-frames needs --frame N"),
+            (hippocampus["image"], ["--frame", "0"], "a frame is chosen in a 4D image only"),
+            (cine["cine"], ["--frame", "2"], "frame 2 asked of a 4D image with 2 frames"),
+            (cine["cine"], ["--frame", "0", "--slices", "0:5"], "leave out --slices"),
+            (cine["cine"], ["--frame", "0", "--seg-nrrd", str(tmp_path / "o.seg.nrrd")], "4D NIfTI")):
+        labels = cine["drawn"] if study == cine["cine"] else hippocampus["one"]
+        code, _, stderr = run_cli(["propagate", str(study), str(labels), "--all-frames", "-o", out, *extra,
+                                   *absent], capsys)
+        assert code == 2 and expected in stderr and "Traceback" not in stderr, stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_empty_label_volume_and_4d_input_are_refused(hippocampus: dict[str, Path], tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     source = nib.load(hippocampus["image"])

@@ -28,6 +28,7 @@ from insid3_med.imaging.errors import ImageNotFoundError, ImageReadError, Severa
 from insid3_med.imaging.geometry import Geometry, OutsideGridError, Volume, place_on_grid
 from insid3_med.imaging.readers import (
     check_frame,
+    count_frames,
     describe,
     read_image_2d,
     read_label_names,
@@ -262,6 +263,11 @@ def test_a_frame_of_a_4d_nifti_is_read_and_4d_without_a_frame_is_refused(data_fi
         with pytest.raises(ImageReadError, match="a 3D image of shape .*: a frame is chosen in a 4D image only"):
             call(data_file(HIPPOCAMPUS_IMAGE), frame=0)
     check_frame(path, 2)  # headers only: nothing to say
+    assert count_frames(path) == 3
+    for other, message in ((data_file(HIPPOCAMPUS_IMAGE), "a 3D image of shape"),
+                           (tmp_path, "4D NIfTI, NRRD or MetaImage file only")):
+        with pytest.raises(ImageReadError, match=message):
+            count_frames(other)
     info = describe(path)
     assert (info["kind"], info["frames"], info["described_frame"], info["shape"]) == ("4d_file", 3, 0, [40, 47, 34])
     single = tmp_path / "single_frame.nii.gz"
@@ -278,6 +284,7 @@ def test_a_frame_of_a_4d_nrrd_or_metaimage_is_read(tmp_path, suffix):
     with pytest.raises(SeveralFramesError, match="2 frames"):
         read_volume(path)
     np.testing.assert_array_equal(read_volume(path, frame=1).array, frames[1])
+    assert count_frames(path) == 2
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "photo.png")
     for other in (tmp_path / "photo.png", tmp_path):  # a 2D image, a folder (DICOM)
         with pytest.raises(ImageReadError, match="a frame is chosen in a 4D NIfTI, NRRD or MetaImage file only"):

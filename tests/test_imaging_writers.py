@@ -29,6 +29,7 @@ from insid3_med.imaging.writers import (
     atomic_output,
     label_color,
     write_dicom_seg,
+    write_nifti_label_frames,
     write_nifti_labels,
     write_seg_nrrd,
 )
@@ -108,6 +109,33 @@ def test_bad_labels_are_refused_and_leave_no_file(hippocampus, tmp_path):
     with pytest.raises(ImageWriteError, match=".nii"):
         write_nifti_labels(labels, volume, tmp_path / "labels.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nifti_label_frames_are_one_4d_file_with_the_source_frame_step(data_file, tmp_path):
+    """One label map per frame, stacked on the 4th axis of a NIfTI file on the frames' grid, the time between
+    frames and its unit copied from the 4D source; uint16 when any frame needs it; bad frames refused, no file."""
+    image = nib.load(data_file(HIPPOCAMPUS_IMAGE))
+    data = np.asarray(image.dataobj)
+    source = nib.Nifti1Image(np.stack([data, data], axis=-1), image.affine)
+    source.header.set_xyzt_units("mm", "msec")
+    source.header.set_zooms((*source.header.get_zooms()[:3], 40.0))
+    nib.save(source, tmp_path / "cine.nii.gz")
+    volume = read_volume(tmp_path / "cine.nii.gz", frame=1)
+    labels = read_label_volume(data_file(HIPPOCAMPUS_LABELS), volume)
+    path = write_nifti_label_frames([labels, 2 * labels], volume, tmp_path / "frames.nii.gz")
+    written = nib.load(path)
+    assert written.shape == (*data.shape, 2) and written.get_data_dtype() == np.uint8
+    assert np.allclose(written.affine, image.affine) and written.header.get_zooms()[3] == 40.0
+    assert written.header.get_xyzt_units() == ("mm", "msec") and written.header.get_intent()[0] == "label"
+    for frame, expected in enumerate((labels, 2 * labels)):
+        np.testing.assert_array_equal(np.asarray(written.dataobj)[..., frame].transpose(2, 1, 0), expected)
+    big = write_nifti_label_frames([labels, 150 * labels.astype(np.int64)], volume, tmp_path / "big.nii.gz")
+    assert nib.load(big).get_data_dtype() == np.uint16
+    assert np.asarray(nib.load(big).dataobj)[..., 1].max() == 300
+    for frames, message in (([labels, labels[:-1]], "do not match"), ([], "no frame")):
+        with pytest.raises(ImageWriteError, match=message):
+            write_nifti_label_frames(frames, volume, tmp_path / "bad.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.nii.gz", "cine.nii.gz", "frames.nii.gz"]
 
 
 def test_existing_output_is_kept_unless_overwrite(hippocampus, tmp_path):

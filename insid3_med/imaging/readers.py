@@ -103,24 +103,45 @@ def check_frame(path: str | Path, frame: int | None) -> None:
     of a 3D file), reading the header only; files that cannot be read are left to :func:`read_volume`."""
     path = Path(path)
     _refuse_a_frame_of_another_format(path, frame)
+    shape = _header_shape(path)
+    if shape is not None:
+        _frame_of(path, shape, frame)
+
+
+def count_frames(path: str | Path) -> int:
+    """The number of frames of a 4D NIfTI, NRRD or MetaImage file, from its header; raises
+    :class:`ImageReadError` for anything else (a 3D image, a folder, another format, an unreadable header)."""
+    path = Path(path)
+    _refuse_a_frame_of_another_format(path, 0)
+    shape = _header_shape(path)
+    if shape is None:
+        raise ImageReadError(path, "cannot be read as a 4D image (its header is unreadable)")
+    try:
+        _frame_of(path, shape, None)
+    except SeveralFramesError as error:
+        return error.frames
+    raise ImageReadError(path, f"a 3D image of shape {shape[:3]}, not a 4D one with frames")
+
+
+def _header_shape(path: Path) -> tuple[int, ...] | None:
+    """The (x, y, z, t...) shape a NIfTI, NRRD or MetaImage header gives; None for other files or an unreadable
+    header."""
     suffix = _suffix(path)
     try:
         if suffix in NIBABEL_SUFFIXES:
             import nibabel as nib
 
-            shape = tuple(int(n) for n in cast("SpatialImage", nib.load(path)).shape)
-        elif suffix in SIMPLEITK_SUFFIXES:
+            return tuple(int(n) for n in cast("SpatialImage", nib.load(path)).shape)
+        if suffix in SIMPLEITK_SUFFIXES:
             import SimpleITK as sitk
 
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
-            shape = tuple(int(n) for n in reader.GetSize())
-        else:
-            return
+            return tuple(int(n) for n in reader.GetSize())
     except Exception:  # noqa: BLE001 - unreadable headers are reported when the file is read
-        return
-    _frame_of(path, shape, frame)
+        return None
+    return None
 
 
 def _read_nibabel(path: Path, frame: int | None = None) -> Volume:
@@ -150,6 +171,8 @@ def _read_nibabel(path: Path, frame: int | None = None) -> Volume:
         header = cast("Nifti1Header", image.header)  # Nifti1Header or its subclass Nifti2Header
         metadata["nifti_qform_code"] = int(header["qform_code"])
         metadata["nifti_sform_code"] = int(header["sform_code"])
+        if chosen is not None:  # the time between frames, in the file's own unit
+            metadata["frame_step"] = [float(header.get_zooms()[3]), str(header.get_xyzt_units()[1])]
         intent = header.get_intent()[0]
         if intent and intent != "none":
             metadata["nifti_intent"] = str(intent)

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -140,14 +141,47 @@ def write_nifti_labels(
     both qform and sform, with the source NIfTI's qform/sform codes when ``like`` came from NIfTI (else 1,
     scanner); intent "label".
     """
-    import nibabel as nib
+    path = _nifti_name(path)
+    array = checked_labels(labels, like, path)
+    image = _nifti_label_image(np.ascontiguousarray(array.transpose(2, 1, 0)), like)
+    with atomic_output(path, overwrite) as temporary:
+        image.to_filename(temporary)
+    return path
 
+
+def write_nifti_label_frames(frames: Sequence[np.ndarray], like: Volume, path: str | Path,
+                             overwrite: bool = False) -> Path:
+    """4D NIfTI label map (i, j, k, t): one (K, J, I) label map per frame of a 4D study, on ``like``'s grid (any of
+    its frames), as :func:`write_nifti_labels` writes one. The time between frames (pixdim[4]) and its unit are
+    the source NIfTI's (``like.metadata["frame_step"]``), else 1 with no unit. Returns ``path``."""
+    path = _nifti_name(path)
+    if not frames:
+        raise ImageWriteError(path, "no frame to write")
+    checked = [checked_labels(frame, like, path) for frame in frames]
+    dtype = np.uint16 if any(array.dtype == np.uint16 for array in checked) else np.uint8
+    array = np.stack([a.astype(dtype).transpose(2, 1, 0) for a in checked], axis=-1)
+    image = _nifti_label_image(np.ascontiguousarray(array), like)
+    step, unit = like.metadata.get("frame_step", (1.0, "unknown"))
+    image.header.set_zooms((*image.header.get_zooms()[:3], float(step)))
+    image.header.set_xyzt_units("mm", unit)
+    with atomic_output(path, overwrite) as temporary:
+        image.to_filename(temporary)
+    return path
+
+
+def _nifti_name(path: str | Path) -> Path:
     path = Path(path)
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         raise ImageWriteError(path, "a NIfTI file name ends with .nii or .nii.gz")
-    array = checked_labels(labels, like, path)
+    return path
+
+
+def _nifti_label_image(voxels: np.ndarray, like: Volume) -> Any:
+    """A ``Nifti1Image`` of label ``voxels`` ((I, J, K) or (I, J, K, T), uint8 or uint16) on ``like``'s grid."""
+    import nibabel as nib
+
     affine = like.geometry.ijk_to_ras()
-    image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine)
+    image = nib.Nifti1Image(voxels, affine)
     qform_code = int(like.metadata.get("nifti_qform_code", 0) or 0)
     sform_code = int(like.metadata.get("nifti_sform_code", 0) or 0)
     if qform_code == 0 and sform_code == 0:
@@ -155,13 +189,11 @@ def write_nifti_labels(
     image.set_qform(affine, code=qform_code)
     image.set_sform(affine, code=sform_code)
     header = image.header
-    header.set_data_dtype(array.dtype)
+    header.set_data_dtype(voxels.dtype)
     header.set_intent("label")
     header.set_xyzt_units("mm", "sec")
     header["descrip"] = f"{SOFTWARE_NAME} {__version__} labels".encode()[:79]
-    with atomic_output(path, overwrite) as temporary:
-        nib.save(image, temporary)
-    return path
+    return image
 
 
 def _rgb01(color: Sequence[float]) -> tuple[float, float, float]:
