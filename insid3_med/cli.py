@@ -304,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     propagate.add_argument("-o", "--output", type=Path, required=True, help="output label map (.nii.gz)")
     propagate.add_argument("--slices", type=parse_slices, help="only slices A:B (half-open)")
     propagate.add_argument("--all-frames", action="store_true", help="with --frame N (the frame the labels were "
-                           "drawn on): then segment every other frame of the 4D file from frame N's labels, as "
-                           "transfer segments another study; the output is a 4D label map")
+                           "drawn on): also segment every other frame of the 4D file from them, as transfer "
+                           "segments another study; the output is a 4D label map")
     propagate.add_argument("--series", "--series-uid", dest="series", help="the series to read when the DICOM folder "
                            "holds several: its series number or SeriesInstanceUID")
     add_volume_options(propagate, flags_only=False)

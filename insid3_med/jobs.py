@@ -271,9 +271,9 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
     mode: ``volume`` (chained, the default) or ``published`` (each slice on its own), see :mod:`insid3_med.volume`;
     params: the volume mode's settings (default: the measured defaults); warn: receives warnings before the work;
     series, frame: which series of a DICOM folder, which frame of a 4D file. all_frames: with ``frame``, the
-    labels (drawn on that frame) are propagated through it, and every other frame of the 4D file is then segmented
-    from that frame's label map as ``transfer`` segments another study (:func:`~insid3_med.volume.transfer_to_study`);
-    the label map written is 4D, one frame per frame of the input.
+    labels (drawn on that frame) are propagated through it, and every other frame of the 4D file is segmented from
+    them as ``transfer`` segments another study (:func:`segment_other_frames`); the label map written is 4D, one
+    frame per frame of the input.
     """
     propagation = propagation_description(mode, params)  # a bad mode fails before anything is read
     started = time.perf_counter()
@@ -309,7 +309,7 @@ def propagate_file(volume_path: Path, labels_path: Path, outputs: VolumeOutputs,
         names = read_label_names(labels_path) or None
         if all_frames:
             assert frame is not None  # checked by check_all_frames
-            every = segment_other_frames(segmenter, volume_path, volume, result, frame, frames, array_axis,
+            every = segment_other_frames(segmenter, volume_path, volume, labels, result, frame, frames, array_axis,
                                          preset=preset, mode=mode, params=params, progress=progress)
             summary["frames"] = frames
             summary["labels_by_frame"] = [label_statistics(labels_of_frame, volume, array_axis, names)
@@ -339,22 +339,25 @@ def check_all_frames(path: Path, frame: int | None, slice_range: tuple[int, int]
     return count_frames(path)
 
 
-def segment_other_frames(segmenter: OneShotSegmenter, path: Path, labelled: Volume, labels: np.ndarray,
-                         frame: int, frames: int, axis: int, *, preset: str | None, mode: str,
-                         params: PropagationParams | None, progress: ProgressCallback | None) -> list[np.ndarray]:
-    """Every frame's (K, J, I) label map, in frame order: ``labels`` for ``frame`` (the ``labelled`` volume), each
-    other frame of the 4D file ``path`` read in turn and segmented from it as another study of the same subject
-    (:func:`~insid3_med.volume.transfer_to_study`, sliced along the same array ``axis``)."""
+def segment_other_frames(segmenter: OneShotSegmenter, path: Path, labelled: Volume, drawn: np.ndarray,
+                         propagated: np.ndarray, frame: int, frames: int, axis: int, *, preset: str | None,
+                         mode: str, params: PropagationParams | None,
+                         progress: ProgressCallback | None) -> list[np.ndarray]:
+    """Every frame's (K, J, I) label map, in frame order: ``propagated`` (the ``drawn`` labels propagated through
+    the ``labelled`` volume) for ``frame``, and each other frame of the 4D file ``path``, read in turn, segmented
+    from the ``drawn`` labels of ``labelled`` as ``transfer`` segments another study of the same subject
+    (:func:`~insid3_med.volume.transfer_to_study`, sliced along the same array ``axis``; the evaluation harness's
+    transfer task with ``pairing="frames"`` measures exactly this)."""
     every: list[np.ndarray] = []
     for index in range(frames):
         if index == frame:
-            every.append(labels)
+            every.append(propagated)
             continue
         other = read_study(path, frame=index)
-        every.append(transfer_to_study(segmenter, labelled, labels, other, axis=axis, preset=preset,
+        every.append(transfer_to_study(segmenter, labelled, drawn, other, axis=axis, preset=preset,
                                        progress=overall_progress(progress, index if index > frame else index + 1,
                                                                  frames),
-                                       mode=mode, params=params).astype(np.uint16 if labels.max() > 255 else np.uint8))
+                                       mode=mode, params=params).astype(np.uint16 if drawn.max() > 255 else np.uint8))
     return every
 
 
