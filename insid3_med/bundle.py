@@ -2,7 +2,7 @@
 
 The bundle in ``monai_bundle/`` builds :class:`OneShotNetwork` as its ``network_def``. The network holds the frozen
 backbone and the reference (an image and its label map, read through the same MONAI preprocessing as the studies)
-and, for every study, calls :func:`insid3_med.volume.transfer_to_study` (a reference from another study) or
+and, for every study, calls :class:`insid3_med.volume.StudyTransfer` (a reference from another study) or
 :func:`insid3_med.volume.propagate_through_slices` (the study is the reference itself, labelled on some slices). It
 holds no segmentation logic of its own.
 
@@ -44,6 +44,7 @@ from insid3_med.outputs import RunInputs, partial_path, same_file
 from insid3_med.predictor import OneShotSegmenter
 from insid3_med.propagation import params_from_settings
 from insid3_med.volume import (
+    StudyTransfer,
     axis_mismatch,
     check_label_grid,
     is_auto_axis,
@@ -51,7 +52,6 @@ from insid3_med.volume import (
     propagate_through_slices,
     propagation_axis,
     propagation_description,
-    transfer_to_study,
 )
 
 logger = logging.getLogger(__name__)
@@ -359,6 +359,7 @@ class OneShotNetwork(nn.Module):
         self.register_buffer("state_fingerprint", self.expected_fingerprint().to(self.positional_basis.device))
         self.reference_transform = reference_transform or reference_preprocessing()
         self.reference: BundleReference | None = None
+        self._transfer: tuple[BundleReference, StudyTransfer] | None = None  # other studies' transfer, this reference
         if reference_image or reference_label:
             self.reference = self.load_reference(reference_image, reference_label)
 
@@ -454,9 +455,12 @@ class OneShotNetwork(nn.Module):
             return propagate_through_slices(self.segmenter, volume, reference.labels, axis=self.axis,
                                             preset=UNIT_PRESET, batch_size=self.batch_size, mode=self.mode,
                                             params=self.params)
-        return transfer_to_study(self.segmenter, reference.volume, reference.labels, volume, axis=self.axis,
-                                 preset=UNIT_PRESET, target_preset=UNIT_PRESET, max_shots=self.max_shots,
-                                 batch_size=self.batch_size, mode=self.mode, params=self.params)
+        if self._transfer is None or self._transfer[0] is not reference:  # the reference's own chain runs once
+            self._transfer = (reference, StudyTransfer(self.segmenter, reference.volume, reference.labels,
+                                                       axis=self.axis, preset=UNIT_PRESET, max_shots=self.max_shots,
+                                                       batch_size=self.batch_size, mode=self.mode,
+                                                       params=self.params))
+        return self._transfer[1].segment(volume, target_preset=UNIT_PRESET)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, X, Y, Z) float in [0, 1] -> (B, 1, X, Y, Z) uint8 label map (a MetaTensor for a MetaTensor)."""

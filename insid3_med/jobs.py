@@ -49,6 +49,7 @@ from insid3_med.propagation import PropagationParams
 from insid3_med.volume import (
     AUTO_AXIS,
     ProgressCallback,
+    StudyTransfer,
     axis_mismatch,
     check_range_holds_a_labelled_slice,
     is_auto_axis,
@@ -57,8 +58,6 @@ from insid3_med.volume import (
     propagation_axis,
     propagation_description,
     resolve_slice_range,
-    study_axes,
-    transfer_to_study,
 )
 
 Warn = Callable[[str], None]
@@ -346,18 +345,17 @@ def segment_other_frames(segmenter: OneShotSegmenter, path: Path, labelled: Volu
     """Every frame's (K, J, I) label map, in frame order: ``propagated`` (the ``drawn`` labels propagated through
     the ``labelled`` volume) for ``frame``, and each other frame of the 4D file ``path``, read in turn, segmented
     from the ``drawn`` labels of ``labelled`` as ``transfer`` segments another study of the same subject
-    (:func:`~insid3_med.volume.transfer_to_study`, sliced along the same array ``axis``; the evaluation harness's
-    transfer task with ``pairing="frames"`` measures exactly this)."""
+    (:class:`~insid3_med.volume.StudyTransfer`, sliced along the same array ``axis``, the reference's own chain run
+    once; the evaluation harness's transfer task with ``pairing="frames"`` measures exactly this)."""
+    transfer = StudyTransfer(segmenter, labelled, drawn, axis=axis, preset=preset, mode=mode, params=params)
     every: list[np.ndarray] = []
     for index in range(frames):
         if index == frame:
             every.append(propagated)
             continue
-        other = read_study(path, frame=index)
-        every.append(transfer_to_study(segmenter, labelled, drawn, other, axis=axis, preset=preset,
-                                       progress=overall_progress(progress, index if index > frame else index + 1,
-                                                                 frames),
-                                       mode=mode, params=params).astype(np.uint16 if drawn.max() > 255 else np.uint8))
+        position = index if index > frame else index + 1  # the labelled frame came first
+        labels = transfer.segment(read_study(path, frame=index), progress=overall_progress(progress, position, frames))
+        every.append(labels.astype(np.uint16 if drawn.max() > 255 else np.uint8))
     return every
 
 
@@ -451,6 +449,8 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
         )
         plans.append((path, outputs_set, check_outputs(outputs, is_dicom_study(path), path, outputs_set)))
     segmenter = model.build(chained=mode == "volume")
+    transfer = StudyTransfer(segmenter, reference, reference_labels, axis=axis, preset=preset, mode=mode,
+                             params=params)
     summaries: list[dict[str, Any]] = []
     skipped = SkippedTargets(warn)
     for index, (path, outputs_set, claimed) in enumerate(plans):
@@ -462,10 +462,8 @@ def transfer_files(reference_path: Path, reference_labels_path: Path, targets: S
             continue
         with outputs_set:
             started = time.perf_counter()
-            result = transfer_to_study(segmenter, reference, reference_labels, study, axis=axis, preset=preset,
-                                       progress=overall_progress(progress, index, len(plans)), mode=mode,
-                                       params=params)
-            target_axis = study_axes(reference, reference_labels, study, axis)[1]
+            result = transfer.segment(study, progress=overall_progress(progress, index, len(plans)))
+            target_axis = transfer.target_axis(study)
             record = {
                 "command": "transfer", "reference": str(reference_path), "reference_labels": str(reference_labels_path),
                 "target": str(path), **({"frame": frame} if frame is not None else {}), "axis": target_axis,

@@ -694,29 +694,67 @@ def transfer_to_study(segmenter: OneShotSegmenter, reference: Volume, reference_
     studies says which target slice holds the labelled anatomy and roughly where; that slice is labelled from the
     shots (feature matching kept near the registered labels), then chained through the target as in
     :func:`propagate_through_slices`. mode ``"published"``: every target slice segmented on its own from the shots.
-    Returns the target's (K', J', I') int64 label map.
+    Returns the target's (K', J', I') int64 label map. Several targets of one reference: :class:`StudyTransfer`,
+    which chains the reference through itself once.
     """
-    check_propagation_mode(mode)
-    reference_labels = check_label_grid(reference, reference_labels)
-    ref_axis, tgt_axis = study_axes(reference, reference_labels, target, axis)
-    labelled = labelled_slices(reference_labels, ref_axis)
-    if not labelled:
-        raise NoLabelledSliceError("the reference label volume has no labelled slice")
-    if len(labelled) > max_shots:
-        labelled = [labelled[round(i)] for i in np.linspace(0, len(labelled) - 1, max_shots)]
-    ref_stack = SliceStack(reference, ref_axis, intensity_mapping(reference, preset))
-    tgt_stack = SliceStack(target, tgt_axis, intensity_mapping(target, target_preset or preset))
-    if mode == "volume":
-        return _transfer_volume_mode(segmenter, ref_stack, reference_labels, labelled, tgt_stack,
-                                     params or PropagationParams(), progress, batch_size)
-    set_references_from_slices(segmenter, ref_stack, reference_labels, labelled, batch_size)
-    output = np.zeros(target.shape, dtype=np.int64)
-    total = len(tgt_stack)
-    for done, (n, encoded) in enumerate(encode_slices(segmenter, tgt_stack, range(total), batch_size), start=1):
-        take_slice(output, tgt_axis, n)[...] = tgt_stack.to_native(segmenter.segment(encoded))
-        if progress is not None:
-            progress(done, total)
-    return output
+    return StudyTransfer(segmenter, reference, reference_labels, axis=axis, preset=preset, max_shots=max_shots,
+                         batch_size=batch_size, mode=mode, params=params).segment(target, target_preset=target_preset,
+                                                                                 progress=progress)
+
+
+class StudyTransfer:
+    """A labelled reference study, ready to segment other studies (:func:`transfer_to_study` for each target).
+
+    What depends on the reference alone is done once, on the first target: in the volume mode its labelled slices
+    chained through the reference itself (:func:`reference_self_propagation`) and the walk's calibration on them.
+    ``transfer`` to many studies, a MONAI bundle run and every frame of a cine each pay for it once. Each
+    :meth:`segment` gives exactly what :func:`transfer_to_study` gives for that target with the same arguments.
+    """
+
+    def __init__(self, segmenter: OneShotSegmenter, reference: Volume, reference_labels: np.ndarray, *,
+                 axis: int | str = AUTO_AXIS, preset: str | None = None, max_shots: int = 8, batch_size: int = 4,
+                 mode: str = "volume", params: PropagationParams | None = None) -> None:
+        check_propagation_mode(mode)
+        self.segmenter, self.reference, self.axis = segmenter, reference, axis
+        self.preset, self.batch_size, self.mode = preset, batch_size, mode
+        self.params = params or PropagationParams()
+        self.reference_labels = check_label_grid(reference, reference_labels)
+        ref_axis = propagation_axis(reference, self.reference_labels, axis)
+        labelled = labelled_slices(self.reference_labels, ref_axis)
+        if not labelled:
+            raise NoLabelledSliceError("the reference label volume has no labelled slice")
+        if len(labelled) > max_shots:
+            labelled = [labelled[round(i)] for i in np.linspace(0, len(labelled) - 1, max_shots)]
+        self.shots = labelled
+        self.ref_stack = SliceStack(reference, ref_axis, intensity_mapping(reference, preset))
+        self._chain: ReferenceChain | None = None
+
+    def target_axis(self, target: Volume) -> int:
+        """The array axis ``target`` is sliced along (:func:`study_axes`)."""
+        return study_axes(self.reference, self.reference_labels, target, self.axis)[1]
+
+    def segment(self, target: Volume, *, target_preset: str | None = None,
+                progress: ProgressCallback | None = None) -> np.ndarray:
+        """``target`` -> its (K', J', I') int64 label map (``target_preset``: its intensity preset, default the
+        reference's)."""
+        tgt_stack = SliceStack(target, self.target_axis(target),
+                               intensity_mapping(target, target_preset or self.preset))
+        if self.mode == "volume":
+            if self._chain is None:
+                self._chain = reference_chain(self.segmenter, self.ref_stack, self.reference_labels, self.shots,
+                                              self.params, self.batch_size)
+            return _transfer_volume_mode(self.segmenter, self._chain, tgt_stack, self.params, progress,
+                                         self.batch_size)
+        set_references_from_slices(self.segmenter, self.ref_stack, self.reference_labels, self.shots,
+                                   self.batch_size)
+        output = np.zeros(target.shape, dtype=np.int64)
+        total = len(tgt_stack)
+        for done, (n, encoded) in enumerate(encode_slices(self.segmenter, tgt_stack, range(total), self.batch_size),
+                                            start=1):
+            take_slice(output, tgt_stack.axis, n)[...] = tgt_stack.to_native(self.segmenter.segment(encoded))
+            if progress is not None:
+                progress(done, total)
+        return output
 
 
 def study_axes(reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int | str) -> tuple[int, int]:
@@ -906,16 +944,29 @@ def _transfer_by_height(segmenter: OneShotSegmenter, ref_source: CropFeatures, p
     return output
 
 
-def _transfer_volume_mode(segmenter: OneShotSegmenter, ref_stack: SliceStack, reference_labels: np.ndarray,
-                          shots: Sequence[int], tgt_stack: SliceStack, params: PropagationParams,
-                          progress: ProgressCallback | None, batch_size: int) -> np.ndarray:
-    """``mode="volume"`` of :func:`transfer_to_study`.
+@dataclass
+class ReferenceChain:
+    """What the volume mode's transfer needs of the reference study alone (:func:`reference_chain`)."""
 
-    The shots are first chained through the reference study (:func:`reference_self_propagation`); the whole
-    (pseudo-)labelled reference is registered onto the target (:func:`registered_reference`), and each target slice
-    the carried labels reach is labelled from the reference slices at its height, kept near the carried labels. If
-    registration carries nothing, the target's slice that looks most like the shots is labelled and chained.
-    """
+    stack: SliceStack
+    labels: np.ndarray
+    """(K, J, I) the reference's given labels."""
+    shots: list[int]
+    every: list[int]
+    """Every labelled slice of ``labels``."""
+    values: list[int]
+    box: SquareBox
+    image_size: int
+    pseudo: np.ndarray | None
+    """(K, J, I) the given labels chained through the reference (None without ``transfer_self_propagation``)."""
+    walk_weights: dict[int, float]
+    """The walk's calibration on ``pseudo``'s labelled slices."""
+
+
+def reference_chain(segmenter: OneShotSegmenter, ref_stack: SliceStack, reference_labels: np.ndarray,
+                    shots: Sequence[int], params: PropagationParams, batch_size: int) -> ReferenceChain:
+    """The reference's shots, crop, model input size and, with ``params.transfer_self_propagation``, its labels
+    chained through itself (:func:`reference_self_propagation`) with the walk's calibration on them."""
     ref_model = {n: ref_stack.labels(reference_labels, n) for n in shots}
     values = sorted({int(v) for lab in ref_model.values() for v in np.unique(lab) if v > 0})
     # Every labelled slice, not only the shots, places the crop and anchors the reference's own chain: a fully
@@ -925,17 +976,35 @@ def _transfer_volume_mode(segmenter: OneShotSegmenter, ref_stack: SliceStack, re
                                  params.min_crop_fraction)
     size = model_input_size([crop_square(lab, ref_box) for lab in ref_model.values()], values,
                             segmenter.backbone.patch_size, params)
-    ref_source = CropFeatures(segmenter, ref_stack, ref_box, params, batch_size, size)
-    grid = ref_source.grid
+    pseudo, weights = None, {}
     if params.transfer_self_propagation:
         pseudo = reference_self_propagation(segmenter, ref_stack, reference_labels, every, params, batch_size)
-        registered = registered_reference(ref_stack, pseudo, tgt_stack, params.transfer_deformable_iterations)
+        # the target has no labelled slice: its walk keeps the weights the reference's labelled slices gave
+        weights = volume_walk_calibration(pseudo, ref_stack, every, params)
+    return ReferenceChain(ref_stack, reference_labels, list(shots), every, values, ref_box, size, pseudo, weights)
+
+
+def _transfer_volume_mode(segmenter: OneShotSegmenter, chain: ReferenceChain, tgt_stack: SliceStack,
+                          params: PropagationParams, progress: ProgressCallback | None,
+                          batch_size: int) -> np.ndarray:
+    """``mode="volume"`` of :func:`transfer_to_study`.
+
+    The shots were first chained through the reference study (:func:`reference_chain`); the whole
+    (pseudo-)labelled reference is registered onto the target (:func:`registered_reference`), and each target slice
+    the carried labels reach is labelled from the reference slices at its height, kept near the carried labels. If
+    registration carries nothing, the target's slice that looks most like the shots is labelled and chained.
+    """
+    ref_stack, reference_labels, shots, values = chain.stack, chain.labels, chain.shots, chain.values
+    ref_box, size = chain.box, chain.image_size
+    ref_model = {n: ref_stack.labels(reference_labels, n) for n in shots}
+    ref_source = CropFeatures(segmenter, ref_stack, ref_box, params, batch_size, size)
+    grid = ref_source.grid
+    if chain.pseudo is not None:
+        registered = registered_reference(ref_stack, chain.pseudo, tgt_stack, params.transfer_deformable_iterations)
         if registered is not None and registered[0].any():
-            labelled = _transfer_by_height(segmenter, ref_source, pseudo, registered, tgt_stack, values, params,
-                                           progress, batch_size)
-            # the target has no labelled slice: its walk keeps the weights the reference's labelled slices gave
-            weights = volume_walk_calibration(pseudo, ref_stack, every, params)
-            return refine_volume_boundaries(labelled, tgt_stack, (), params, weights)
+            labelled = _transfer_by_height(segmenter, ref_source, chain.pseudo, registered, tgt_stack, values,
+                                           params, progress, batch_size)
+            return refine_volume_boundaries(labelled, tgt_stack, (), params, chain.walk_weights)
     context = [ContextSlice(ref_source.features(n), patch_label_fractions(crop_square(lab, ref_box), values, grid))
                for n, lab in ref_model.items()]
     first_index, prior = registered_first_slice(ref_stack, reference_labels, shots, tgt_stack)

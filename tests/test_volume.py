@@ -23,6 +23,7 @@ from insid3_med.propagation import PropagationParams, SquareBox
 from insid3_med.volume import (
     LabelGridError,
     NoLabelledSliceError,
+    StudyTransfer,
     acquisition_axis,
     axis_mismatch,
     drawn_axis,
@@ -214,6 +215,38 @@ def test_volume_mode_transfer_finds_the_structure_in_another_study(self_propagat
     found, present = labelled_slices(output, 0), labelled_slices(target_truth, 0)
     assert set(found) <= set(present) and len(found) >= len(present) - 1
     assert calls[-1] == (12, 12)
+
+
+def test_a_study_transfer_chains_the_reference_once_for_every_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    """StudyTransfer.segment gives each target exactly what transfer_to_study gives it, while the reference's own
+    chain runs once for all targets (transfer to many studies, every frame of a cine, a bundle run)."""
+    import insid3_med.volume as volume_module
+
+    chains: list[int] = []
+    real_chain = volume_module.reference_self_propagation
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the wrapped function's own arguments
+        chains.append(1)
+        return real_chain(*args, **kwargs)
+
+    monkeypatch.setattr(volume_module, "reference_self_propagation", counted)
+    reference, reference_truth = synthetic_study()
+    targets = [synthetic_study(shift=(1, 3, -4), seed=1), synthetic_study(shift=(-1, -2, 3), seed=2)]
+    segmenter = SimpleNamespace(backbone=GreyLevelBackbone())
+    given = only_slice(reference_truth, 5)
+    alone = [transfer_to_study(segmenter, reference, given, target, axis="k")  # type: ignore[arg-type]
+             for target, _ in targets]
+    assert len(chains) == 2
+    chains.clear()
+    transfer = StudyTransfer(segmenter, reference, given, axis="k")  # type: ignore[arg-type]
+    for (target, truth), expected in zip(targets, alone, strict=True):
+        output = transfer.segment(target)
+        np.testing.assert_array_equal(output, expected)
+        assert dice(output == 1, truth == 1) > 0.8
+        assert transfer.target_axis(target) == 0
+    assert len(chains) == 1
+    with pytest.raises(NoLabelledSliceError):
+        StudyTransfer(segmenter, reference, np.zeros_like(given))  # type: ignore[arg-type]
 
 
 def test_a_transfer_weighs_each_target_slice_by_the_reference_pseudo_labelled_grey_values(
