@@ -293,3 +293,15 @@ def test_walk_variants_refine_one_chain_per_episode_as_the_pipeline_does_and_reu
     monkeypatch.setattr(variants, "build_method", lambda *args, **kwargs: NoChain())
     assert variants.main(arguments) == 0
     assert json.loads((tmp_path / "walk.json").read_text()) == figures
+
+
+def test_transfer_benchmark_times_both_ways_and_finds_the_same_labels(bench, tmp_path, capsys) -> None:
+    if not (SHARED / "data" / "hippocampus" / "images").is_dir() or not STANDIN.is_dir():
+        pytest.skip("the hippocampus set or the stand-in weights are not in ../shared")
+    transfer = bench("bench_transfer")
+    out = tmp_path / "transfer.json"
+    result = transfer.main(["--targets", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert result["targets"] == 1 and all(row["same_labels"] for row in result["rows"])
+    assert "1 targets:" in printed and "chaining it once" in printed
+    assert json.loads(out.read_text())["ratio"] == result["ratio"] > 0
