@@ -334,6 +334,7 @@ def check_all_frames(path: Path, frame: int | None, slice_range: tuple[int, int]
         if given is not None:
             raise ImageWriteError(given, f"{option} holds one 3D segmentation; with --all-frames the label map is "
                                   "a 4D NIfTI file (one frame per frame of the input)")
+    check_study_path(path)  # a missing file or a 2D image is said as read_study says it
     check_study_frame(path, frame)
     return count_frames(path)
 

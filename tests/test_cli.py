@@ -502,6 +502,7 @@ def test_all_frames_is_refused_where_it_cannot_run_before_any_work(
             (hippocampus["image"], ["--frame", "0"], "a frame is chosen in a 4D image only"),
             (cine["cine"], ["--frame", "2"], "frame 2 asked of a 4D image with 2 frames"),
             (cine["cine"], ["--frame", "0", "--slices", "0:5"], "leave out --slices"),
+            (tmp_path / "missing.nii.gz", ["--frame", "0"], "missing.nii.gz: no such file or folder"),
             (cine["cine"], ["--frame", "0", "--seg-nrrd", str(tmp_path / "o.seg.nrrd")], "4D NIfTI")):
         labels = cine["drawn"] if study == cine["cine"] else hippocampus["one"]
         code, _, stderr = run_cli(["propagate", str(study), str(labels), "--all-frames", "-o", out, *extra,
