@@ -144,16 +144,44 @@ AFFINE_ITERATIONS = 100  # per pyramid level, between two studies
 SAMPLING_SEED = 1  # of the affine metric's random sampling (SimpleITK reads 0 as the wall clock)
 
 
-def study_image(volume: Volume) -> sitk.Image:
-    """The volume's grey values as :func:`unit_intensity` float32 on its grid: what the study registrations see."""
-    return volume_to_sitk(volume, unit_intensity(volume.array))
+STUDY_REGISTRATION_VOXELS = 2**20
+"""The most voxels two studies are registered on (:func:`study_image`): a larger study is averaged over bins of
+voxels first. Registering two CTs of 512x512x300 at full resolution took most of an hour on a CPU core; every study of
+../shared/data but BraTS (240x240x155) is smaller and registers at full resolution."""
+
+
+def registration_shrink_factors(size: Sequence[int], spacing: Sequence[float], max_voxels: int | None) -> list[int]:
+    """Per-axis bin sizes (in ``size``'s axis order) that bring a grid of ``size`` voxels of ``spacing`` mm to at
+    most ``max_voxels`` voxels (None: no limit): the axis with the finest binned spacing grows first, so the
+    binned voxels tend towards cubes; no axis falls below 8 voxels."""
+    factors = [1] * len(size)
+    if max_voxels is None:
+        return factors
+    while int(np.prod([-(-n // f) for n, f in zip(size, factors, strict=True)])) > max_voxels:
+        axes = [a for a in range(len(size)) if size[a] // (factors[a] + 1) >= 8]
+        if not axes:
+            break
+        axis = min(axes, key=lambda a: (spacing[a] * factors[a], -size[a] // factors[a]))
+        factors[axis] += 1
+    return factors
+
+
+def study_image(volume: Volume, max_voxels: int | None = STUDY_REGISTRATION_VOXELS) -> sitk.Image:
+    """The volume's grey values as :func:`unit_intensity` float32 on its grid, averaged over bins of voxels where
+    it holds more than ``max_voxels`` (:func:`registration_shrink_factors`; None: never): what the study
+    registrations see."""
+    image = volume_to_sitk(volume, unit_intensity(volume.array))
+    factors = registration_shrink_factors(image.GetSize(), image.GetSpacing(), max_voxels)
+    return image if factors == [1] * len(factors) else sitk.BinShrink(image, factors)
 
 
 def affine_study_transform(fixed: Volume, moving: Volume, iterations: int = AFFINE_ITERATIONS,
-                           seed: int = SAMPLING_SEED) -> sitk.Transform:
+                           seed: int = SAMPLING_SEED, max_voxels: int | None = STUDY_REGISTRATION_VOXELS
+                           ) -> sitk.Transform:
     """Affine transform mapping ``fixed`` physical points to ``moving`` ones (:func:`mattes_affine`, 3 levels,
-    25% of the voxels sampled); seed: the sampling seed, >= 1."""
-    return _affine_of_images(study_image(fixed), study_image(moving), iterations, seed)
+    25% of the voxels sampled, on :func:`study_image`'s grids of at most ``max_voxels``); seed: the sampling seed,
+    >= 1."""
+    return _affine_of_images(study_image(fixed, max_voxels), study_image(moving, max_voxels), iterations, seed)
 
 
 def _affine_of_images(fixed_image: sitk.Image, moving_image: sitk.Image, iterations: int, seed: int) -> sitk.Transform:
@@ -166,15 +194,17 @@ STUDY_DEMONS_SIGMA = 2.0  # voxels, smoothing of the 3D displacement field betwe
 
 
 def deformable_study_transform(fixed: Volume, moving: Volume, affine: sitk.Transform | None = None,
-                               iterations: int = 50, sigma: float = STUDY_DEMONS_SIGMA) -> sitk.Transform:
+                               iterations: int = 50, sigma: float = STUDY_DEMONS_SIGMA,
+                               max_voxels: int | None = STUDY_REGISTRATION_VOXELS) -> sitk.Transform:
     """``affine`` (``fixed`` -> ``moving`` physical points; default: :func:`affine_study_transform` of the two,
-    from the same intensity-scaled images) refined by 3D demons on ``fixed``'s grid.
+    from the same intensity-scaled images) refined by 3D demons on ``fixed``'s grid (binned to at most
+    ``max_voxels``, :func:`study_image`; the field is interpolated between its voxels).
 
     The moving study is resampled through ``affine`` onto the fixed grid, its grey values matched to the fixed
     study's histogram, and a displacement field (smoothed with ``sigma`` voxels) registers the two. Returns the
     composite transform (displacement first, then ``affine``), usable as :func:`carry_labels_to_study`'s transform.
     """
-    fixed_image, moving_image = study_image(fixed), study_image(moving)
+    fixed_image, moving_image = study_image(fixed, max_voxels), study_image(moving, max_voxels)
     if affine is None:
         affine = _affine_of_images(fixed_image, moving_image, AFFINE_ITERATIONS, SAMPLING_SEED)
     moved = sitk.Resample(moving_image, fixed_image, affine, sitk.sitkLinear, 0.0, sitk.sitkFloat32)

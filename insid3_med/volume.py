@@ -768,13 +768,14 @@ def study_axes(reference: Volume, reference_labels: np.ndarray, target: Volume, 
 
 
 def registered_first_slice(ref_stack: SliceStack, reference_labels: np.ndarray, shots: Sequence[int],
-                           tgt_stack: SliceStack) -> tuple[int, np.ndarray]:
+                           tgt_stack: SliceStack, max_voxels: int | None) -> tuple[int, np.ndarray]:
     """Where the reference's labelled anatomy lies in the target: (target slice index, its (H', W') model-grid labels).
 
     The shots' labels are carried onto the target by affine registration of the two studies: the target slice
     holding most of them is returned, with the labels that a copy thickened by a slice on each side (so that a
     scaled sheet has no holes) carries onto it. If registration carries nothing, the labels of the middle shot are
-    placed on the target slice at the same relative height, resized to its slice.
+    placed on the target slice at the same relative height, resized to its slice. max_voxels: the studies'
+    registration grids' size (:func:`insid3_med.registration.study_image`).
     """
     from insid3_med.registration import affine_study_transform, carry_labels_to_study
 
@@ -788,7 +789,7 @@ def registered_first_slice(ref_stack: SliceStack, reference_labels: np.ndarray, 
                 slab[...] = np.where(slab > 0, slab, take_slice(reference_labels, axis, n))
     other = tuple(a for a in range(3) if a != tgt_stack.axis)
     try:
-        transform = affine_study_transform(tgt_stack.volume, ref_stack.volume)
+        transform = affine_study_transform(tgt_stack.volume, ref_stack.volume, max_voxels=max_voxels)
         areas = np.count_nonzero(carry_labels_to_study(ref_stack.volume, sheet, tgt_stack.volume, transform),
                                  axis=other)
         carried = carry_labels_to_study(ref_stack.volume, thick, tgt_stack.volume, transform)
@@ -843,21 +844,23 @@ def reference_self_propagation(segmenter: OneShotSegmenter, ref_stack: SliceStac
 
 
 def registered_reference(ref_stack: SliceStack, reference_labels: np.ndarray, tgt_stack: SliceStack,
-                         deformable_iterations: int) -> tuple[np.ndarray, np.ndarray] | None:
+                         deformable_iterations: int, max_voxels: int | None) -> tuple[np.ndarray, np.ndarray] | None:
     """The reference's labels and slice heights on the target's grid, by registration of the two studies.
 
     Returns ((K', J', I') int64 labels, (K', J', I') int64 index of the reference slice each target voxel comes
     from, -1 outside the reference), or None where SimpleITK cannot register them. Affine (Mattes MI), then
-    ``deformable_iterations`` of 3D demons (0: affine only).
+    ``deformable_iterations`` of 3D demons (0: affine only), on grids of at most ``max_voxels``
+    (:func:`insid3_med.registration.study_image`).
     """
     from insid3_med.registration import affine_study_transform, carry_labels_to_study, deformable_study_transform
 
     target, reference = tgt_stack.volume, ref_stack.volume
     try:
         if deformable_iterations > 0:  # one intensity scaling of each study serves both registrations
-            transform = deformable_study_transform(target, reference, iterations=deformable_iterations)
+            transform = deformable_study_transform(target, reference, iterations=deformable_iterations,
+                                                  max_voxels=max_voxels)
         else:
-            transform = affine_study_transform(target, reference)
+            transform = affine_study_transform(target, reference, max_voxels=max_voxels)
     except RuntimeError:  # SimpleITK failed to register (for example too few overlapping samples)
         return None
     shape = [1, 1, 1]
@@ -1000,14 +1003,16 @@ def _transfer_volume_mode(segmenter: OneShotSegmenter, chain: ReferenceChain, tg
     ref_source = CropFeatures(segmenter, ref_stack, ref_box, params, batch_size, size)
     grid = ref_source.grid
     if chain.pseudo is not None:
-        registered = registered_reference(ref_stack, chain.pseudo, tgt_stack, params.transfer_deformable_iterations)
+        registered = registered_reference(ref_stack, chain.pseudo, tgt_stack, params.transfer_deformable_iterations,
+                                          params.transfer_registration_voxels)
         if registered is not None and registered[0].any():
             labelled = _transfer_by_height(segmenter, ref_source, chain.pseudo, registered, tgt_stack, values,
                                            params, progress, batch_size)
             return refine_volume_boundaries(labelled, tgt_stack, (), params, chain.walk_weights)
     context = [ContextSlice(ref_source.features(n), patch_label_fractions(crop_square(lab, ref_box), values, grid))
                for n, lab in ref_model.items()]
-    first_index, prior = registered_first_slice(ref_stack, reference_labels, shots, tgt_stack)
+    first_index, prior = registered_first_slice(ref_stack, reference_labels, shots, tgt_stack,
+                                                params.transfer_registration_voxels)
     tgt_box = region_of_interest([prior if prior.any() else ref_model[shots[0]]], params.crop_scale,
                                  params.min_crop_fraction)
     tgt_source = CropFeatures(segmenter, tgt_stack, tgt_box, params, batch_size, size)

@@ -49,3 +49,29 @@ def test_affine_registration_finds_the_shift_and_carries_the_labels_along() -> N
     dice = 2.0 * np.count_nonzero((carried == 1) & truth) / (np.count_nonzero(carried == 1) + np.count_nonzero(truth))
     assert dice > 0.9, dice
     assert isinstance(transform, sitk.Transform)
+
+
+def test_large_studies_are_registered_on_binned_grids_of_a_bounded_size() -> None:
+    """A study above max_voxels is averaged over bins (its finest axes first, none below 8 voxels), and the
+    registration found there still carries the labels; smaller studies are registered at full resolution."""
+    from insid3_med.registration import deformable_study_transform, registration_shrink_factors, study_image
+
+    assert registration_shrink_factors((40, 40, 28), (1.0, 1.0, 1.0), None) == [1, 1, 1]
+    assert registration_shrink_factors((40, 40, 28), (1.0, 1.0, 1.0), 40 * 40 * 28) == [1, 1, 1]
+    # a CT of 512 x 512 x 300 voxels of 0.8 x 0.8 x 1.5 mm: in-plane axes binned first, towards cubic voxels
+    factors = registration_shrink_factors((512, 512, 300), (0.8, 0.8, 1.5), 2**20)
+    assert np.prod([-(-n // f) for n, f in zip((512, 512, 300), factors, strict=True)]) <= 2**20
+    assert abs(factors[0] - factors[1]) <= 1 and 1 <= factors[2] < min(factors[:2])  # binned voxels of 4 to 5 mm
+    assert max(s * f for s, f in zip((0.8, 0.8, 1.5), factors, strict=True)) <= 5.0
+    assert registration_shrink_factors((10, 400, 400), (5.0, 1.0, 1.0), 4096)[0] == 1  # 10 voxels: kept
+    fixed, moving = phantom(), phantom((0.0, 2.0, -3.0))
+    assert study_image(fixed).GetSize() == (40, 40, 28)
+    assert study_image(fixed, 40 * 40 * 28 // 6).GetSize() == (20, 20, 14)
+    labels = (moving.array == 100.0).astype(np.int64)
+    truth = fixed.array == 100.0
+    for max_voxels in (None, 40 * 40 * 28 // 6):
+        transform = deformable_study_transform(fixed, moving, iterations=20, max_voxels=max_voxels)
+        carried = carry_labels_to_study(moving, labels, fixed, transform)
+        overlap = np.count_nonzero((carried == 1) & truth)
+        dice = 2.0 * overlap / (np.count_nonzero(carried == 1) + np.count_nonzero(truth))
+        assert dice > 0.85, (max_voxels, dice)
