@@ -359,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a program whose output pipe closed
+
+
 class Terminated(BaseException):
     """SIGTERM arrived: raised in the main thread so that every ``with`` block unwinds (temporaries deleted)."""
 
@@ -378,7 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:  # not the main thread: no handler can be set there
         previous = None
     try:
-        return run_command(args)
+        code = run_command(args)
+        sys.stdout.flush()  # a reader that stopped early (`insid3-med info x | head`) shows here, not at exit
+        return code
+    except BrokenPipeError:  # stop quietly, as cat does: nothing more can be said to that reader
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail
+        return EXIT_BROKEN_PIPE
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -818,3 +818,15 @@ def test_command_sets_a_passive_openmp_wait_policy_before_torch_loads() -> None:
     result = subprocess.run([sys.executable, "-c", code, str(Path(__file__))], capture_output=True, text=True,
                             env=environment, timeout=120)
     assert "POLICY ACTIVE" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(hippocampus: dict[str, Path]) -> None:
+    """`insid3-med info x | head -1`: the closed pipe ends the command with 141 (128 + SIGPIPE), as cat does,
+    without a traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "insid3_med", "info", str(hippocampus["image"])],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before the command writes: its first write meets a closed pipe
+    code = process.wait(timeout=120)
+    stderr = process.stderr.read()
+    assert code == 141 and "Traceback" not in stderr and "BrokenPipe" not in stderr, (code, stderr)
