@@ -45,7 +45,7 @@ from insid3_med.imaging.readers import (
 from insid3_med.imaging.writers import write_dicom_seg, write_nifti_label_frames, write_nifti_labels, write_seg_nrrd
 from insid3_med.outputs import OutputSet, RunInputs, label_statistics, output_set, software_versions, write_json
 from insid3_med.predictor import OneShotSegmenter
-from insid3_med.propagation import PropagationParams
+from insid3_med.propagation import PropagationParams, label_dtype
 from insid3_med.volume import (
     AUTO_AXIS,
     ProgressCallback,
@@ -356,7 +356,7 @@ def segment_other_frames(segmenter: OneShotSegmenter, path: Path, labelled: Volu
             continue
         position = index if index > frame else index + 1  # the labelled frame came first
         labels = transfer.segment(read_study(path, frame=index), progress=overall_progress(progress, position, frames))
-        every.append(labels.astype(np.uint16 if drawn.max() > 255 else np.uint8))
+        every.append(labels.astype(label_dtype([int(drawn.max())])))  # frames kept small until written
     return every
 
 

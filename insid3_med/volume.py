@@ -955,8 +955,6 @@ class ReferenceChain:
     labels: np.ndarray
     """(K, J, I) the reference's given labels."""
     shots: list[int]
-    every: list[int]
-    """Every labelled slice of ``labels``."""
     values: list[int]
     box: SquareBox
     image_size: int
@@ -984,7 +982,7 @@ def reference_chain(segmenter: OneShotSegmenter, ref_stack: SliceStack, referenc
         pseudo = reference_self_propagation(segmenter, ref_stack, reference_labels, every, params, batch_size)
         # the target has no labelled slice: its walk keeps the weights the reference's labelled slices gave
         weights = volume_walk_calibration(pseudo, ref_stack, every, params)
-    return ReferenceChain(ref_stack, reference_labels, list(shots), every, values, ref_box, size, pseudo, weights)
+    return ReferenceChain(ref_stack, reference_labels, list(shots), values, ref_box, size, pseudo, weights)
 
 
 def _transfer_volume_mode(segmenter: OneShotSegmenter, chain: ReferenceChain, tgt_stack: SliceStack,
