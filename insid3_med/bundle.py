@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import torch
@@ -71,22 +72,30 @@ MAX_LABEL = int(np.iinfo(np.uint8).max)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _spatial_array(image: torch.Tensor | np.ndarray) -> np.ndarray:
+def _spatial_array(image: torch.Tensor | np.ndarray, channel: int | None = None) -> np.ndarray:
+    """The (X, Y, Z) array of a (C, X, Y, Z) or (X, Y, Z) image: channel ``channel``, or its only channel."""
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if array.ndim == 4:
-        if array.shape[0] != 1:
+        if channel is not None:
+            if not 0 <= channel < array.shape[0]:
+                raise ValueError(f"channel {channel} asked of an image of {array.shape[0]} channels")
+            array = array[channel]
+        elif array.shape[0] != 1:
             raise ValueError(f"expected one channel, got an array of shape {array.shape} (channel first): a 4D "
-                             f"study ({array.shape[0]} frames or contrasts)? The bundle segments 3D studies; store "
-                             "the frame to segment as a file of its own")
-        array = array[0]
+                             f"study ({array.shape[0]} frames or contrasts)? Choose its frame with the bundle's "
+                             "frame setting (an index, or 'all')")
+        else:
+            array = array[0]
     if array.ndim != 3:
-        raise ValueError(f"expected a (1, X, Y, Z) or (X, Y, Z) volume, got shape {array.shape}")
+        raise ValueError(f"expected a (C, X, Y, Z) or (X, Y, Z) volume, got shape {array.shape}")
     return array
 
 
 def volume_from_metatensor(image: torch.Tensor | np.ndarray, affine: np.ndarray | torch.Tensor | None = None, *,
-                           modality: str | None = None, metadata: Mapping[str, Any] | None = None) -> Volume:
-    """A MONAI image, (1, X, Y, Z) or (X, Y, Z), as a library :class:`Volume` (K, J, I) = (Z, Y, X) in LPS.
+                           channel: int | None = None, modality: str | None = None,
+                           metadata: Mapping[str, Any] | None = None) -> Volume:
+    """A MONAI image, (1, X, Y, Z) or (X, Y, Z), or channel ``channel`` of a (C, X, Y, Z) one (a frame of a 4D
+    study), as a library :class:`Volume` (K, J, I) = (Z, Y, X) in LPS.
 
     affine: (4, 4) (i, j, k) -> mm; default the MetaTensor's own (identity for a plain tensor). Its frame is the
     MetaTensor's ``space`` meta entry (RAS unless it says LPS). The array is copied; ``source`` is the MetaTensor's
@@ -101,7 +110,7 @@ def volume_from_metatensor(image: torch.Tensor | np.ndarray, affine: np.ndarray 
         raise ValueError(f"expected a (4, 4) affine, got shape {affine.shape}")
     space = str(meta.get("space", "RAS")).upper()
     geometry = Geometry.from_ijk_to_lps(affine) if space == "LPS" else Geometry.from_ijk_to_ras(affine)
-    array = np.ascontiguousarray(_spatial_array(image).transpose(2, 1, 0))
+    array = np.ascontiguousarray(_spatial_array(image, channel).transpose(2, 1, 0))
     source = meta.get("filename_or_obj")
     return Volume(array=array, geometry=geometry, modality=modality, source=Path(source) if source else None,
                   metadata=dict(metadata or {}))
@@ -183,7 +192,8 @@ class ScaleIntensityPresetd(MapTransform):
     ``mr``, ``radiograph``) or None to choose per study from its modality (see
     :func:`insid3_med.imaging.intensity.choose_preset`). modality: forced modality ("CT", "MR"...); None reads it
     from the DICOM header when the study is a DICOM series (NIfTI carries none: then values that look like HU are
-    treated as CT, everything else as MR). Statistics (MR percentiles) are computed over the whole volume.
+    treated as CT, everything else as MR). Statistics (MR percentiles) are computed over the whole volume; each
+    frame of a 4D study (channel first, C > 1) is scaled on its own, as the command line reads a frame.
     """
 
     def __init__(self, keys: KeysCollection, preset: str | None = None, modality: str | None = None,
@@ -200,14 +210,28 @@ class ScaleIntensityPresetd(MapTransform):
             header: dict[str, Any] = {}
             if isinstance(image, MetaTensor) and image.meta.get("filename_or_obj"):
                 modality, header = dicom_header_metadata(image.meta["filename_or_obj"])
-            volume = volume_from_metatensor(image, modality=self.modality or modality, metadata=header)
-            mapping = intensity_mapping(volume, self.preset)
             array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-            scaled = mapping.to_unit(array).astype(np.float32)
+            scaled = np.empty(array.shape, np.float32)
+            presets: list[str] = []
+            for channel in range(array.shape[0]) if array.ndim == 4 else [None]:  # each frame of a 4D study alone
+                volume = volume_from_metatensor(image, channel=channel, modality=self.modality or modality,
+                                                metadata=header)
+                mapping = intensity_mapping(volume, self.preset)
+                part = np.s_[:] if channel is None else np.s_[channel]
+                scaled[part] = mapping.to_unit(array[part])
+                presets.append(mapping.preset)
             d[key] = convert_to_dst_type(scaled, image, dtype=torch.float32)[0]
             if isinstance(d[key], MetaTensor):
-                d[key].meta["intensity_preset"] = mapping.preset
+                d[key].meta["intensity_preset"] = ",".join(dict.fromkeys(presets))
         return d
+
+
+def _frames_last(image: MetaTensor) -> bool:
+    """Whether ``image`` is a 4D study as ``LoadImaged`` reads it, (X, Y, Z, T) with its frames last, not yet
+    channel first (``EnsureChannelFirstd`` moves them to the channel)."""
+    spatial = image.meta.get("spatial_shape")
+    return (image.ndim == 4 and spatial is not None and str(image.meta.get("original_channel_dim")) == "-1"
+            and tuple(image.shape[:3]) == tuple(int(n) for n in spatial))
 
 
 class LoadLabelOnImageGridd(MapTransform):
@@ -216,7 +240,8 @@ class LoadLabelOnImageGridd(MapTransform):
     Each key holds a label map's path: NIfTI, NRRD, MHA, a Slicer ``.seg.nrrd`` or a DICOM SEG (segment n -> label
     n), also one saved cropped to its structure or holding only its labelled frames, which is placed onto the image's
     grid voxel for voxel (:func:`insid3_med.imaging.readers.read_label_volume`). The result is a MetaTensor laid out
-    and oriented like ``data[image_key]`` ((X, Y, Z) with its affine and meta, ``filename_or_obj`` the label's path).
+    and oriented like ``data[image_key]`` ((X, Y, Z) with its affine and meta, ``filename_or_obj`` the label's path);
+    for a 4D image (a cine) it is one 3D label map on the frames' grid (channel first: (1, X, Y, Z)).
     A label map that cannot be read or lies on another grid raises :class:`ImageReadError` naming its file.
     """
 
@@ -229,15 +254,19 @@ class LoadLabelOnImageGridd(MapTransform):
         image = d[self.image_key]
         if not isinstance(image, MetaTensor):
             raise TypeError(f"{self.image_key!r} must be loaded first (a MetaTensor, as LoadImaged gives)")
-        like = volume_from_metatensor(image)
+        frames_last = _frames_last(image)
+        spatial = image[..., 0] if frames_last else image  # every frame of a 4D study has the same grid
+        like = volume_from_metatensor(spatial, channel=0 if spatial.ndim == 4 else None)
         for key in self.key_iterator(d):
             path = Path(str(d[key]))
             labels = read_label_volume(path, like=like)  # (K, J, I) on the image's grid
             array = torch.from_numpy(np.ascontiguousarray(labels.transpose(2, 1, 0)))
-            if image.ndim == 4:  # the image has its channel already
+            if image.ndim == 4 and not frames_last:  # the image has its channel already
                 array = array[None]
             meta = {k: v for k, v in image.meta.items() if k != "affine"}  # the affine is given on its own
             meta["filename_or_obj"] = str(path)
+            if frames_last:  # one label map for the frames: EnsureChannelFirstd adds its channel
+                meta["original_channel_dim"] = "no_channel"
             d[key] = MetaTensor(array, affine=image.affine.clone(), meta=meta)
         return d
 
@@ -265,12 +294,14 @@ def reference_preprocessing(preset: str | None = None, modality: str | None = No
 
 @dataclass
 class BundleReference:
-    """The reference study after preprocessing: ``volume`` (K, J, I) in [0, 1] and its (K, J, I) int64 labels."""
+    """The reference study after preprocessing: ``volume`` (K, J, I) in [0, 1] and its (K, J, I) int64 labels;
+    ``frame``: the frame of a 4D reference image they are drawn on (None for a 3D image)."""
 
     volume: Volume
     labels: np.ndarray
     image_path: Path
     label_path: Path
+    frame: int | None = None
 
     @property
     def label_values(self) -> list[int]:
@@ -299,6 +330,22 @@ def _existing_reference_path(name: str, path: str | Path | None, either: str | P
     return Path(path)
 
 
+ALL_FRAMES = "all"
+
+
+def check_frame_setting(name: str, value: object, allow_all: bool) -> int | str | None:
+    """The bundle's ``frame`` (None, a frame index or ``"all"``) or ``reference_frame`` (None or an index) setting,
+    checked; raises ValueError naming ``name`` and what it takes."""
+    if value is None or (allow_all and value == ALL_FRAMES):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    if isinstance(value, str) and value.isdigit():  # --frame 1 on the command line
+        return int(value)
+    takes = "null, a frame index (0, 1, ...) or 'all'" if allow_all else "null or a frame index (0, 1, ...)"
+    raise ValueError(f"{name} must be {takes}, not {value!r}")
+
+
 def _rank() -> str:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return f" [rank {torch.distributed.get_rank()}/{torch.distributed.get_world_size()}]"
@@ -318,6 +365,11 @@ class OneShotNetwork(nn.Module):
     feature_block, precision, fit, tau, merge_threshold, basis_rank, probe: as in :class:`OneShotSegmenter`
     and :class:`EngineParams`. axis: the slicing axis ("axial", "coronal", "sagittal", k/j/i, or "auto": the
     plane the reference was labelled in), per study.
+    frame: what to segment of a 4D study (a cine's phases: the image's channels, C > 1): None refuses it (the study
+    is skipped, saying so), an index segments that frame (one label map out), ``"all"`` every frame (a 4D label map
+    out, one frame per channel). A 3D study is segmented whatever ``frame`` says. reference_frame: the frame of a
+    4D reference image that its label map is drawn on (needed for a 4D reference). That frame of the reference's
+    own file is filled by propagation through slices; its other frames, as every other study, by transfer.
     mode: ``volume`` or ``published`` (:mod:`insid3_med.volume`); propagation: volume-mode settings, a mapping of
     :class:`~insid3_med.propagation.PropagationParams` fields to values (None or empty: the measured defaults).
     device: where the backbone loads (``.to(device)`` moves it later too).
@@ -337,10 +389,14 @@ class OneShotNetwork(nn.Module):
                  feature_block: int | None = None, precision: str = "fp32", fit: str = "stretch",
                  max_shots: int = 8, mode: str = "volume", tau: float = 0.6, merge_threshold: float = 0.2,
                  basis_rank: int | None = None, probe: str = "black", batch_size: int = 4,
-                 propagation: Mapping[str, Any] | None = None, device: str | torch.device = "cpu") -> None:
+                 propagation: Mapping[str, Any] | None = None, frame: int | str | None = None,
+                 reference_frame: int | None = None, device: str | torch.device = "cpu") -> None:
         super().__init__()
         if max_shots < 1:
             raise ValueError(f"max_shots must be at least 1, not {max_shots}")
+        self.frame = check_frame_setting("frame", frame, allow_all=True)
+        reference = check_frame_setting("reference_frame", reference_frame, allow_all=False)
+        self.reference_frame = reference if isinstance(reference, int) else None
         backbone = load_backbone(weights, device=device, precision=precision, feature_block=feature_block)
         params = EngineParams(tau=tau, merge_threshold=merge_threshold, basis_rank=basis_rank, probe=probe)
         self.segmenter = _NetworkSegmenter(backbone, image_size=image_size, params=params, fit=fit)
@@ -415,7 +471,8 @@ class OneShotNetwork(nn.Module):
             if cause is None:
                 raise
             raise cause from error
-        volume = volume_from_metatensor(data["image"], metadata=UNIT_DISPLAY)
+        frame = self._reference_frame_of(image_path, data["image"])
+        volume = volume_from_metatensor(data["image"], channel=frame, metadata=UNIT_DISPLAY)
         label_volume = volume_from_metatensor(data["label"])
         if label_volume.shape != volume.shape or not label_volume.geometry.allclose(volume.geometry, atol=1e-3):
             raise ImageReadError(label_path, f"the reference label map (shape {label_volume.shape}) is not on the "
@@ -436,22 +493,43 @@ class OneShotNetwork(nn.Module):
         mismatch = None if is_auto_axis(self.axis) else axis_mismatch(volume, labels, axis)
         if mismatch:
             logger.warning("%s: %s", label, mismatch)
-        reference = BundleReference(volume, labels, image_path, label_path)
-        logger.info("reference %s with labels %s from %s (%d labelled slices along %s: array axis %d)", image,
-                    reference.label_values, label, len(labelled_slices(labels, axis)), self.axis, axis)
+        reference = BundleReference(volume, labels, image_path, label_path, frame)
+        logger.info("reference %s%s with labels %s from %s (%d labelled slices along %s: array axis %d)", image,
+                    "" if frame is None else f" (frame {frame})", reference.label_values, label,
+                    len(labelled_slices(labels, axis)), self.axis, axis)
         return reference
+
+    def _reference_frame_of(self, path: Path, image: torch.Tensor) -> int | None:
+        """The channel of the preprocessed reference ``image`` (C, X, Y, Z) its labels are drawn on: None for a 3D
+        image; ``reference_frame`` for a 4D one (raises ImageReadError naming ``path`` when it is unset or out of
+        range, or set for a 3D image)."""
+        frames = int(image.shape[0]) if image.ndim == 4 else 1
+        chosen = self.reference_frame
+        if frames == 1:
+            if chosen not in (None, 0):
+                raise ImageReadError(path, f"reference_frame {chosen} asked of a 3D image: a frame is chosen in a 4D "
+                                           "image only")
+            return None
+        if chosen is None:
+            raise ImageReadError(path, f"a 4D image ({frames} frames or contrasts): set reference_frame to the frame "
+                                       f"its label map is drawn on (0 to {frames - 1})")
+        if chosen >= frames:
+            raise ImageReadError(path, f"reference_frame {chosen} asked of a 4D image with {frames} frames "
+                                       f"(0 to {frames - 1})")
+        return int(chosen)
 
     # -- inference --------------------------------------------------------------------------------------------
 
-    def segment_volume(self, volume: Volume) -> np.ndarray:
-        """One preprocessed study (values in [0, 1]) -> its (K, J, I) int64 label map, through the library."""
+    def segment_volume(self, volume: Volume, frame: int | None = None) -> np.ndarray:
+        """One preprocessed study (values in [0, 1]; ``frame``: which frame of a 4D study it is, None for a 3D one)
+        -> its (K, J, I) int64 label map, through the library."""
         if self.reference is None:
             raise ValueError("no reference: give the reference image and its label map (--reference_image PATH "
                              "--reference_label PATH)")
         self.segmenter.state_basis = self.positional_basis
         reference = self.reference
         is_reference = volume.source is not None and same_file(volume.source, reference.image_path)
-        if is_reference and volume.shape == reference.volume.shape:
+        if is_reference and volume.shape == reference.volume.shape and frame == reference.frame:
             return propagate_through_slices(self.segmenter, volume, reference.labels, axis=self.axis,
                                             preset=UNIT_PRESET, batch_size=self.batch_size, mode=self.mode,
                                             params=self.params)
@@ -462,24 +540,50 @@ class OneShotNetwork(nn.Module):
                                                        params=self.params))
         return self._transfer[1].segment(volume, target_preset=UNIT_PRESET)
 
+    def frames_to_segment(self, name: str | Path, frames: int) -> list[int | None]:
+        """The frames of a study of ``frames`` channels to segment, as ``frame`` says: [None] for a 3D study
+        (one channel). Raises ImageReadError naming the study ``name`` for a 4D one that ``frame`` does not choose
+        in (the bundle then skips it, saying why)."""
+        if frames == 1:
+            return [None]
+        if self.frame is None:
+            raise ImageReadError(name, f"a 4D study ({frames} frames or contrasts); set the bundle's frame to the one "
+                                       f"to segment (0 to {frames - 1}) or to 'all' (--frame all)")
+        if self.frame == ALL_FRAMES:
+            return list(range(frames))
+        if int(self.frame) >= frames:
+            raise ImageReadError(name, f"frame {self.frame} asked of a 4D study with {frames} frames "
+                                       f"(0 to {frames - 1})")
+        return [int(self.frame)]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, X, Y, Z) float in [0, 1] -> (B, 1, X, Y, Z) uint8 label map (a MetaTensor for a MetaTensor)."""
-        if images.ndim != 5 or images.shape[1] != 1:
-            raise ValueError(f"expected a (B, 1, X, Y, Z) batch of single-channel volumes, got {tuple(images.shape)}")
+        """(B, C, X, Y, Z) float in [0, 1] -> (B, C', X, Y, Z) uint8 label maps (a MetaTensor for a MetaTensor).
+
+        C = 1 for 3D studies (C' = 1); C > 1 for the frames of 4D studies, of which ``frame`` chooses: one (C' = 1)
+        or all (C' = C)."""
+        if images.ndim != 5:
+            raise ValueError(f"expected a (B, C, X, Y, Z) batch of volumes (C = 1, or a 4D study's frames), got "
+                             f"{tuple(images.shape)}")
         outputs = []
         for index in range(images.shape[0]):
             item = images[index]
-            volume = volume_from_metatensor(item, metadata=UNIT_DISPLAY)
-            name = volume.source or f"volume {index} of the batch"
-            low, high = float(volume.array.min()), float(volume.array.max())
+            source = item.meta.get("filename_or_obj") if isinstance(item, MetaTensor) else None
+            name = source or f"volume {index} of the batch"
+            frames = self.frames_to_segment(name, int(item.shape[0]))
+            low, high = float(item.min()), float(item.max())
             if low < -1e-3 or high > 1 + 1e-3:
                 raise ValueError(f"{name}: intensities span [{low:g}, {high:g}]; the network expects them scaled to "
                                  "[0, 1] by the bundle's preprocessing (ScaleIntensityPresetd)")
-            start = time.perf_counter()
-            labels = self.segment_volume(volume)
-            logger.info("%s: labels %s on %d of %d voxels in %.1f s%s", name, [int(v) for v in np.unique(labels)
-                        if v > 0], int(np.count_nonzero(labels)), labels.size, time.perf_counter() - start, _rank())
-            outputs.append(labels_to_channel_first(labels.astype(np.uint8)))
+            channels = []
+            for frame in frames:
+                volume = volume_from_metatensor(item, channel=0 if frame is None else frame, metadata=UNIT_DISPLAY)
+                start = time.perf_counter()
+                labels = self.segment_volume(volume, frame)
+                logger.info("%s%s: labels %s on %d of %d voxels in %.1f s%s", name,
+                            "" if frame is None else f" frame {frame}", [int(v) for v in np.unique(labels) if v > 0],
+                            int(np.count_nonzero(labels)), labels.size, time.perf_counter() - start, _rank())
+                channels.append(labels_to_channel_first(labels.astype(np.uint8))[0])
+            outputs.append(torch.stack(channels))
         output = torch.stack(outputs).to(images.device)
         if isinstance(images, MetaTensor):
             result = MetaTensor(output)
@@ -533,17 +637,49 @@ def check_outputs_absent(studies: Sequence[str | Path], output_dir: str | Path, 
     return planned
 
 
+def frames_header(meta_dict: Mapping | None, data: Any) -> nib.Nifti1Header | None:
+    """A NIfTI header holding the time between frames (``pixdim[4]``) and the units of the 4D NIfTI study named by
+    ``meta_dict["filename_or_obj"]``, for the channel-last ``data`` (X, Y, Z, T) written from its every frame; None
+    when ``data`` is not that (a 3D label map, a frame of the study, a study that is not a NIfTI file)."""
+    source = (meta_dict or {}).get("filename_or_obj")
+    if not source or np.ndim(data) != 4 or not str(source).lower().endswith(NIFTI_SUFFIXES):
+        return None
+    try:
+        study = nib.load(str(source)).header
+    except (OSError, nib.filebasedimages.ImageFileError):
+        return None
+    if not isinstance(study, nib.Nifti1Header) or study["dim"][0] != 4 or int(study["dim"][4]) != np.shape(data)[3]:
+        return None
+    header = nib.Nifti1Header()
+    header.set_xyzt_units(*study.get_xyzt_units())
+    header["pixdim"][4] = study["pixdim"][4]
+    header["toffset"] = study["toffset"]
+    return header
+
+
 class AtomicNibabelWriter(NibabelWriter):
     """MONAI's NIfTI writer, writing each file to a temporary name beside it and renaming it into place.
 
     ``SaveImaged(writer=AtomicNibabelWriter)``: a run stopped while writing leaves no partial label map under the
     final name (the temporary file is deleted on an error; only a killed process can leave one, named
-    ``.insid3-partial-*``), and an existing file is replaced only once its successor is complete.
+    ``.insid3-partial-*``), and an existing file is replaced only once its successor is complete. The label map
+    of every frame of a 4D NIfTI study keeps the study's time between frames and its units (MONAI's reader drops
+    them: :func:`frames_header`).
     """
+
+    frames_header: nib.Nifti1Header | None = None
+
+    def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options: Any) -> None:
+        super().set_metadata(meta_dict, resample, **options)
+        self.frames_header = frames_header(meta_dict, self.data_obj)
 
     def write(self, filename: str | os.PathLike[str], verbose: bool = False, **obj_kwargs: Any) -> None:
         final = Path(filename)
         temporary = partial_path(final)
+        if self.frames_header is not None and "header" not in obj_kwargs:
+            header = self.frames_header.copy()  # nibabel takes the data type from a given header
+            header.set_data_dtype(self.output_dtype if self.output_dtype is not None else self.data_obj.dtype)
+            obj_kwargs["header"] = header
         try:
             super().write(temporary, verbose=verbose, **obj_kwargs)
             os.replace(temporary, final)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -273,3 +274,34 @@ def monochrome1_radiograph(tmp_path_factory: pytest.TempPathFactory, data_file: 
     path = tmp_path_factory.mktemp("dx") / "chest.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path, png
+
+
+def dice_of(predicted: np.ndarray, truth: np.ndarray, value: int) -> float:
+    return float(2 * np.sum((predicted == value) & (truth == value))
+                 / max(1, np.sum(predicted == value) + np.sum(truth == value)))
+
+
+@pytest.fixture(scope="session")
+def cine(data_file: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A real 4D cardiac cine of two phases: ACDC patient001's end-diastole (frame 0) and end-systole (frame 1),
+    cut to 96 x 96 pixels around the heart, 10 slices, 25 ms between frames; with the end-diastolic labels kept
+    on their slice of largest area only (drawn on frame 0) and both phases' expert labels."""
+    folder = tmp_path_factory.mktemp("cine")
+    phases = [nib.load(data_file(f"acdc/{kind}/patient001_frame0{n}.nii.gz")) for kind in ("images", "labels")
+              for n in (1, 2)]
+    ed_labels = np.asarray(phases[2].dataobj)
+    x, y = (int(np.mean(np.flatnonzero(ed_labels.any(axis=other)))) for other in ((1, 2), (0, 2)))
+    box = np.s_[x - 48:x + 48, y - 48:y + 48]
+    ed, es, ed_truth, es_truth = (np.asarray(image.dataobj)[box] for image in phases)
+    image = nib.Nifti1Image(np.stack([ed, es], axis=-1).astype(np.float32), phases[0].affine)
+    image.header.set_xyzt_units("mm", "msec")
+    image.header.set_zooms((*image.header.get_zooms()[:3], 25.0))
+    nib.save(image, folder / "cine.nii.gz")
+    best = int(np.argmax(np.count_nonzero(ed_truth, axis=(0, 1))))
+    drawn = np.zeros_like(ed_truth)
+    drawn[:, :, best] = ed_truth[:, :, best]
+    nib.save(nib.Nifti1Image(drawn.astype(np.uint8), phases[0].affine), folder / "drawn.nii.gz")
+    for name, truth in (("ed_truth", ed_truth), ("es_truth", es_truth)):
+        np.save(folder / f"{name}.npy", truth)
+    return {"cine": folder / "cine.nii.gz", "drawn": folder / "drawn.nii.gz", "ed": folder / "ed_truth.npy",
+            "es": folder / "es_truth.npy"}

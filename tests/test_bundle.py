@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import dice_of
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_net_in_out
 from monai.data import MetaTensor
 from monai.transforms import EnsureChannelFirstd, LoadImage, LoadImaged, Orientationd
@@ -253,6 +254,23 @@ def test_scale_intensity_preset_matches_the_library(hippocampus: Path, ct_series
                                atol=1e-6)
 
 
+def test_each_frame_of_a_4d_study_is_scaled_and_read_as_the_command_line_reads_that_frame(
+        cine: dict[str, Path]) -> None:
+    """A cine's frames are the channels after preprocessing, each scaled on its own as the library scales the frame
+    read with ``frame=N``; the reference's label map (drawn on one frame) is one channel on the frames' grid."""
+    data = reference_preprocessing()({"image": str(cine["cine"]), "label": str(cine["drawn"])})
+    image, label = data["image"], data["label"]
+    assert image.shape[0] == 2 and label.shape == (1, *image.shape[1:])
+    for frame in (0, 1):
+        library = read_volume(cine["cine"], frame=frame)
+        expected = intensity_mapping(library, None).to_unit(library.array)
+        np.testing.assert_allclose(volume_from_metatensor(image, channel=frame).array, expected, atol=1e-6)
+    drawn = read_label_volume(cine["drawn"], read_volume(cine["cine"], frame=0))
+    np.testing.assert_array_equal(volume_from_metatensor(label).array, drawn)
+    with pytest.raises(ValueError, match="a 4D study"):
+        volume_from_metatensor(image)  # no channel chosen
+
+
 def test_reference_label_reads_dicom_seg_and_cropped_seg_nrrd_onto_the_image_grid(
         ct_series, hippocampus: Path, tmp_path: Path) -> None:
     """The reference's label map is read as the command line reads it: a DICOM SEG of the reference series, or a
@@ -414,8 +432,8 @@ def test_network_rejects_bad_input(standin: Path, hippocampus: Path, tmp_path: P
     network = OneShotNetwork(image, label, weights=standin, image_size=IMAGE_SIZE, max_shots=1)
     with pytest.raises(ValueError, match=r"scaled to \[0, 1\]"):
         network(torch.full((1, 1, 3, 3, 3), 40.0))
-    with pytest.raises(ValueError, match="B, 1, X, Y, Z"):
-        network(torch.rand(1, 2, 3, 3, 3))
+    with pytest.raises(ValueError, match="B, C, X, Y, Z"):
+        network(torch.rand(2, 3, 3, 3))
 
 
 def test_network_takes_volume_mode_settings_and_names_a_bad_one(standin: Path) -> None:
@@ -433,6 +451,36 @@ def test_network_takes_volume_mode_settings_and_names_a_bad_one(standin: Path) -
     parser = ConfigParser()
     parser.read_config(str(CONFIG))
     assert parser.get("propagation_settings") == {} and parser.get("network_def#propagation") == "@propagation_settings"
+
+
+def test_frame_settings_are_checked_and_a_4d_study_or_reference_needs_its_frame(
+        standin: Path, hippocampus: Path, cine: dict[str, Path]) -> None:
+    """A bad frame setting fails when the network is built; a 4D reference without its reference_frame, or one
+    out of range, is refused naming its file; a 4D study without a frame chosen is refused naming it (the bundle
+    then skips it)."""
+    with pytest.raises(ValueError, match="frame must be null, a frame index .* or 'all', not 'last'"):
+        OneShotNetwork(weights=standin, image_size=IMAGE_SIZE, frame="last")
+    with pytest.raises(ValueError, match="reference_frame must be null or a frame index"):
+        OneShotNetwork(weights=standin, image_size=IMAGE_SIZE, reference_frame="all")
+    assert OneShotNetwork(weights=standin, image_size=IMAGE_SIZE, frame="1").frame == 1  # from the command line
+    with pytest.raises(ImageReadError, match=r"cine.nii.gz: a 4D image \(2 frames or contrasts\): set "
+                                             r"reference_frame to the frame its label map is drawn on \(0 to 1\)"):
+        OneShotNetwork(cine["cine"], cine["drawn"], weights=standin, image_size=IMAGE_SIZE)
+    with pytest.raises(ImageReadError, match="cine.nii.gz: reference_frame 2 asked of a 4D image with 2 frames"):
+        OneShotNetwork(cine["cine"], cine["drawn"], weights=standin, image_size=IMAGE_SIZE, reference_frame=2)
+    image = hippocampus / "images" / f"{REFERENCE}.nii.gz"
+    with pytest.raises(ImageReadError, match=f"{REFERENCE}.nii.gz: reference_frame 1 asked of a 3D image"):
+        OneShotNetwork(image, hippocampus / "labels" / f"{REFERENCE}.nii.gz", weights=standin, image_size=IMAGE_SIZE,
+                       reference_frame=1)
+    network = OneShotNetwork(cine["cine"], cine["drawn"], weights=standin, image_size=IMAGE_SIZE, reference_frame=0)
+    assert network.reference is not None and network.reference.frame == 0
+    study = MetaTensor(torch.rand(1, 2, 6, 6, 4), meta={"filename_or_obj": "/data/cine_07.nii.gz"})
+    with pytest.raises(ImageReadError, match=r"cine_07.nii.gz: a 4D study \(2 frames or contrasts\); set the "
+                                             r"bundle's frame to the one to segment \(0 to 1\) or to 'all'"):
+        network(study)
+    network.frame = 3
+    with pytest.raises(ImageReadError, match="cine_07.nii.gz: frame 3 asked of a 4D study with 2 frames"):
+        network(study)
 
 
 def test_verify_net_in_out(standin: Path, hippocampus: Path) -> None:
@@ -537,10 +585,50 @@ def test_a_bundle_run_goes_on_past_unreadable_studies_and_ends_with_exit_2(tmp_p
     log = result.stdout + result.stderr
     assert result.returncode == 2, log[-3000:]
     assert f"skipped {dataset / 'b_broken.nii.gz'}: EOFError" in log
-    assert f"skipped {dataset / 'c_4d.nii.gz'}: ValueError: expected one channel" in log and "a 4D study" in log
+    assert (f"skipped {dataset / 'c_4d.nii.gz'}: a 4D study (2 frames or contrasts); set the bundle's frame" in log)
     assert "2 studies skipped, not segmented" in log and "Traceback" not in log
     written = sorted(p.relative_to(output_dir) for p in output_dir.rglob("*") if p.is_file())
     assert written == [Path("d_reference/d_reference_seg.nii.gz")]
+
+
+def test_a_bundle_run_segments_every_frame_of_a_cine_or_the_frame_chosen(
+        tmp_path: Path, standin: Path, cine: dict[str, Path], restore_logging_and_path) -> None:
+    """A 4D cine in the dataset, labelled on one slice of its end-diastolic frame (reference_frame 0). With frame
+    'all' one 4D label map comes out on the cine's grid, its 25 ms between frames and their unit kept: the labelled
+    frame filled by propagation, end-systole (never labelled) segmented better than the end-diastolic result
+    carried over unchanged. With frame 1 the label map of that frame alone: frame 1 of the former."""
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    shutil.copy(cine["cine"], dataset / "cine.nii.gz")
+    outputs = {}
+    for frame in ("all", 1):
+        output_dir = tmp_path / f"out_{frame}"
+        workflow = ConfigWorkflow(
+            config_file=str(CONFIG), meta_file=str(METADATA), logging_file=False, workflow_type="infer",
+            bundle_root=str(BUNDLE), dataset_dir=str(dataset), output_dir=str(output_dir),
+            reference_image=str(dataset / "cine.nii.gz"), reference_label=str(cine["drawn"]), reference_frame=0,
+            frame=frame, weights=str(standin), image_size=224, separate_folder=False)
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+        assert [p.name for p in output_dir.iterdir()] == ["cine_seg.nii.gz"]
+        outputs[frame] = nib.load(output_dir / "cine_seg.nii.gz")
+    every, source = outputs["all"], nib.load(cine["cine"])
+    assert every.shape == source.shape and every.get_data_dtype() == np.uint8
+    assert np.allclose(every.affine, source.affine) and every.header.get_zooms()[3] == 25.0
+    assert every.header.get_xyzt_units() == ("mm", "msec")
+    frames = np.asarray(every.dataobj)
+    drawn = np.asarray(nib.load(cine["drawn"]).dataobj)
+    labelled = drawn.any(axis=(0, 1))
+    np.testing.assert_array_equal(frames[..., 0][..., labelled], drawn[..., labelled])
+    ed_truth, es_truth = np.load(cine["ed"]), np.load(cine["es"])
+    assert np.mean([dice_of(frames[..., 0], ed_truth, value) for value in (1, 2, 3)]) > 0.7
+    carried = np.mean([dice_of(frames[..., 0], es_truth, value) for value in (1, 2, 3)])
+    segmented = np.mean([dice_of(frames[..., 1], es_truth, value) for value in (1, 2, 3)])
+    assert segmented > carried + 0.05, (segmented, carried)
+    one = outputs[1]
+    assert one.shape == source.shape[:3] and np.allclose(one.affine, source.affine)
+    np.testing.assert_array_equal(np.asarray(one.dataobj), frames[..., 1])
 
 
 def test_the_batch_skipping_pieces_are_wired_into_the_config() -> None:
