@@ -538,7 +538,8 @@ class OneShotNetwork(nn.Module):
                                                        axis=self.axis, preset=UNIT_PRESET, max_shots=self.max_shots,
                                                        batch_size=self.batch_size, mode=self.mode,
                                                        params=self.params))
-        return self._transfer[1].segment(volume, target_preset=UNIT_PRESET)
+        # another frame of the reference's own file: the same subject, registered as frames are
+        return self._transfer[1].segment(volume, target_preset=UNIT_PRESET, same_subject=is_reference)
 
     def frames_to_segment(self, name: str | Path, frames: int) -> list[int | None]:
         """The frames of a study of ``frames`` channels to segment, as ``frame`` says: [None] for a 3D study

@@ -355,7 +355,8 @@ def segment_other_frames(segmenter: OneShotSegmenter, path: Path, labelled: Volu
             every.append(propagated)
             continue
         position = index if index > frame else index + 1  # the labelled frame came first
-        labels = transfer.segment(read_study(path, frame=index), progress=overall_progress(progress, position, frames))
+        labels = transfer.segment(read_study(path, frame=index), progress=overall_progress(progress, position, frames),
+                                  same_subject=True)
         every.append(labels.astype(label_dtype([int(drawn.max())])))  # frames kept small until written
     return every
 

@@ -146,6 +146,9 @@ class PropagationParams:
     transfer_deformable_iterations: 3D demons iterations after the affine registration of the two studies (0: none).
     transfer_registration_voxels: the two studies are registered on grids of at most this many voxels, larger ones
         averaged over bins of voxels first (None: at full resolution, which takes most of an hour for two CTs).
+    frames_registration_voxels: the same between two frames of one subject (a cine's phases: the heart moves, the
+        scanner's frame stays), where a coarser grid registers as well, measured on ACDC (``--all-frames``, the
+        bundle's other frames of its reference, the harness's ``frames`` pairing).
     transfer_context_span: a target slice is labelled from the reference slices within this many of its height.
     transfer_registration_weight: weight of the carried reference labels against the feature evidence there.
     fill_between_labelled: between two slices labelled with a structure, the voxels the chain leaves to the
@@ -216,6 +219,7 @@ class PropagationParams:
     transfer_self_propagation: bool = True
     transfer_deformable_iterations: int = 50
     transfer_registration_voxels: int | None = 2**20  # insid3_med.registration.STUDY_REGISTRATION_VOXELS
+    frames_registration_voxels: int | None = 2**18
     transfer_context_span: int = 2
     transfer_registration_weight: float = 0.3
     transfer_reference_gate_tracking: bool = True
@@ -243,9 +247,9 @@ class PropagationParams:
                 raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
         if self.transfer_context_span < 0 or self.transfer_deformable_iterations < 0:
             raise ValueError("transfer_context_span and transfer_deformable_iterations must be >= 0")
-        if self.transfer_registration_voxels is not None and self.transfer_registration_voxels < 4096:
-            raise ValueError("transfer_registration_voxels must be at least 4096 or None, not "
-                             f"{self.transfer_registration_voxels}")
+        for name in ("transfer_registration_voxels", "frames_registration_voxels"):
+            if getattr(self, name) is not None and getattr(self, name) < 4096:
+                raise ValueError(f"{name} must be at least 4096 or None, not {getattr(self, name)}")
         if self.registration_size is not None and self.registration_size < 16:
             raise ValueError(f"registration_size must be at least 16 pixels or None, not {self.registration_size}")
         if not 0.0 <= self.stop_ratio < 1.0:

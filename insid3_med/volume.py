@@ -684,13 +684,15 @@ def transfer_to_study(segmenter: OneShotSegmenter, reference: Volume, reference_
                       target: Volume, *, axis: int | str = AUTO_AXIS, preset: str | None = None,
                       target_preset: str | None = None, max_shots: int = 8,
                       progress: ProgressCallback | None = None, batch_size: int = 4, mode: str = "volume",
-                      params: PropagationParams | None = None) -> np.ndarray:
+                      params: PropagationParams | None = None, same_subject: bool = False) -> np.ndarray:
     """Segment ``target`` from the labelled slices of ``reference``.
 
     reference_labels: (K, J, I) on the reference grid: one labelled slice, several, or a whole labelled volume (then
     at most ``max_shots`` labelled slices, evenly spread, serve as shots). ``axis`` is resolved per study, so
     "axial" picks each study's own axial axis, and "auto" (default) the plane the reference was labelled in
-    (:func:`study_axes`). mode ``"volume"`` (default): an affine registration of the two
+    (:func:`study_axes`). same_subject: ``target`` is another frame of the reference's subject (a cine's phase), which
+    registers on the coarser grid ``params.frames_registration_voxels``. mode ``"volume"`` (default): an affine
+    registration of the two
     studies says which target slice holds the labelled anatomy and roughly where; that slice is labelled from the
     shots (feature matching kept near the registered labels), then chained through the target as in
     :func:`propagate_through_slices`. mode ``"published"``: every target slice segmented on its own from the shots.
@@ -699,7 +701,8 @@ def transfer_to_study(segmenter: OneShotSegmenter, reference: Volume, reference_
     """
     return StudyTransfer(segmenter, reference, reference_labels, axis=axis, preset=preset, max_shots=max_shots,
                          batch_size=batch_size, mode=mode, params=params).segment(target, target_preset=target_preset,
-                                                                                 progress=progress)
+                                                                                 progress=progress,
+                                                                                 same_subject=same_subject)
 
 
 class StudyTransfer:
@@ -734,17 +737,20 @@ class StudyTransfer:
         return study_axes(self.reference, self.reference_labels, target, self.axis)[1]
 
     def segment(self, target: Volume, *, target_preset: str | None = None,
-                progress: ProgressCallback | None = None) -> np.ndarray:
+                progress: ProgressCallback | None = None, same_subject: bool = False) -> np.ndarray:
         """``target`` -> its (K', J', I') int64 label map (``target_preset``: its intensity preset, default the
-        reference's)."""
+        reference's; ``same_subject``: it is another frame of the reference's subject, as in
+        :func:`transfer_to_study`)."""
         tgt_stack = SliceStack(target, self.target_axis(target),
                                intensity_mapping(target, target_preset or self.preset))
         if self.mode == "volume":
             if self._chain is None:
                 self._chain = reference_chain(self.segmenter, self.ref_stack, self.reference_labels, self.shots,
                                               self.params, self.batch_size)
+            voxels = (self.params.frames_registration_voxels if same_subject
+                      else self.params.transfer_registration_voxels)
             return _transfer_volume_mode(self.segmenter, self._chain, tgt_stack, self.params, progress,
-                                         self.batch_size)
+                                         self.batch_size, voxels)
         set_references_from_slices(self.segmenter, self.ref_stack, self.reference_labels, self.shots,
                                    self.batch_size)
         output = np.zeros(target.shape, dtype=np.int64)
@@ -987,8 +993,9 @@ def reference_chain(segmenter: OneShotSegmenter, ref_stack: SliceStack, referenc
 
 def _transfer_volume_mode(segmenter: OneShotSegmenter, chain: ReferenceChain, tgt_stack: SliceStack,
                           params: PropagationParams, progress: ProgressCallback | None,
-                          batch_size: int) -> np.ndarray:
-    """``mode="volume"`` of :func:`transfer_to_study`.
+                          batch_size: int, registration_voxels: int | None) -> np.ndarray:
+    """``mode="volume"`` of :func:`transfer_to_study` (the studies registered on grids of at most
+    ``registration_voxels``).
 
     The shots were first chained through the reference study (:func:`reference_chain`); the whole
     (pseudo-)labelled reference is registered onto the target (:func:`registered_reference`), and each target slice
@@ -1002,7 +1009,7 @@ def _transfer_volume_mode(segmenter: OneShotSegmenter, chain: ReferenceChain, tg
     grid = ref_source.grid
     if chain.pseudo is not None:
         registered = registered_reference(ref_stack, chain.pseudo, tgt_stack, params.transfer_deformable_iterations,
-                                          params.transfer_registration_voxels)
+                                          registration_voxels)
         if registered is not None and registered[0].any():
             labelled = _transfer_by_height(segmenter, ref_source, chain.pseudo, registered, tgt_stack, values,
                                            params, progress, batch_size)
@@ -1010,7 +1017,7 @@ def _transfer_volume_mode(segmenter: OneShotSegmenter, chain: ReferenceChain, tg
     context = [ContextSlice(ref_source.features(n), patch_label_fractions(crop_square(lab, ref_box), values, grid))
                for n, lab in ref_model.items()]
     first_index, prior = registered_first_slice(ref_stack, reference_labels, shots, tgt_stack,
-                                                params.transfer_registration_voxels)
+                                                registration_voxels)
     tgt_box = region_of_interest([prior if prior.any() else ref_model[shots[0]]], params.crop_scale,
                                  params.min_crop_fraction)
     tgt_source = CropFeatures(segmenter, tgt_stack, tgt_box, params, batch_size, size)

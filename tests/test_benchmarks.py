@@ -305,3 +305,17 @@ def test_transfer_benchmark_times_both_ways_and_finds_the_same_labels(bench, tmp
     assert result["targets"] == 1 and all(row["same_labels"] for row in result["rows"])
     assert "1 targets:" in printed and "chaining it once" in printed
     assert json.loads(out.read_text())["ratio"] == result["ratio"] > 0
+
+
+def test_registration_benchmark_times_each_grid_and_checks_the_registration(bench, tmp_path, capsys) -> None:
+    if not (SHARED / "data" / "acdc" / "images").is_dir():
+        pytest.skip("the ACDC set is not in ../shared")
+    registration = bench("bench_registration")
+    out = tmp_path / "registration.json"
+    result = registration.main(["--patients", "1", "--voxels", "65536", "16384", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert result["patients"] == 1 and set(result["total_s"]) == {"65536", "16384"}
+    assert result["speedup"]["65536"] == 1.0 and "1 pairs:" in printed
+    row = result["rows"][0]
+    assert row["65536_dice"] > row["dice_unregistered"] - 0.05  # a coarse grid still carries the ventricle
+    assert json.loads(out.read_text())["total_s"] == result["total_s"]

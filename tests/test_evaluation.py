@@ -550,7 +550,7 @@ def test_transfer_each_largest_reference_draws_every_structure_on_its_own_larges
     given_labels: list[tuple[np.ndarray, np.ndarray]] = []
     original = CopyMethod.transfer
 
-    def recording(self: CopyMethod, reference, reference_labels, target, axis):  # noqa: ANN001, ANN202
+    def recording(self: CopyMethod, reference, reference_labels, target, axis, same_subject=False):  # noqa: ANN001, ANN202
         given_labels.append(np.asarray(reference_labels))
         return original(self, reference, reference_labels, target, axis)
 
@@ -583,12 +583,23 @@ def test_transfer_each_largest_reference_draws_every_structure_on_its_own_larges
                        reference_mode="each_largest", progress=False)
 
 
-def test_transfer_between_the_time_frames_of_each_subject(tmp_path: Path) -> None:
+def test_transfer_between_the_time_frames_of_each_subject(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """pairing="frames": every ordered pair of ACDC's end-diastole and end-systole of one patient (30 of 15
-    patients), recorded in the configuration; the copy baseline scores each as the two expert label maps' overlap."""
+    patients), recorded in the configuration, each target given to the method as the same subject's; the copy
+    baseline scores each as the two expert label maps' overlap."""
     data = shared("acdc")
+    calls: list[bool] = []
+    copy_transfer = CopyMethod.transfer
+
+    def recorded(self: CopyMethod, reference: Volume, labels: np.ndarray, target: Volume, axis: int,
+                 same_subject: bool = False) -> np.ndarray:
+        calls.append(same_subject)
+        return copy_transfer(self, reference, labels, target, axis)
+
+    monkeypatch.setattr(CopyMethod, "transfer", recorded)
     document = run_evaluation("transfer", data, tmp_path / "frames", method="copy", pairing="frames",
                               progress=False)
+    assert calls == [True] * 30
     assert document["config"]["task_options"]["pairing"] == "frames"
     records = [json.loads(line)["result"] for line in (tmp_path / "frames" / "episodes.jsonl").read_text().splitlines()]
     assert len(records) == 30
@@ -602,6 +613,7 @@ def test_transfer_between_the_time_frames_of_each_subject(tmp_path: Path) -> Non
     assert first["structures"]["left ventricle"]["dice"] == pytest.approx(left_ventricle)
     assert "pairing" not in run_evaluation("transfer", data, tmp_path / "subjects", method="copy", episodes=1,
                                            progress=False)["config"]["task_options"]  # the default: earlier key
+    assert calls[30:] == [False]
     with pytest.raises(ValueError, match="2 cases of one subject"):
         run_evaluation("transfer", shared("hippocampus"), tmp_path / "hippocampus", method="copy", pairing="frames",
                        progress=False)

@@ -249,6 +249,34 @@ def test_a_study_transfer_chains_the_reference_once_for_every_target(monkeypatch
         StudyTransfer(segmenter, reference, np.zeros_like(given))  # type: ignore[arg-type]
 
 
+def test_another_frame_of_the_same_subject_registers_on_the_frames_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A target that is another frame of the reference's subject (same_subject) is registered on grids of at most
+    frames_registration_voxels, any other study on grids of at most transfer_registration_voxels."""
+    import insid3_med.volume as volume_module
+
+    limits: list[int | None] = []
+    real_registration = volume_module.registered_reference
+
+    def recorded(ref_stack, labels, tgt_stack, iterations, max_voxels):  # noqa: ANN001, ANN202
+        limits.append(max_voxels)
+        return real_registration(ref_stack, labels, tgt_stack, iterations, max_voxels)
+
+    monkeypatch.setattr(volume_module, "registered_reference", recorded)
+    reference, reference_truth = synthetic_study()
+    target, truth = synthetic_study(shift=(1, 3, -4), seed=1)
+    segmenter = SimpleNamespace(backbone=GreyLevelBackbone())
+    params = PropagationParams(transfer_registration_voxels=None, frames_registration_voxels=8192)
+    transfer = StudyTransfer(segmenter, reference, only_slice(reference_truth, 5), axis="k",  # type: ignore[arg-type]
+                             params=params)
+    other_study = transfer.segment(target)
+    same_subject = transfer.segment(target, same_subject=True)
+    assert limits == [None, 8192]
+    assert dice(same_subject == 1, truth == 1) > 0.8 and dice(other_study == 1, truth == 1) > 0.8
+    assert PropagationParams().frames_registration_voxels == 2**18
+    with pytest.raises(ValueError, match="frames_registration_voxels must be at least 4096"):
+        PropagationParams(frames_registration_voxels=100)
+
+
 def test_a_transfer_weighs_each_target_slice_by_the_reference_pseudo_labelled_grey_values(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import insid3_med.volume as volume_module

@@ -52,8 +52,10 @@ class EvaluationMethod(ABC):
     def propagate(self, volume: Volume, labels: np.ndarray, axis: int, cache_key: object = None) -> np.ndarray: ...
 
     @abstractmethod
-    def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume,
-                 axis: int) -> np.ndarray: ...
+    def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int,
+                 same_subject: bool = False) -> np.ndarray:
+        """``target``'s label map from ``reference_labels``; ``same_subject``: ``target`` is another time frame of
+        the reference's subject (the ``frames`` pairing)."""
 
 
 def _majority(masks: Sequence[np.ndarray]) -> np.ndarray:
@@ -152,7 +154,8 @@ class CopyMethod(EvaluationMethod):
     def propagate(self, volume: Volume, labels: np.ndarray, axis: int, cache_key: object = None) -> np.ndarray:
         return _each_structure_from_its_slice(labels, axis, lambda own: copy_labelled_slice(own, axis))
 
-    def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int) -> np.ndarray:
+    def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int,
+                 same_subject: bool = False) -> np.ndarray:
         if _single_slice(reference_labels, axis):
             reference_labels = copy_labelled_slice(reference_labels, axis)
         elif (values := _structures_on_their_own_slices(reference_labels, axis)) is not None:
@@ -181,7 +184,8 @@ class InterpolationMethod(EvaluationMethod):
     def propagate(self, volume: Volume, labels: np.ndarray, axis: int, cache_key: object = None) -> np.ndarray:
         return interpolate_between_slices(labels, axis, volume.in_plane_spacing(axis))
 
-    def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int) -> np.ndarray:
+    def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int,
+                 same_subject: bool = False) -> np.ndarray:
         raise ValueError("the interpolation baseline needs a volume with several labelled slices (slices task)")
 
 
@@ -208,7 +212,8 @@ class RegistrationMethod(EvaluationMethod):
         return _each_structure_from_its_slice(
             labels, axis, lambda own: self.chain.propagate(volume, own, axis, cache_key=cache_key))
 
-    def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int) -> np.ndarray:
+    def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int,
+                 same_subject: bool = False) -> np.ndarray:
         warped = register_volume_labels(reference, reference_labels, target, self.params)
         if _single_slice(reference_labels, axis):
             return self._chain_from_sheet(target, warped, axis)
@@ -286,11 +291,13 @@ class OursMethod(EvaluationMethod):
         return np.asarray(propagate_through_slices(self.segmenter, volume, labels, axis=axis, preset=self.preset,
                                                     mode=self.mode, params=self.params))
 
-    def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int) -> np.ndarray:
+    def transfer(self, reference: Volume, reference_labels: np.ndarray, target: Volume, axis: int,
+                 same_subject: bool = False) -> np.ndarray:
         from insid3_med.volume import transfer_to_study
 
         return np.asarray(transfer_to_study(self.segmenter, reference, reference_labels, target, axis=axis,
-                                            preset=self.preset, mode=self.mode, params=self.params))
+                                            preset=self.preset, mode=self.mode, params=self.params,
+                                            same_subject=same_subject))
 
 
 def weights_sha256(backbone: Any, weights: str | Path | None = None) -> str | None:

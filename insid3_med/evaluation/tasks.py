@@ -434,7 +434,7 @@ class TransferTask:
             given, slices = self._each_on_its_largest_slice(self.dataset.cases[a].name, reference_labels, axis)
             record["slices"] = slices
         start = time.perf_counter()
-        predicted = method.transfer(reference, given, target, axis)
+        predicted = method.transfer(reference, given, target, axis, same_subject=self.pairing == "frames")
         seconds = time.perf_counter() - start
         spacing = _spacing_kji(target)
         structures = {}
