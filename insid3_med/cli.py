@@ -13,12 +13,14 @@ shared with other work (reports/performance/README.md); on an idle machine the d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -370,6 +372,46 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
+REDELIVERY_DELAY_S = 0.05  # a SIGTERM lost in a finaliser is sent again after this long
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (a no-op elsewhere).
+
+    Python swallows an exception raised in a finaliser (a ``__del__`` run by the garbage collector), so a SIGTERM
+    that arrives while one runs would be lost and the run would go on to the end: the hook of such swallowed
+    exceptions has SIGTERM sent again a moment later, from another thread, to be raised once the finaliser is done;
+    if the block ends first, :class:`Terminated` is raised as it ends.
+    """
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: no handler can be set there
+        yield
+        return
+    previous_hook = sys.unraisablehook
+    resend: list[threading.Timer] = []
+
+    def redeliver(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, Terminated):  # sent now, it would be raised (and lost) here again
+            resend.append(threading.Timer(REDELIVERY_DELAY_S, os.kill, (os.getpid(), signal.SIGTERM)))
+            resend[-1].start()
+        else:
+            previous_hook(unraisable)
+
+    sys.unraisablehook = redeliver
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        lost = [timer for timer in resend if not timer.finished.is_set()]  # not sent again yet
+        for timer in lost:
+            timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    if lost:
+        raise Terminated  # the block ended before a lost SIGTERM could be raised in it
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``insid3-med``; returns the exit code."""
     if "torch" not in sys.modules:  # read once, when torch's OpenMP runtime loads
@@ -377,19 +419,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     show_package_warnings_plainly()
     try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread: no handler can be set there
-        previous = None
-    try:
-        code = run_command(args)
-        sys.stdout.flush()  # a reader that stopped early (`insid3-med info x | head`) shows here, not at exit
+        with terminate_on_sigterm():
+            code = run_command(args)
+            sys.stdout.flush()  # a reader that stopped early (`insid3-med info x | head`) shows here, not at exit
         return code
+    except Terminated:  # sent while the command was ending: what it wrote is complete
+        print("insid3-med: terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # stop quietly, as cat does: nothing more can be said to that reader
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail
         return EXIT_BROKEN_PIPE
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def run_command(args: argparse.Namespace) -> int:

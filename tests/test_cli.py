@@ -757,6 +757,32 @@ def test_sigterm_mid_write_exits_143_and_leaves_no_partial_file(hippocampus: dic
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_sigterm_that_arrives_inside_a_finaliser_still_stops_the_run() -> None:
+    """Python swallows an exception raised in a __del__ (the garbage collector's finalisers, nibabel's among them):
+    a SIGTERM handled there must still stop the run, raised once the finaliser is done or, if the run ends first,
+    as it ends; it was lost once (the run went on to the end and exited 0)."""
+    import signal
+    import time
+
+    from insid3_med.cli import Terminated, terminate_on_sigterm
+
+    class SignalledWhileFinalised:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled here, inside the finaliser
+
+    handler, hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    for seconds in (5.0, 0.0):  # a run that goes on (the signal is raised in it), one that ends at once
+        reached_the_end = False
+        with pytest.raises(Terminated), terminate_on_sigterm():
+            SignalledWhileFinalised()  # dropped at once: its __del__ runs
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                time.sleep(0.01)
+            reached_the_end = seconds == 0.0
+        assert reached_the_end == (seconds == 0.0)
+    assert signal.getsignal(signal.SIGTERM) is handler and sys.unraisablehook is hook
+
+
 def test_a_terminated_transfer_keeps_the_targets_it_had_finished(hippocampus: dict[str, Path],
                                                                   tmp_path: Path) -> None:
     """A real process sent SIGTERM by another (as a scheduler does) once its first target is done."""
