@@ -26,10 +26,6 @@ def limit(text: str) -> int | None:
     return None if text == "full" else int(text)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * np.sum(a & b) / max(1, np.sum(a) + np.sum(b)))
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--patients", type=int, default=5)
@@ -40,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    from insid3_med.evaluation.metrics import dice
     from insid3_med.imaging.readers import read_label_volume, read_volume
     from insid3_med.registration import carry_labels_to_study, deformable_study_transform
 

@@ -692,12 +692,11 @@ def transfer_to_study(segmenter: OneShotSegmenter, reference: Volume, reference_
     "axial" picks each study's own axial axis, and "auto" (default) the plane the reference was labelled in
     (:func:`study_axes`). same_subject: ``target`` is another frame of the reference's subject (a cine's phase), which
     registers on the coarser grid ``params.frames_registration_voxels``. mode ``"volume"`` (default): an affine
-    registration of the two
-    studies says which target slice holds the labelled anatomy and roughly where; that slice is labelled from the
-    shots (feature matching kept near the registered labels), then chained through the target as in
-    :func:`propagate_through_slices`. mode ``"published"``: every target slice segmented on its own from the shots.
-    Returns the target's (K', J', I') int64 label map. Several targets of one reference: :class:`StudyTransfer`,
-    which chains the reference through itself once.
+    registration of the two studies says which target slice holds the labelled anatomy and roughly where; that
+    slice is labelled from the shots (feature matching kept near the registered labels), then chained through the
+    target as in :func:`propagate_through_slices`. mode ``"published"``: every target slice segmented on its own
+    from the shots. Returns the target's (K', J', I') int64 label map. Several targets of one reference:
+    :class:`StudyTransfer`, which chains the reference through itself once.
     """
     return StudyTransfer(segmenter, reference, reference_labels, axis=axis, preset=preset, max_shots=max_shots,
                          batch_size=batch_size, mode=mode, params=params).segment(target, target_preset=target_preset,
